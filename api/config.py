@@ -1,0 +1,47 @@
+"""All configuration, read once from the environment (prefix ``REBASIN_``) or a ``.env`` file.
+
+The defaults give the embedded mode: everything lives under ``data_dir`` and
+nothing else has to be installed or running.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REBASIN_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".rebasin"), description="Root of the embedded SQLite file, artifacts and broker queue.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file under data_dir.")
+    artifact_uri: str | None = Field(None, description="file:///path or s3://bucket/prefix; default: data_dir/artifacts.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2); unset for AWS.")
+    broker_url: str | None = Field(None, description="Celery broker, e.g. redis://host:6379/0; default: filesystem queue under data_dir.")
+    api_keys: str = Field("", description="Comma-separated tenant:key pairs; empty = open mode, loopback only.")
+    max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest accepted upload, in bytes.")
+    job_max_attempts: int = Field(3, ge=1, description="Deliveries of a job before it fails for good (a worker that dies counts).")
+    worker_device: str = Field("auto", description="Default device for jobs that ask for 'auto': auto, cpu or cuda:N.")
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'rebasin.db').resolve()}"
+
+    def resolved_artifact_uri(self) -> str:
+        return self.artifact_uri or (self.data_dir / "artifacts").resolve().as_uri()
+
+    def tenant_keys(self) -> dict[str, str]:
+        """Map of API key -> tenant."""
+        pairs = [p.strip() for p in self.api_keys.split(",") if p.strip()]
+        keys = {}
+        for pair in pairs:
+            tenant, sep, key = pair.partition(":")
+            if not sep or not tenant or not key:
+                raise ValueError("REBASIN_API_KEYS must be comma-separated tenant:key pairs")
+            keys[key] = tenant
+        return keys
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
