@@ -1,0 +1,48 @@
+"""Dependencies injected into the routers: settings, DB session, artifact store, the caller's tenant."""
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.config import Settings
+from api.problems import Problem
+from storage.artifacts import ArtifactStore
+from storage.db import get_sessionmaker
+
+OPEN_MODE_TENANT = "default"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> ArtifactStore:
+    return request.app.state.store
+
+
+def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
+    with get_sessionmaker(settings.resolved_database_url())() as session:
+        yield session
+
+
+def get_tenant(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str:
+    keys = settings.tenant_keys()
+    if not keys:
+        return OPEN_MODE_TENANT
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and presented:
+        for key, tenant in keys.items():
+            if hmac.compare_digest(key.encode(), presented.strip().encode()):
+                return tenant
+    raise Problem(
+        401, "Unauthorized", "Send a valid API key as 'Authorization: Bearer <key>'.", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,56 @@
+"""RFC 9457 problem details for every error the API answers."""
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_BASE = "https://rebasin.dev/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    def __init__(self, status: int, title: str, detail: str, kind: str | None = None, headers: dict | None = None, **extra):
+        self.status, self.title, self.detail = status, title, detail
+        self.kind = kind or title.lower().replace(" ", "-")
+        self.headers = headers
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict:
+        body = {"type": PROBLEM_BASE + self.kind, "title": self.title, "status": self.status, "detail": self.detail}
+        if instance:
+            body["instance"] = instance
+        return body | self.extra
+
+
+def not_found(what: str, resource_id: str) -> Problem:
+    return Problem(404, "Not found", f"No {what} with id {resource_id!r}.", kind="not-found")
+
+
+def problem_response(problem: Problem, request: Request) -> JSONResponse:
+    return JSONResponse(problem.body(request.url.path), status_code=problem.status, media_type=MEDIA_TYPE, headers=problem.headers)
+
+
+def _location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if part not in ("body",)) or "request"
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, problem: Problem):
+        return problem_response(problem, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, error: RequestValidationError):
+        errors = [{"field": _location(e["loc"]), "message": e["msg"]} for e in error.errors()]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return problem_response(Problem(422, "Invalid request", detail, kind="validation", errors=errors), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException):
+        title = {404: "Not found", 405: "Method not allowed"}.get(error.status_code, "HTTP error")
+        return problem_response(Problem(error.status_code, title, str(error.detail), headers=error.headers), request)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):
+        return problem_response(Problem(500, "Internal error", "The server failed to handle the request.", kind="internal"), request)

@@ -1,0 +1,116 @@
+"""Request and response bodies of the HTTP API (kept apart from the ORM models)."""
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+
+Method = Literal["weight_matching", "activation_matching", "ste_matching"]
+Item = TypeVar("Item")
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class CheckpointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    sha256: str
+    size_bytes: int
+    format: str
+    num_tensors: int
+    num_parameters: int
+    created_at: datetime
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    sha256: str
+    size_bytes: int
+    format: str
+    num_tensors: int
+    num_examples: int
+    created_at: datetime
+
+
+class ArchitectureRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    max_iter: int = Field(100, ge=1, le=10_000, description="Weight-matching iterations (coordinate-descent sweeps).")
+    lambdas: int = Field(25, ge=2, le=201, description="Evenly spaced interpolation points for the barrier curves.")
+    merge_lambda: float = Field(0.5, ge=0.0, le=1.0, description="Where on the A-to-aligned-B line the merged model lies.")
+    steps: int | None = Field(None, ge=1, le=100_000, description="STE: optimisation steps.")
+    learning_rate: float | None = Field(None, gt=0, description="STE: learning rate.")
+    batch_size: int | None = Field(None, ge=1, le=65_536, description="STE and activation matching: batch size.")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method = "weight_matching"
+    checkpoints: list[str] = Field(min_length=2, max_length=64, description="A first; more than two = MergeMany.")
+    architecture: ArchitectureRef | None = None
+    permutation_spec: dict[str, Any] | None = None
+    dataset: str | None = None
+    eval_dataset: str | None = None
+    options: JobOptions = Field(default_factory=JobOptions)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    callback_url: HttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.architecture is None) == (self.permutation_spec is None):
+            raise ValueError("give exactly one of 'architecture' and 'permutation_spec'")
+        if self.method != "weight_matching" and self.dataset is None:
+            raise ValueError(f"{self.method} needs a 'dataset' (activations are computed on it)")
+        if len(set(self.checkpoints)) != len(self.checkpoints):
+            raise ValueError("'checkpoints' lists the same checkpoint twice")
+        return self
+
+
+class Progress(BaseModel):
+    stage: str
+    completed: int
+    total: int
+    message: str = ""
+
+
+class ArtifactOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    size_bytes: int
+    sha256: str
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    status: JobStatus
+    method: Method
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress | None
+    result: dict[str, Any] | None
+    artifacts: list[ArtifactOut]
+    error: dict[str, Any] | None
+    attempts: int
+    request: dict[str, Any]
+
+
+class Page(BaseModel, Generic[Item]):
+    items: list[Item]
+    next_page_token: str | None = None

@@ -1,0 +1,161 @@
+"""Shared fixtures: real servers (uvicorn in a subprocess), real PostgreSQL and Redis.
+
+PostgreSQL and Redis are found through REBASIN_TEST_POSTGRES_URL and
+REBASIN_TEST_REDIS_URL. Without them these tests skip on a laptop and fail
+under CI=true, so that CI can never pass by skipping them.
+"""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_env(name: str) -> str:
+    value = os.environ.get(name)
+    if value:
+        return value
+    message = f"{name} is not set (see README: Running the tests)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + "; CI must provide it")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rebasin_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "api.cli", *args]
+
+
+def process_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REBASIN_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env | extra
+
+
+@dataclass
+class Service:
+    """A running API server (and maybe separate workers), configured by environment."""
+
+    env: dict[str, str]
+    log_dir: Path
+    url: str = ""
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}-{len(self.processes)}.log", "wb")
+        process = subprocess.Popen(
+            rebasin_command(*args), env=process_env(self.env), stdout=log, stderr=subprocess.STDOUT, cwd=self.log_dir,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def start_server(self, *extra: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        server = self.spawn("server", "serve", "--port", str(port), *extra)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited with {server.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not come up:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin_url = make_url(require_env("REBASIN_TEST_POSTGRES_URL"))
+    name = f"rebasin_test_{secrets.token_hex(6)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield admin_url.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def redis_url():
+    """A Redis database emptied before the test, so no earlier queue leaks in."""
+    import redis
+
+    url = require_env("REBASIN_TEST_REDIS_URL")
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def embedded_service(tmp_path):
+    """``rebasin serve`` on the embedded default: SQLite, local artifacts, filesystem broker, in-process worker."""
+    service = Service(env={"REBASIN_DATA_DIR": str(tmp_path / "data")}, log_dir=tmp_path)
+    service.start_server()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def production_service(tmp_path, postgres_url, redis_url):
+    """PostgreSQL + Redis, migrated by ``rebasin db upgrade``, with a separately started ``rebasin worker``."""
+    env = {
+        "REBASIN_DATABASE_URL": postgres_url,
+        "REBASIN_BROKER_URL": redis_url,
+        "REBASIN_ARTIFACT_URI": (tmp_path / "artifacts").as_uri(),
+        "REBASIN_DATA_DIR": str(tmp_path / "data"),
+    }
+    subprocess.run(rebasin_command("db", "upgrade"), env=process_env(env), check=True, cwd=tmp_path, timeout=120)
+    service = Service(env=env, log_dir=tmp_path)
+    service.spawn("worker", "worker", "--device", "cpu")
+    service.start_server()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(params=["embedded", "postgres+redis"])
+def service(request):
+    """Each end-to-end test runs on both ways of running the service."""
+    fixture = "embedded_service" if request.param == "embedded" else "production_service"
+    return request.getfixturevalue(fixture)
