@@ -1,0 +1,125 @@
+"""Datasets, interpolation, BN reset, and the loss barrier (the paper's Definition 2.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from matching.errors import MatchingError
+
+
+@dataclass
+class Dataset:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    eval_inputs: torch.Tensor | None = None
+    eval_targets: torch.Tensor | None = None
+
+
+def _check_split(inputs, targets, prefix, where):
+    if not inputs.is_floating_point():
+        raise MatchingError(f"{where}: '{prefix}inputs' must be a float tensor, got {inputs.dtype}")
+    if inputs.dim() < 2:
+        raise MatchingError(f"{where}: '{prefix}inputs' must have shape [N, ...features], got {list(inputs.shape)}")
+    if targets.dtype != torch.int64 or targets.dim() != 1:
+        raise MatchingError(f"{where}: '{prefix}targets' must be int64 class labels of shape [N], got {targets.dtype} {list(targets.shape)}")
+    if len(inputs) != len(targets) or len(inputs) == 0:
+        raise MatchingError(f"{where}: '{prefix}inputs' has {len(inputs)} examples but '{prefix}targets' has {len(targets)}")
+    if not torch.isfinite(inputs).all():
+        raise MatchingError(f"{where}: '{prefix}inputs' contains NaN or Inf")
+    if targets.min() < 0:
+        raise MatchingError(f"{where}: '{prefix}targets' must be non-negative class indices")
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """A safetensors file with ``inputs``/``targets`` and optionally ``eval_inputs``/``eval_targets``."""
+    where = f"dataset {Path(path).name}"
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MatchingError(f"{where} is not a readable safetensors file: {exc}") from None
+    if "inputs" not in tensors or "targets" not in tensors:
+        raise MatchingError(f"{where} must hold tensors 'inputs' and 'targets' (has {sorted(tensors)})")
+    _check_split(tensors["inputs"], tensors["targets"], "", where)
+    if ("eval_inputs" in tensors) != ("eval_targets" in tensors):
+        raise MatchingError(f"{where}: give both 'eval_inputs' and 'eval_targets', or neither")
+    if "eval_inputs" in tensors:
+        _check_split(tensors["eval_inputs"], tensors["eval_targets"], "eval_", where)
+    return Dataset(tensors["inputs"], tensors["targets"], tensors.get("eval_inputs"), tensors.get("eval_targets"))
+
+
+def interpolate(state_a: dict, state_b: dict, lam: float) -> dict:
+    """(1 - lam) * A + lam * B for float tensors (in float32); integer buffers are taken from A."""
+    out = {}
+    for key, a in state_a.items():
+        if a.is_floating_point():
+            out[key] = torch.lerp(a.float(), state_b[key].to(a.device).float(), lam)
+        else:
+            out[key] = a
+    return out
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def reset_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> None:
+    """Re-estimate BN running statistics on ``inputs`` (an exact average over the data, not an EMA)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = plain mean over batches
+    model.train()
+    device = next(model.parameters()).device
+    for start in range(0, len(inputs), batch_size):
+        model(inputs[start:start + batch_size].to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1000) -> dict:
+    model.eval()
+    device = next(model.parameters()).device
+    loss, correct = 0.0, 0
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start:start + batch_size].to(device)
+        y = targets[start:start + batch_size].to(device)
+        logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return {"loss": loss / len(inputs), "accuracy": correct / len(inputs)}
+
+
+def interpolation_curve(model: nn.Module, state_a: dict, state_b: dict, lambdas: list[float], inputs, targets,
+                        bn_inputs=None, tick=None) -> dict:
+    """Loss and accuracy at each lambda; BN models get their statistics re-estimated at each point."""
+    reset = bn_inputs is not None and has_batchnorm(model)
+    losses, accuracies = [], []
+    for i, lam in enumerate(lambdas):
+        model.load_state_dict(interpolate(state_a, state_b, lam))
+        if reset:
+            reset_batchnorm(model, bn_inputs)
+        result = evaluate(model, inputs, targets)
+        losses.append(result["loss"])
+        accuracies.append(result["accuracy"])
+        if tick is not None:
+            tick(i + 1, len(lambdas), f"lambda={lam:.3f} loss={result['loss']:.4f}")
+    return {"loss": losses, "accuracy": accuracies}
+
+
+def barrier(values: list[float], lambdas: list[float], higher_is_better: bool = False) -> float:
+    """Definition 2.2: max over lambda of f(lambda) - ((1 - lambda) f(0) + lambda f(1)) for a loss;
+    for accuracy the sign is flipped (the largest drop below the line between the endpoints)."""
+    sign = -1.0 if higher_is_better else 1.0
+    first, last = values[0], values[-1]
+    return max(sign * (v - ((1 - lam) * first + lam * last)) for v, lam in zip(values, lambdas))

@@ -1,0 +1,367 @@
+"""The job: validate inputs, align, merge, evaluate, write artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from matching.architectures import build_model, example_input, infer_options
+from matching.errors import Cancelled, MatchingError
+from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curve,
+                               load_dataset, reset_batchnorm)
+from matching.infer import infer_spec
+from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
+from matching.weight_matching import weight_matching
+
+METHODS = ("weight_matching", "activation_matching", "ste_matching")
+OPTION_TYPES = {"seed": int, "max_iter": int, "lambdas": int, "merge_lambda": float, "steps": int,
+                "learning_rate": float, "batch_size": int}
+DEFAULTS = {"seed": 0, "max_iter": 100, "lambdas": 25, "merge_lambda": 0.5, "steps": 200, "learning_rate": 1e-3,
+            "batch_size": 256}
+
+
+@dataclass
+class MergeOutcome:
+    merged: dict[str, torch.Tensor]
+    aligned: list[dict[str, torch.Tensor]]
+    permutation: dict
+    report: dict
+    extra: dict = field(default_factory=dict)
+
+
+def _options(options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_TYPES))
+    if unknown:
+        raise MatchingError(f"unknown job option(s) {unknown}; allowed: {sorted(OPTION_TYPES)}")
+    out = dict(DEFAULTS)
+    for name, value in options.items():
+        kind = OPTION_TYPES[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+            raise MatchingError(f"option {name!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        out[name] = kind(value)
+    checks = {"max_iter": out["max_iter"] >= 1, "lambdas": 2 <= out["lambdas"] <= 1001,
+              "merge_lambda": 0.0 <= out["merge_lambda"] <= 1.0, "steps": out["steps"] >= 1,
+              "learning_rate": 0 < out["learning_rate"] < math.inf, "batch_size": out["batch_size"] >= 1}
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise MatchingError(f"option(s) out of range: {', '.join(f'{k}={out[k]!r}' for k in bad)} (max_iter, steps, "
+                            "batch_size >= 1; lambdas 2..1001; merge_lambda in [0, 1]; learning_rate > 0)")
+    return out
+
+
+_SPEC_CACHE: dict[tuple, PermutationSpec] = {}
+
+
+def _model_and_spec(architecture, shapes) -> tuple[torch.nn.Module, PermutationSpec, dict]:
+    if not isinstance(architecture, dict) or not isinstance(architecture.get("name"), str):
+        raise MatchingError('architecture must be an object {"name": ..., "options": {...}}')
+    name = architecture["name"]
+    user = architecture.get("options") or {}
+    if not isinstance(user, dict):
+        raise MatchingError("architecture options must be an object")
+    options = {**infer_options(name, shapes), **user}
+    model = build_model(name, **options)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = sorted(set(expected) - set(shapes) - optional)
+    extra = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k])
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}")
+        if extra:
+            parts.append(f"unexpected tensors {extra[:5]}")
+        if wrong:
+            parts.append("wrong shapes " + ", ".join(f"{k}: {list(shapes[k])} (expected {list(expected[k])})" for k in wrong[:5]))
+        raise MatchingError(f"checkpoint does not fit architecture {name!r} with options {options}: " + "; ".join(parts))
+    cache_key = (name, json.dumps(options, sort_keys=True))
+    if cache_key not in _SPEC_CACHE:
+        _SPEC_CACHE[cache_key] = infer_spec(model, example_input(name, model))
+    return model, _SPEC_CACHE[cache_key], options
+
+
+def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, architecture: dict | None = None,
+                 permutation_spec: dict | None = None, options: dict | None = None, has_dataset: bool = False) -> None:
+    """Cheap validation from checkpoint shapes only; raises MatchingError with an actionable message."""
+    _check(shapes, method, architecture, permutation_spec, options, has_dataset)
+
+
+def _check(shapes, method, architecture, permutation_spec, options, has_dataset):
+    if method not in METHODS:
+        raise MatchingError(f"unknown method {method!r}; use one of {list(METHODS)}")
+    opts = _options(options)
+    if len(shapes) < 2:
+        raise MatchingError("give at least two checkpoints (two = align B to A; three or more = MergeMany)")
+    if (architecture is None) == (permutation_spec is None):
+        raise MatchingError("give exactly one of 'architecture' and 'permutation_spec'")
+    first = {k: tuple(v) for k, v in shapes[0].items()}
+    if not first:
+        raise MatchingError("checkpoint 0 holds no tensors")
+    for i, other in enumerate(shapes[1:], 1):
+        other = {k: tuple(v) for k, v in other.items()}
+        if set(other) != set(first):
+            diff = sorted(set(other) ^ set(first))
+            raise MatchingError(f"checkpoints 0 and {i} have different tensors (e.g. {diff[:5]}); all must share one architecture")
+        wrong = [k for k in first if first[k] != other[k]]
+        if wrong:
+            k = wrong[0]
+            raise MatchingError(f"checkpoints 0 and {i} differ in shape: {k} is {list(first[k])} vs {list(other[k])}")
+    if method != "weight_matching" and not has_dataset:
+        raise MatchingError(f"{method} needs a dataset (the 'dataset' field / --data)")
+    if permutation_spec is not None:
+        if method != "weight_matching":
+            raise MatchingError(f"{method} needs a model to run data through; with a bare permutation_spec only weight_matching is possible (give an architecture instead)")
+        spec = spec_from_json(permutation_spec)
+        perm_sizes(spec, first)
+        return None, spec, opts, None
+    model, spec, arch_options = _model_and_spec(architecture, first)
+    return model, spec, opts, arch_options
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MatchingError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MatchingError(f"device {device!r} is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise MatchingError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def _ticker(progress, should_cancel, min_interval: float = 0.25):
+    """tick(stage, completed, total, message): checks cancellation every call, reports at most every
+    ``min_interval`` seconds (and always at the end of a stage)."""
+    last = [0.0]
+
+    def tick(stage, completed, total, message=""):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("job cancelled")
+        now = time.monotonic()
+        if progress is not None and (completed >= total or now - last[0] >= min_interval):
+            last[0] = now
+            progress(stage, int(completed), int(total), message)
+    return tick
+
+
+def _check_finite(states):
+    for i, state in enumerate(states):
+        for key, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise MatchingError(f"checkpoint {i}: {key!r} is not a tensor")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise MatchingError(f"checkpoint {i}: tensor {key!r} contains NaN or Inf")
+            if tensor.is_complex():
+                raise MatchingError(f"checkpoint {i}: tensor {key!r} is complex; only real tensors are supported")
+
+
+def _full_state(model, state):
+    """The checkpoint with the model's defaults for optional buffers it lacks (num_batches_tracked)."""
+    full = dict(state)
+    for key, value in model.state_dict().items():
+        full.setdefault(key, value.clone())
+    return full
+
+
+def _eval_split(dataset: Dataset | None, eval_dataset: Dataset | None):
+    """Held-out data when there is one: eval_dataset's eval split, else its inputs; else the dataset's eval
+    split; else the training inputs (reported as such)."""
+    if eval_dataset is not None:
+        if eval_dataset.eval_inputs is not None:
+            return eval_dataset.eval_inputs, eval_dataset.eval_targets, "eval_dataset:eval"
+        return eval_dataset.inputs, eval_dataset.targets, "eval_dataset"
+    if dataset is not None:
+        if dataset.eval_inputs is not None:
+            return dataset.eval_inputs, dataset.eval_targets, "dataset:eval"
+        return dataset.inputs, dataset.targets, "dataset:train"
+    return None, None, None
+
+
+def _check_data_fits(model, dataset: Dataset, name: str, device):
+    for inputs, targets in ((dataset.inputs, dataset.targets), (dataset.eval_inputs, dataset.eval_targets)):
+        if inputs is None:
+            continue
+        try:
+            with torch.no_grad():
+                logits = model.eval()(inputs[:2].to(device, torch.float32))
+        except RuntimeError as exc:
+            raise MatchingError(f"{name} inputs of shape {list(inputs.shape[1:])} per example do not fit the model: "
+                                f"{str(exc).splitlines()[0]}") from None
+        if logits.dim() != 2 or int(targets.max()) >= logits.shape[1]:
+            raise MatchingError(f"{name} has class labels up to {int(targets.max())} but the model has {logits.shape[-1]} outputs")
+
+
+def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "weight_matching",
+                      architecture: dict | None = None, permutation_spec: dict | None = None,
+                      dataset: str | Path | None = None, eval_dataset: str | Path | None = None,
+                      options: dict | None = None, device: str = "cpu",
+                      progress: Callable[[str, int, int, str], None] | None = None,
+                      should_cancel: Callable[[], bool] | None = None) -> MergeOutcome:
+    """Align checkpoints (2: B to A; >= 3: MergeMany), merge them, and evaluate when there is eval data."""
+    started = time.perf_counter()
+    tick = _ticker(progress, should_cancel)
+    tick("validate", 0, 1, "checking inputs")
+    shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in states]
+    model, spec, opts, arch_options = _check(shapes, method, architecture, permutation_spec, options,
+                                             dataset is not None)
+    _check_finite(states)
+    dev = _resolve_device(device)
+    dtypes = {k: v.dtype for k, v in states[0].items()}
+    train = load_dataset(dataset) if dataset is not None else None
+    held_out = load_dataset(eval_dataset) if eval_dataset is not None else None
+    if model is not None:
+        states = [_full_state(model, s) for s in states]
+        model = model.to(dev)
+        for data, name in ((train, "dataset"), (held_out, "eval_dataset")):
+            if data is not None:
+                _check_data_fits(model, data, name, dev)
+    elif train is not None or held_out is not None:
+        train = held_out = None  # a bare spec has no model to evaluate: data is ignored (documented)
+    eval_inputs, eval_targets, eval_split = _eval_split(train, held_out)
+    bn_inputs = train.inputs if train is not None else eval_inputs  # data for BN reset
+    tick("validate", 1, 1, "inputs ok")
+
+    report: dict = {"method": method, "num_checkpoints": len(states), "options": opts}
+    if arch_options is not None:
+        report["architecture"] = {"name": architecture["name"], "options": arch_options}
+    if len(states) == 2:
+        perms, match_info = _align_pair(method, spec, model, states[0], states[1], train, opts, dev, tick)
+        aligned = [apply_permutation(spec, perms, states[1])]
+        merged = interpolate(states[0], aligned[0], opts["merge_lambda"])
+        permutation = {**spec_to_json(spec), "permutations": {p: v.tolist() for p, v in perms.items()}}
+    else:
+        from matching.merge_many import merge_many
+        all_perms, match_info = merge_many(method, spec, model, states, train, opts, dev, tick, _align_pair)
+        aligned = [apply_permutation(spec, p, s) for p, s in zip(all_perms, states)]
+        merged = {k: (torch.stack([a[k].float() for a in aligned]).mean(0) if v.is_floating_point() else v)
+                  for k, v in states[0].items()}
+        permutation = {**spec_to_json(spec), "permutations": [{p: v.tolist() for p, v in perms.items()}
+                                                              for perms in all_perms]}
+    report["matching"] = match_info
+
+    bn_reset = False
+    if model is not None and has_batchnorm(model) and bn_inputs is not None:
+        model.load_state_dict(merged)
+        reset_batchnorm(model, bn_inputs.to(torch.float32))
+        merged = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        bn_reset = True
+    report["merged_bn_reset"] = bn_reset
+
+    if model is not None and eval_inputs is not None:
+        report.update(_evaluation(model, states, aligned, merged, opts, eval_inputs.float(), eval_targets, eval_split,
+                                  None if bn_inputs is None else bn_inputs.float(), tick))
+    report["seconds_total"] = time.perf_counter() - started
+    cast = lambda s: {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in s.items() if k in dtypes}
+    return MergeOutcome(merged=cast(merged), aligned=[cast(a) for a in aligned], permutation=permutation,
+                        report=report)
+
+
+def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, init_perms=None):
+    """Permutations of B into A's basin, and the matching report."""
+    if method == "weight_matching":
+        return weight_matching(spec, state_a, state_b, max_iter=opts["max_iter"], seed=opts["seed"], device=dev,
+                               init_perms=init_perms, tick=lambda i, n, msg: tick("weight_matching", i, n, msg))
+    if method == "activation_matching":
+        from matching.activation_matching import activation_matching
+        return activation_matching(spec, model, state_a, state_b, train.inputs, batch_size=opts["batch_size"],
+                                   device=dev, tick=lambda i, n, msg: tick("activation_matching", i, n, msg))
+    from matching.ste_matching import ste_matching
+    return ste_matching(spec, model, state_a, state_b, train, steps=opts["steps"], learning_rate=opts["learning_rate"],
+                        batch_size=opts["batch_size"], seed=opts["seed"], max_iter=opts["max_iter"], device=dev,
+                        tick=lambda i, n, msg: tick("ste_matching", i, n, msg))
+
+
+def _evaluation(model, states, aligned, merged, opts, inputs, targets, split, bn_inputs, tick) -> dict:
+    """Curves for the naive pair (A, B) and the aligned pair (A, pi(B)); MergeMany: inputs 0 and 1, and every
+    input and the merged model on its own."""
+    lambdas = [i / (opts["lambdas"] - 1) for i in range(opts["lambdas"])]
+    a, b = states[0], states[1]
+    aligned_a, aligned_b = (a, aligned[0]) if len(states) == 2 else (aligned[0], aligned[1])
+    naive = interpolation_curve(model, a, b, lambdas, inputs, targets, bn_inputs,
+                                tick=lambda i, n, m: tick("evaluate_naive", i, n, m))
+    good = interpolation_curve(model, aligned_a, aligned_b, lambdas, inputs, targets, bn_inputs,
+                               tick=lambda i, n, m: tick("evaluate_aligned", i, n, m))
+    out = {
+        "evaluation": {"split": split, "num_examples": len(inputs), "bn_reset": bn_inputs is not None and has_batchnorm(model),
+                       "barrier_definition": "max over lambda of L(lambda) - ((1-lambda) L(0) + lambda L(1)); "
+                                             "accuracy: the largest drop below the line between the endpoints"},
+        "barrier": {name: {"loss": barrier(c["loss"], lambdas), "accuracy": barrier(c["accuracy"], lambdas, True)}
+                    for name, c in (("naive", naive), ("aligned", good))},
+        "curves": {"lambdas": lambdas, "naive": naive, "aligned": good},
+    }
+    model.load_state_dict(merged)
+    out["merged"] = evaluate(model, inputs, targets)
+    if len(states) > 2:
+        inputs_eval = []
+        for s in states:
+            model.load_state_dict(s)
+            inputs_eval.append(evaluate(model, inputs, targets))
+        naive_avg = {k: (torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v)
+                     for k, v in states[0].items()}
+        model.load_state_dict(naive_avg)
+        if bn_inputs is not None and has_batchnorm(model):
+            reset_batchnorm(model, bn_inputs)
+        out["merge_many"] = {"inputs": inputs_eval, "naive_average": evaluate(model, inputs, targets),
+                             "merged": out["merged"],
+                             "curves_between": "aligned inputs 0 and 1 (naive: inputs 0 and 1)"}
+    return out
+
+
+def write_artifacts(outcome: MergeOutcome, out_dir: Path) -> list[Path]:
+    """merged.safetensors, aligned.safetensors (MergeMany: aligned_<i>.safetensors), permutation.json,
+    report.json, and barrier.png when there was evaluation data."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(state, name):
+        path = out_dir / name
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        written.append(path)
+
+    save(outcome.merged, "merged.safetensors")
+    if len(outcome.aligned) == 1:
+        save(outcome.aligned[0], "aligned.safetensors")
+    else:
+        for i, state in enumerate(outcome.aligned):
+            save(state, f"aligned_{i}.safetensors")
+    for name, obj in (("permutation.json", outcome.permutation), ("report.json", outcome.report)):
+        path = out_dir / name
+        path.write_text(json.dumps(obj, indent=1, allow_nan=False))
+        written.append(path)
+    if "curves" in outcome.report:
+        path = out_dir / "barrier.png"
+        plot_barrier(outcome.report, path)
+        written.append(path)
+    return written
+
+
+def plot_barrier(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    curves = report["curves"]
+    fig = Figure(figsize=(9, 3.6))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for name, style in (("naive", "--"), ("aligned", "-")):
+            b = report["barrier"][name][metric]
+            ax.plot(curves["lambdas"], curves[name][metric], style, marker=".", label=f"{name} (barrier {b:.3g})")
+        ax.set_xlabel("lambda (0 = model A, 1 = model B)")
+        ax.set_ylabel(f"{metric} ({report['evaluation']['split']})")
+        ax.legend()
+    fig.suptitle(f"Linear interpolation, {report['method']}")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)
