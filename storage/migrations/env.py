@@ -1,10 +1,10 @@
 from alembic import context
-from sqlalchemy import create_engine
 
+from storage.db import get_engine
 from storage.models import Base
 
 url = context.config.get_main_option("sqlalchemy.url")
-with create_engine(url).connect() as connection:
+with get_engine(url).connect() as connection:
     # Batch mode lets later migrations alter columns on SQLite too.
     context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
     with context.begin_transaction():
