@@ -2,12 +2,15 @@
 
 import argparse
 import ipaddress
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from api.config import Settings, get_settings
+from api.logs import configure_logging
 
 
 def _settings(args) -> Settings:
@@ -55,6 +58,7 @@ def cmd_serve(args) -> None:
     from worker.jobs import unfinished_jobs
 
     settings = _settings(args)
+    configure_logging(args.log_level)
     if not settings.tenant_keys() and not _is_loopback(args.host):
         sys.exit(
             f"rebasin: refusing to serve on {args.host} without API keys; set REBASIN_API_KEYS "
@@ -85,6 +89,7 @@ def cmd_worker(args) -> None:
     if args.device:
         os.environ["REBASIN_WORKER_DEVICE"] = args.device
     settings = _settings(args)
+    configure_logging(args.log_level)
     from worker.app import configure_celery
 
     app = configure_celery(settings)
@@ -112,6 +117,98 @@ def cmd_db_upgrade(args) -> None:
     print("rebasin: database schema is up to date")
 
 
+METHODS = {"weight": "weight_matching", "activation": "activation_matching", "ste": "ste_matching"}
+
+
+def _key_values(pairs: list[str], what: str) -> dict:
+    values = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            sys.exit(f"rebasin: {what} must be key=value, got {pair!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def _show_progress(bar):
+    def update(job: dict) -> None:
+        progress = job.get("progress") or {}
+        bar.total = progress.get("total") or None
+        bar.n = progress.get("completed", 0)
+        bar.set_description(f"{job['status']}: {progress.get('stage', '')}")
+        bar.refresh()
+
+    return update
+
+
+def _wait(client, job_id: str) -> dict:
+    from tqdm import tqdm
+
+    with tqdm(desc="queued", unit="step", disable=None) as bar:
+        job = client.wait(job_id, on_update=_show_progress(bar))
+    if job["status"] != "succeeded":
+        print(f"rebasin: job {job_id} {job['status']}: {(job.get('error') or {}).get('detail', '')}", file=sys.stderr)
+    else:
+        print(json.dumps(job["result"], indent=2))
+    return job
+
+
+def cmd_submit(args) -> None:
+    from api.client import Client
+
+    with Client(args.server, args.api_key) as client:
+        def resolve(value: str | None, upload) -> str | None:
+            # Local files are uploaded; anything else is taken as the id of an upload on the server.
+            return upload(value)["id"] if value and Path(value).is_file() else value
+
+        body = {
+            "method": METHODS[args.method],
+            "checkpoints": [resolve(c, client.upload_checkpoint) for c in args.checkpoints],
+            "options": _key_values(args.option, "--option") | ({"seed": args.seed} if args.seed is not None else {}),
+            "device": args.device,
+        }
+        if args.spec:
+            body["permutation_spec"] = json.loads(Path(args.spec).read_text())
+        else:
+            body["architecture"] = {"name": args.arch, "options": _key_values(args.arch_option, "--arch-option")}
+        for field, value in (("dataset", args.data), ("eval_dataset", args.eval_data)):
+            if value:
+                body[field] = resolve(value, client.upload_dataset)
+        if args.callback_url:
+            body["callback_url"] = args.callback_url
+        job = client.submit(body)
+        print(job["id"])
+        if args.wait or args.out:
+            job = _wait(client, job["id"])
+            if job["status"] == "succeeded" and args.out:
+                for path in client.download(job["id"], args.out):
+                    print(path)
+            sys.exit(0 if job["status"] == "succeeded" else 1)
+
+
+def cmd_wait(args) -> None:
+    from api.client import Client
+
+    with Client(args.server, args.api_key) as client:
+        sys.exit(0 if _wait(client, args.job_id)["status"] == "succeeded" else 1)
+
+
+def cmd_download(args) -> None:
+    from api.client import Client
+
+    with Client(args.server, args.api_key) as client:
+        for path in client.download(args.job_id, args.out):
+            print(path)
+
+
+def _client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", help="server URL (default REBASIN_SERVER or http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="API key (default REBASIN_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rebasin", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = database_commands.add_parser("upgrade", help="apply migrations")
     upgrade.add_argument("--data-dir")
     upgrade.set_defaults(func=cmd_db_upgrade)
+
+    submit = commands.add_parser("submit", help="upload checkpoints to a server and start a merge job")
+    submit.add_argument("checkpoints", nargs="+", help="local files (uploaded) or checkpoint ids")
+    spec_or_arch = submit.add_mutually_exclusive_group(required=True)
+    spec_or_arch.add_argument("--arch", help="registered architecture name")
+    spec_or_arch.add_argument("--spec", help="permutation spec JSON file")
+    submit.add_argument("--arch-option", action="append", metavar="K=V")
+    submit.add_argument("--method", choices=sorted(METHODS), default="weight")
+    submit.add_argument("--data", help="dataset file or id (activation and STE matching)")
+    submit.add_argument("--eval-data", help="dataset file or id for the barrier report")
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--option", action="append", metavar="K=V", help="job option, e.g. max_iter=50")
+    submit.add_argument("--device", default="auto")
+    submit.add_argument("--callback-url")
+    submit.add_argument("--wait", action="store_true", help="wait for the job, showing progress")
+    submit.add_argument("--out", help="wait, then download the artifacts here")
+    _client_arguments(submit)
+    submit.set_defaults(func=cmd_submit)
+
+    wait = commands.add_parser("wait", help="wait for a job, showing progress; exit 0 if it succeeded")
+    wait.add_argument("job_id")
+    _client_arguments(wait)
+    wait.set_defaults(func=cmd_wait)
+
+    download = commands.add_parser("download", help="download a job's artifacts")
+    download.add_argument("job_id")
+    download.add_argument("--out", required=True)
+    _client_arguments(download)
+    download.set_defaults(func=cmd_download)
 
     from matching.cli import add_merge_command
 

@@ -1,6 +1,6 @@
 """Dependencies injected into the routers: settings, DB session, artifact store, the caller's tenant."""
 
-import hmac
+import hashlib
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -28,15 +28,19 @@ def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterato
         yield session
 
 
-def get_tenant(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str:
-    keys = settings.tenant_keys()
-    if not keys:
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_tenant(request: Request) -> str:
+    tenants = request.app.state.tenant_by_key_digest
+    if not tenants:
         return OPEN_MODE_TENANT
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and presented:
-        for key, tenant in keys.items():
-            if hmac.compare_digest(key.encode(), presented.strip().encode()):
-                return tenant
+    if scheme.lower() == "bearer" and presented.strip():
+        tenant = tenants.get(hash_key(presented.strip()))
+        if tenant is not None:
+            return tenant
     raise Problem(
         401, "Unauthorized", "Send a valid API key as 'Authorization: Bearer <key>'.", headers={"WWW-Authenticate": "Bearer"}
     )

@@ -1,9 +1,15 @@
 """The FastAPI application."""
 
-from fastapi import FastAPI
+import uuid
+
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.config import Settings, get_settings
+from api.deps import hash_key
+from api.logs import request_id_var
+from api.metrics import RequestMetrics, create_registry
 from api.problems import MEDIA_TYPE, install_problem_handlers
 from api.routers import architectures, files, health, jobs
 from api.uploads import too_large
@@ -35,14 +41,48 @@ class RequestSizeLimit:
         await self.app(scope, receive, send)
 
 
+class RequestId:
+    """Tags each request (and its log lines) with an id, taken from X-Request-ID or made up."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_celery(settings)
     app = FastAPI(title="rebasin", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
+    # Only digests of the API keys are kept: a memory dump does not reveal them.
+    app.state.tenant_by_key_digest = {hash_key(key): tenant for key, tenant in settings.tenant_keys().items()}
     app.state.store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url)
+    registry, latency = create_registry(settings.resolved_database_url())
     install_problem_handlers(app)
     app.add_middleware(RequestSizeLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(RequestMetrics, latency=latency)
+    app.add_middleware(RequestId)
     for router in (files.checkpoints, files.datasets, jobs.router, architectures.router, health.router):
         app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     return app

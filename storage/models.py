@@ -82,6 +82,12 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Set once the broker has the job: a queued job without it was lost between commit and send.
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # "host:pid" of the process running the job, and its last sign of life: a redelivered
+    # job is taken over only when that process is gone.
+    claimed_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
 
     inputs: Mapped[list["JobInput"]] = relationship(cascade="all, delete-orphan", lazy="selectin")
     artifacts: Mapped[list["Artifact"]] = relationship(
@@ -108,6 +114,21 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     object_key: Mapped[str] = mapped_column(String(512))
+
+
+class IdempotencyRecord(Base):
+    """The first response to a request sent with an Idempotency-Key, replayed for retries of it."""
+
+    __tablename__ = "idempotency_records"
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)  # which endpoint
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None while the first is in flight
+    response: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    location: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")

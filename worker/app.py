@@ -35,6 +35,9 @@ def configure_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_enable_remote_control=settings.broker_url is not None,
+        task_soft_time_limit=settings.job_time_limit_s,
+        task_time_limit=settings.job_time_limit_s + 60,
+        worker_max_memory_per_child=settings.worker_max_memory_per_child_mb * 1024 or None,
     )
     return celery_app
 
@@ -45,3 +48,7 @@ def queue_for(device: str) -> str:
 
 def enqueue_job(job_id: str, device: str) -> None:
     celery_app.send_task("rebasin.run_job", args=[job_id], queue=queue_for(device))
+
+
+def enqueue_callback(job_id: str) -> None:
+    celery_app.send_task("rebasin.deliver_callback", args=[job_id], queue="default")

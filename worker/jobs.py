@@ -6,27 +6,36 @@ status, so a redelivered or cancelled job finishes exactly once.
 
 import hashlib
 import logging
+import os
+import socket
 import tempfile
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from safetensors.torch import load_file
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 import matching
 from api.config import Settings
+from api.logs import job_id_var
+from api.schemas import JobOut
 from storage.artifacts import ArtifactStore, open_store
 from storage.db import session_scope
 from storage.models import Artifact, Checkpoint, Dataset, Job, utcnow
+from worker.app import enqueue_callback, enqueue_job
 
 log = logging.getLogger("rebasin.worker")
 
 PROGRESS_INTERVAL_S = 1.0
 
 
-def problem(kind: str, title: str, detail: str) -> dict:
-    return {"type": f"https://rebasin.dev/problems/{kind}", "title": title, "status": 422, "detail": detail}
+def problem(kind: str, title: str, detail: str, status: int = 422) -> dict:
+    """A failed job's error, in the same problem-details form as the API's errors."""
+    return {"type": f"https://rebasin.dev/problems/{kind}", "title": title, "status": status, "detail": detail}
 
 
 def sha256_file(path: Path) -> str:
@@ -41,16 +50,40 @@ def artifact_key(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/{name}"
 
 
-def claim_job(session: Session, job_id: str, max_attempts: int) -> Job | None:
+def job_payload(job: Job) -> dict:
+    return JobOut.model_validate(job).model_dump(mode="json")
+
+
+def _announce_end(job: Job) -> None:
+    if job.request.get("callback_url"):
+        enqueue_callback(job.id)
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _holder_alive(job: Job, heartbeat_timeout_s: float) -> bool:
+    """Whether the process that claimed this running job may still be working on it."""
+    host, _, pid = (job.claimed_by or "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+    return job.heartbeat_at is not None and utcnow() - job.heartbeat_at < timedelta(seconds=heartbeat_timeout_s)
+
+
+def claim_job(session: Session, job_id: str, settings: Settings) -> Job | None:
     """Mark the job running and count the attempt; None when there is nothing to run."""
     job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
     if job is None or job.status not in ("queued", "running"):
         return None
+    if job.status == "running" and _holder_alive(job, settings.job_heartbeat_timeout_s):
+        return None  # a duplicate delivery while the job runs elsewhere
     if job.cancel_requested:
         job.status, job.finished_at = "cancelled", utcnow()
-        session.commit()
-        return None
-    if job.attempts >= max_attempts:
+    elif job.attempts >= settings.job_max_attempts:
         # Each delivery that got this far and never finished took its worker down with it.
         job.status, job.finished_at = "failed", utcnow()
         job.error = problem(
@@ -59,12 +92,15 @@ def claim_job(session: Session, job_id: str, max_attempts: int) -> Job | None:
             f"The job was started {job.attempts} times and its worker process died each time "
             "(for example out of memory). Try a smaller model, fewer checkpoints or another device.",
         )
+    else:
+        job.status, job.attempts, job.claimed_by = "running", job.attempts + 1, this_process()
+        job.started_at = job.heartbeat_at = utcnow()
+        job.progress = {"stage": "loading", "completed": 0, "total": 0, "message": "loading inputs"}
         session.commit()
-        return None
-    job.status, job.attempts, job.started_at = "running", job.attempts + 1, utcnow()
-    job.progress = {"stage": "loading", "completed": 0, "total": 0, "message": "loading inputs"}
+        return job
     session.commit()
-    return job
+    _announce_end(job)
+    return None
 
 
 def finish_job(db_url: str, job_id: str, **values) -> bool:
@@ -77,16 +113,63 @@ def finish_job(db_url: str, job_id: str, **values) -> bool:
         if updated and artifacts:
             session.add_all(Artifact(job_id=job_id, **artifact) for artifact in artifacts)
         session.commit()
+        if updated:
+            _announce_end(session.get(Job, job_id))
         return bool(updated)
 
 
-class JobMonitor:
-    """Progress reports and cancellation checks, throttled to about one database round trip a second."""
+def requeue_lost_jobs(settings: Settings) -> list[str]:
+    """Queue again the jobs the broker lost: running ones whose worker stopped sending
+    heartbeats, and queued ones that never reached the broker (a crash between commit and send)."""
+    now = utcnow()
+    stale_before = now - timedelta(seconds=settings.job_heartbeat_timeout_s)
+    lost = or_(
+        and_(Job.status == "running", Job.heartbeat_at < stale_before),
+        and_(Job.status == "queued", Job.enqueued_at.is_(None), Job.created_at < now - timedelta(seconds=30)),
+    )
+    requeued = []
+    with session_scope(settings.resolved_database_url()) as session:
+        for job_id, heartbeat_at, request in session.execute(select(Job.id, Job.heartbeat_at, Job.request).where(lost)).all():
+            # Only one sweeper wins the conditional update, so the job is queued once.
+            won = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.heartbeat_at.is_(None) if heartbeat_at is None else Job.heartbeat_at == heartbeat_at)
+                .values(heartbeat_at=now, enqueued_at=now)
+            ).rowcount
+            session.commit()
+            if won:
+                enqueue_job(job_id, request.get("device", "auto"))
+                requeued.append(job_id)
+    return requeued
 
-    def __init__(self, db_url: str, job_id: str):
+
+class JobMonitor:
+    """Progress, heartbeats and cancellation checks, at about one database round trip a second."""
+
+    def __init__(self, db_url: str, job_id: str, heartbeat_interval_s: float):
         self.db_url, self.job_id = db_url, job_id
         self.last_write = self.last_check = float("-inf")
         self.cancel_requested = False
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_interval_s,), daemon=True)
+
+    def __enter__(self):
+        self._heartbeat.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._heartbeat.join()
+
+    def _beat(self, interval_s: float) -> None:
+        # A thread, so that the heartbeat goes on while matching sits in one long computation.
+        while not self._stop.wait(interval_s):
+            try:
+                with session_scope(self.db_url) as session:
+                    session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running").values(heartbeat_at=utcnow()))
+                    session.commit()
+            except Exception:
+                log.exception("job %s: heartbeat failed", self.job_id)
 
     def _read_cancel_flag(self, session: Session) -> None:
         self.cancel_requested = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
@@ -122,14 +205,13 @@ def _download(store: ArtifactStore, key: str, workdir: Path) -> Path:
 
 
 def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path, settings: Settings) -> dict:
-    """Load the inputs, merge, upload the artifacts; returns their records."""
+    """Load the inputs, merge, upload the artifacts; returns the job's result and artifact records."""
     request = job.request
     with session_scope(settings.resolved_database_url()) as session:
         checkpoints = {c.id: c for c in session.scalars(select(Checkpoint).where(Checkpoint.id.in_(request["checkpoints"])))}
         dataset_ids = [i for i in (request.get("dataset"), request.get("eval_dataset")) if i]
         datasets = {d.id: d for d in session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids)))}
-    missing = [i for i in request["checkpoints"] if i not in checkpoints]
-    missing += [i for i in dataset_ids if i not in datasets]
+    missing = [i for i in request["checkpoints"] + dataset_ids if i not in checkpoints and i not in datasets]
     if missing:
         raise matching.MatchingError(f"inputs were deleted before the job ran: {', '.join(missing)}")
 
@@ -159,6 +241,8 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
     monitor.progress("writing", 0, 1, "writing artifacts")
     records = []
     for path in matching.write_artifacts(outcome, workdir / "out"):
+        if monitor.should_cancel():
+            raise matching.Cancelled()
         key = artifact_key(job.id, path.name)
         # Fixed keys: a redelivered job overwrites its own earlier partial output.
         store.put_file(key, path)
@@ -166,18 +250,26 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
     return {"result": outcome.report, "artifacts": records}
 
 
+def _discard_artifacts(store: ArtifactStore, job_id: str, names: list[str]) -> None:
+    for name in names:
+        store.delete(artifact_key(job_id, name))
+
+
 def execute_job(job_id: str, settings: Settings) -> None:
     db_url = settings.resolved_database_url()
     with session_scope(db_url) as session:
-        job = claim_job(session, job_id, settings.job_max_attempts)
+        job = claim_job(session, job_id, settings)
     if job is None:
         return
+    job_id_var.set(job_id)
     store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url)
-    monitor = JobMonitor(db_url, job_id)
     log.info("job %s: attempt %d started", job_id, job.attempts)
-    with tempfile.TemporaryDirectory(prefix=f"rebasin-{job_id}-") as workdir:
+    heartbeat_interval_s = max(0.5, settings.job_heartbeat_timeout_s / 4)
+    with JobMonitor(db_url, job_id, heartbeat_interval_s) as monitor, tempfile.TemporaryDirectory(prefix=f"rebasin-{job_id}-") as workdir:
         try:
             output = run_merge(job, store, monitor, Path(workdir), settings)
+            if monitor.should_cancel(fresh=True):
+                raise matching.Cancelled()
         except matching.Cancelled:
             _discard_artifacts(store, job_id, [path.name for path in Path(workdir, "out").glob("*")])
             finish_job(db_url, job_id, status="cancelled")
@@ -187,23 +279,19 @@ def execute_job(job_id: str, settings: Settings) -> None:
             finish_job(db_url, job_id, status="failed", error=problem("invalid-input", "The inputs cannot be merged", str(error)))
             log.info("job %s: failed: %s", job_id, error)
             return
+        except SoftTimeLimitExceeded:
+            _discard_artifacts(store, job_id, [path.name for path in Path(workdir, "out").glob("*")])
+            detail = f"The job ran longer than the limit of {settings.job_time_limit_s} s (REBASIN_JOB_TIME_LIMIT_S)."
+            finish_job(db_url, job_id, status="failed", error=problem("time-limit", "The job took too long", detail))
+            return
         except Exception as error:
             log.exception("job %s: crashed", job_id)
             detail = f"{type(error).__name__}: {error}"[:2000]
-            finish_job(db_url, job_id, status="failed", error=problem("internal", "The job failed unexpectedly", detail))
+            finish_job(db_url, job_id, status="failed", error=problem("internal", "The job failed unexpectedly", detail, 500))
             return
-    if monitor.should_cancel(fresh=True):
-        _discard_artifacts(store, job_id, [a["name"] for a in output["artifacts"]])
-        finish_job(db_url, job_id, status="cancelled")
-        return
     progress = {"stage": "done", "completed": 1, "total": 1, "message": "finished"}
-    finish_job(db_url, job_id, status="succeeded", progress=progress, **output)
-    log.info("job %s: succeeded", job_id)
-
-
-def _discard_artifacts(store: ArtifactStore, job_id: str, names: list[str]) -> None:
-    for name in names:
-        store.delete(artifact_key(job_id, name))
+    if finish_job(db_url, job_id, status="succeeded", progress=progress, **output):
+        log.info("job %s: succeeded", job_id)
 
 
 def unfinished_jobs(db_url: str) -> list[tuple[str, str]]:

@@ -1,8 +1,63 @@
+"""Celery tasks and the worker's background duties."""
+
+import logging
+import threading
+
+from celery.signals import worker_ready, worker_shutdown
+from sqlalchemy import select
+
 from api.config import get_settings
+from storage.db import session_scope
+from storage.models import Job
+from worker import callbacks
 from worker.app import celery_app
-from worker.jobs import execute_job
+from worker.jobs import execute_job, job_payload, requeue_lost_jobs
+
+log = logging.getLogger("rebasin.worker")
+_stop_sweeping = threading.Event()
 
 
 @celery_app.task(name="rebasin.run_job")
 def run_job(job_id: str) -> None:
     execute_job(job_id, get_settings())
+
+
+@celery_app.task(
+    name="rebasin.deliver_callback",
+    autoretry_for=(Exception,),
+    dont_autoretry_for=(callbacks.CallbackRefused,),
+    retry_backoff=2,
+    retry_backoff_max=600,
+    max_retries=8,
+    acks_late=False,
+)
+def deliver_callback(job_id: str) -> None:
+    settings = get_settings()
+    with session_scope(settings.resolved_database_url()) as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        if job is None or not job.request.get("callback_url") or not settings.callback_secret:
+            return
+        url, payload = job.request["callback_url"], job_payload(job)
+    callbacks.deliver(url, payload, settings.callback_secret, settings.callback_allow_private)
+    log.info("job %s: callback delivered to %s", job_id, url)
+
+
+def _sweep_stale_jobs() -> None:
+    settings = get_settings()
+    while not _stop_sweeping.wait(max(1.0, settings.job_heartbeat_timeout_s / 2)):
+        try:
+            for job_id in requeue_lost_jobs(settings):
+                log.warning("job %s: lost by its worker or the broker; queued again", job_id)
+        except Exception:
+            log.exception("stale-job sweep failed")
+
+
+@worker_ready.connect
+def _start_sweeper(**_) -> None:
+    # Covers a worker killed as a whole (no parent left to hand its job back to the broker).
+    threading.Thread(target=_sweep_stale_jobs, name="stale-job-sweeper", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_) -> None:
+    _stop_sweeping.set()

@@ -1,18 +1,30 @@
+import asyncio
+import json
+import logging
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 import matching
-from api.deps import SessionDep, StoreDep, TenantDep
+from api import idempotency
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
 from api.problems import Problem, not_found
 from api.routers.files import download_response
 from api.schemas import JobCreate, JobOut, JobStatus, Page
-from storage.models import Checkpoint, Dataset, Job, JobInput, utcnow
-from worker.app import enqueue_job
+from storage.db import get_sessionmaker
+from storage.models import TERMINAL_STATUSES, Checkpoint, Dataset, Job, JobInput, utcnow
+from worker.app import enqueue_callback, enqueue_job
+from worker.callbacks import CallbackRefused, check_callback_url
 
+log = logging.getLogger("rebasin.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+EVENT_POLL_S = 0.5
+KEEPALIVE_S = 15
 
 
 def get_owned_job(session, tenant: str, job_id: str) -> Job:
@@ -30,12 +42,18 @@ def _owned(session, model, tenant: str, ids: list[str], noun: str) -> list:
     return [rows[i] for i in ids]
 
 
-@router.post("", status_code=202, response_model=JobOut, summary="Start a merge job")
-def create_job(body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep):
+def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
     checkpoints = _owned(session, Checkpoint, tenant, body.checkpoints, "checkpoint")
     dataset_roles = {role: i for role, i in (("dataset", body.dataset), ("eval_dataset", body.eval_dataset)) if i}
     _owned(session, Dataset, tenant, list(dataset_roles.values()), "dataset")
     request = body.model_dump(mode="json", exclude_none=True)
+    if body.callback_url is not None:
+        if not settings.callback_secret:
+            raise Problem(422, "Callbacks are off", "This server has no REBASIN_CALLBACK_SECRET to sign callbacks with; poll the job instead.", kind="callbacks-off")
+        try:
+            check_callback_url(request["callback_url"], settings.callback_allow_private)
+        except CallbackRefused as error:
+            raise Problem(422, "Callback URL refused", str(error), kind="callback-refused") from None
     try:
         matching.check_inputs(
             [{name: tuple(t["shape"]) for name, t in c.tensors.items()} for c in checkpoints],
@@ -57,10 +75,37 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, tenant:
     try:
         enqueue_job(job.id, body.device)
     except Exception:
-        session.delete(job)
-        session.commit()
-        raise Problem(503, "Queue unavailable", "The job queue cannot be reached; try again shortly.", kind="broker")
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+        # The job is safe in the database; workers' sweep queues it once the broker is back.
+        log.exception("job %s: could not reach the broker", job.id)
+        return job
+    job.enqueued_at = utcnow()
+    session.commit()
+    return job
+
+
+@router.post("", status_code=202, response_model=JobOut, summary="Start a merge job")
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(description="Retries with the same key and body return the first answer.")] = None,
+):
+    if idempotency_key is not None:
+        replay = idempotency.begin(session, tenant, "jobs", idempotency_key, idempotency.fingerprint(body.model_dump(mode="json")))
+        if replay is not None:
+            return replay
+    try:
+        job = JobOut.model_validate(_create_job(body, session, tenant, settings))
+    except BaseException:
+        if idempotency_key is not None:
+            idempotency.abandon(session, tenant, "jobs", idempotency_key)
+        raise
+    location = f"/v1/jobs/{job.id}"
+    if idempotency_key is not None:
+        idempotency.complete(session, tenant, "jobs", idempotency_key, 202, job, location)
+    response.headers["Location"] = location
     return job
 
 
@@ -89,6 +134,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep):
     job = get_owned_job(session, tenant, job_id)
     if job.status == "queued":
         job.status, job.finished_at = "cancelled", utcnow()
+        if job.request.get("callback_url"):
+            enqueue_callback(job.id)
     elif job.status == "running":
         job.cancel_requested = True  # the worker stops at its next check and cleans up
     else:
@@ -104,3 +151,38 @@ def download_artifact(job_id: str, name: str, session: SessionDep, store: StoreD
     if artifact is None:
         raise not_found(f"artifact of job {job_id!r}", name)
     return download_response(store, artifact.object_key, name)
+
+
+@router.get("/{job_id}/events", summary="Server-Sent Events: the job on every change, until it ends")
+async def job_events(job_id: str, request: Request, settings: SettingsDep, tenant: TenantDep):
+    sessionmaker = get_sessionmaker(settings.resolved_database_url())
+
+    def snapshot() -> dict | None:
+        with sessionmaker() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.tenant != tenant:
+                return None
+            return JobOut.model_validate(job).model_dump(mode="json")
+
+    if await run_in_threadpool(snapshot) is None:
+        raise not_found("job", job_id)
+
+    async def stream():
+        last, last_sent, sequence = None, time.monotonic(), 0
+        while not await request.is_disconnected():
+            job = await run_in_threadpool(snapshot)
+            if job is None:
+                return
+            if job != last:
+                sequence += 1
+                event = "end" if job["status"] in TERMINAL_STATUSES else "progress"
+                yield f"id: {sequence}\nevent: {event}\ndata: {json.dumps(job)}\n\n"
+                last, last_sent = job, time.monotonic()
+                if event == "end":
+                    return
+            elif time.monotonic() - last_sent > KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            await asyncio.sleep(EVENT_POLL_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
