@@ -451,6 +451,8 @@ def test_every_setting_is_documented_with_its_default(var):
             code = re.findall(r"`([^`]*)`", default_cell)
             assert code, f"{var}: docs give no `default`"
             expected = str(default.value if hasattr(default, "value") else default)
+            if isinstance(default, bool):
+                expected = expected.lower()
             documented = code[0].strip('"') if code[0] in ('""', "''") else code[0]
             if isinstance(default, str) and default == "":
                 assert code[0] in ('""', "''", ""), f"{var}: default is empty, docs say {code[0]!r}"
