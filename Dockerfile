@@ -38,9 +38,11 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /src
 COPY . /src
+# pip compiles bytecode at install time; it is kept, since the runtime root
+# filesystem is read-only and imports (torch) would otherwise recompile on
+# every start.
 RUN pip install /src \
     && pip check \
-    && find /opt/venv -type d -name __pycache__ -prune -exec rm -rf {} + \
     && rm -rf /opt/venv/lib/python*/site-packages/torch/include
 
 # --------------------------------------------------------------------------
