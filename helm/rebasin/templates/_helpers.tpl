@@ -1,0 +1,169 @@
+{{/* Chart name. */}}
+{{- define "rebasin.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name (release-based, DNS-label safe). */}}
+{{- define "rebasin.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "rebasin.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Common labels. */}}
+{{- define "rebasin.labels" -}}
+helm.sh/chart: {{ include "rebasin.chart" . }}
+{{ include "rebasin.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: rebasin
+{{- end }}
+
+{{- define "rebasin.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rebasin.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "rebasin.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "rebasin.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Images: CPU build for API / migrations / CPU workers, CUDA build for GPU workers. */}}
+{{- define "rebasin.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-cpu" .Chart.AppVersion) .Values.image.tag) }}
+{{- end }}
+
+{{- define "rebasin.cudaImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-cuda" .Chart.AppVersion) .Values.image.cudaTag) }}
+{{- end }}
+
+{{/* Secret names (existingSecret or the documented default name). */}}
+{{- define "rebasin.databaseSecret" -}}
+{{- default (printf "%s-database" (include "rebasin.fullname" .)) .Values.database.existingSecret }}
+{{- end }}
+{{- define "rebasin.redisSecret" -}}
+{{- default (printf "%s-redis" (include "rebasin.fullname" .)) .Values.redis.existingSecret }}
+{{- end }}
+{{- define "rebasin.s3Secret" -}}
+{{- default (printf "%s-s3" (include "rebasin.fullname" .)) .Values.s3.existingSecret }}
+{{- end }}
+{{- define "rebasin.apiKeysSecret" -}}
+{{- default (printf "%s-api-keys" (include "rebasin.fullname" .)) .Values.apiKeys.existingSecret }}
+{{- end }}
+
+{{/*
+Non-secret settings: one "KEY: value" line per variable. Used as the
+ConfigMap's data and, inline, by the migrations hook Job (which runs before
+the release's ConfigMap exists).
+*/}}
+{{- define "rebasin.configData" -}}
+REBASIN_DATA_DIR: {{ .Values.config.dataDir | quote }}
+REBASIN_ARTIFACT_URI: {{ required "s3.artifactUri is required (s3://bucket/prefix)" .Values.s3.artifactUri | quote }}
+{{- with .Values.s3.endpointUrl }}
+REBASIN_S3_ENDPOINT_URL: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+AWS_DEFAULT_REGION: {{ . | quote }}
+{{- end }}
+REBASIN_MAX_UPLOAD_BYTES: {{ .Values.config.maxUploadBytes | int64 | toString | quote }}
+REBASIN_JOB_MAX_ATTEMPTS: {{ .Values.config.jobMaxAttempts | int64 | toString | quote }}
+REBASIN_WORKER_DEVICE: {{ .Values.config.workerDevice | quote }}
+{{- end }}
+
+{{/* The database URL, as a container env entry (all the migrations Job needs). */}}
+{{- define "rebasin.databaseEnv" -}}
+- name: REBASIN_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rebasin.databaseSecret" . }}
+      key: {{ .Values.database.urlKey }}
+{{- end }}
+
+{{/*
+Secret settings, as container env entries. Argument: (dict "root" $ "apiKeys" bool);
+only the API gets the API keys.
+*/}}
+{{- define "rebasin.secretEnv" -}}
+{{- $root := .root }}
+{{- with $root }}
+{{ include "rebasin.databaseEnv" . }}
+- name: REBASIN_BROKER_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rebasin.redisSecret" . }}
+      key: {{ .Values.redis.urlKey }}
+{{- if .Values.s3.staticCredentials }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rebasin.s3Secret" . }}
+      key: {{ .Values.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rebasin.s3Secret" . }}
+      key: {{ .Values.s3.secretAccessKeyKey }}
+{{- end }}
+{{- end }}
+{{- if .apiKeys }}
+- name: REBASIN_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rebasin.apiKeysSecret" $root }}
+      key: {{ $root.Values.apiKeys.key }}
+{{- end }}
+{{- end }}
+
+{{/*
+envFrom + env for long-running containers (settings from the ConfigMap).
+Argument: (dict "root" $ "apiKeys" bool).
+*/}}
+{{- define "rebasin.containerEnv" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "rebasin.fullname" .root }}
+{{- with .root.Values.extraEnvFrom }}
+{{ toYaml . | indent 2 }}
+{{- end }}
+env:
+{{ include "rebasin.secretEnv" . | indent 2 }}
+{{- with .root.Values.extraEnv }}
+{{ toYaml . | indent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Writable scratch volumes (the root filesystem is read-only). */}}
+{{- define "rebasin.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: {{ .Values.config.dataDir }}
+{{- end }}
+
+{{- define "rebasin.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .tmpSizeLimit }}
+- name: data
+  emptyDir: {}
+{{- end }}
+
+{{/* Pod-template checksum so that pods roll when the settings change. */}}
+{{- define "rebasin.configChecksum" -}}
+checksum/config: {{ include "rebasin.configData" . | sha256sum }}
+{{- end }}
