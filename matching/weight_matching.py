@@ -39,12 +39,12 @@ def permuted_except(spec: PermutationSpec, perms, key: str, tensor: torch.Tensor
 
 
 def objective(spec: PermutationSpec, perms, state_a, state_b) -> float:
-    """sum over permuted tensors of <W_A, pi(W_B)> (float64 accumulation)."""
+    """sum over permuted tensors of <W_A, pi(W_B)> (float32 dot per tensor, summed in float64)."""
     total = 0.0
     for key, axes in spec.axes_to_perm.items():
         if any(axes):
-            b = permuted_except(spec, perms, key, state_b[key], -1)
-            total += torch.sum(state_a[key].double() * b.double()).item()
+            b = permuted_except(spec, perms, key, state_b[key].float(), -1)
+            total += torch.dot(state_a[key].float().reshape(-1), b.reshape(-1)).item()
     return total
 
 
@@ -84,10 +84,13 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             seen = tuple(version[q] for q in neighbours[p])
             if solved_at.get(p) == seen:
                 continue
-            cost = torch.zeros(sizes[p], sizes[p], device=device)
+            cost = None
             for key, axis in spec.perm_to_axes[p]:
                 b_other = _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis)
-                cost += a_mats[(key, axis)] @ b_other.T
+                if cost is None:
+                    cost = a_mats[(key, axis)] @ b_other.T
+                else:
+                    cost.addmm_(a_mats[(key, axis)], b_other.T)
             new = solve_lap(cost, solver)
             old_value = cost.gather(1, perms[p][:, None]).sum().item()
             new_value = cost.gather(1, new[:, None]).sum().item()

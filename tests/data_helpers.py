@@ -1,0 +1,69 @@
+"""Shared test helpers: sklearn's bundled digits as a CONTRACT dataset file, and small trained models."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import matching
+
+
+@functools.lru_cache
+def digits(image: bool = False):
+    """Digits (1797 8x8 images, bundled with scikit-learn: no download), fixed 1347/450 split, inputs in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    if image:
+        x = x.reshape(-1, 1, 8, 8)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, held_out = order[:1347], order[1347:]
+    return x[train], y[train], x[held_out], y[held_out]
+
+
+def write_digits(path, image: bool = False, eval_split: bool = True):
+    x, y, xe, ye = digits(image)
+    tensors = {"inputs": x, "targets": y}
+    if eval_split:
+        tensors.update(eval_inputs=xe, eval_targets=ye)
+    save_file(tensors, str(path))
+    return path
+
+
+@functools.lru_cache
+def _trained(name: str, options: tuple, seed: int, epochs: int, lr: float, image: bool):
+    x, y, _, _ = digits(image)
+    torch.manual_seed(seed)
+    model = matching.build_model(name, **dict(options))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=gen).split(64):
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def trained(name: str, seed: int, epochs: int = 20, lr: float = 0.05, image: bool = False, **options):
+    """State dict of a model trained on the digits training split (cached per process)."""
+    options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+    state = _trained(name, options, seed, epochs, lr, image)
+    return {k: v.clone() for k, v in state.items()}
+
+
+def accuracy_and_loss(name, state, inputs, targets, **options):
+    model = matching.build_model(name, **options)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        logits = model(inputs)
+    return (logits.argmax(1) == targets).float().mean().item(), F.cross_entropy(logits, targets).item()
