@@ -45,7 +45,7 @@ NAMESPACE = "ml"
 AWS_VARS = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
 # Settings whose values are credentials: they must come from Secrets.
 SECRET_VARS = {"REBASIN_DATABASE_URL", "REBASIN_BROKER_URL", "REBASIN_API_KEYS",
-               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+               "REBASIN_CALLBACK_SECRET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 VALUE_SETS = {
     "default": None,
@@ -216,6 +216,8 @@ def test_values_file_with_typo_is_rejected(chart):
 @pytest.mark.parametrize("bad", [
     {"api": {"replicaCount": "three"}},
     {"config": {"maxUploadBytes": -1}},
+    {"config": {"jobTimeLimitS": 30}},
+    {"config": {"callbackAllowPrivate": "yes"}},
     {"workers": {"gpu": {"queues": ["gpus"]}}},
     {"s3": {"artifactUri": "bucket/prefix"}},
     {"imageTag": "1.0"},
@@ -402,6 +404,11 @@ def test_existing_secret_names_are_used(chart):
     assert refs["REBASIN_API_KEYS"] == {"name": "rebasin-api-keys", "key": "keys"}
     assert refs["AWS_ACCESS_KEY_ID"] == {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
     assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert refs["REBASIN_CALLBACK_SECRET"] == {"name": "rebasin-callbacks", "key": "hmac"}
+    # The callback secret is optional: without callbacks.existingSecret it is not set at all.
+    for _, spec in pod_specs(render(chart, None)):
+        for c in spec["containers"]:
+            assert "REBASIN_CALLBACK_SECRET" not in {e["name"] for e in c.get("env", [])}
     # IRSA / workload identity: no static S3 credentials at all.
     docs = render(chart, {"s3": {"staticCredentials": False}})
     for _, spec in pod_specs(docs):
@@ -482,6 +489,10 @@ def test_every_setting_is_settable_from_the_chart(chart):
         "REBASIN_MAX_UPLOAD_BYTES": "1234567",
         "REBASIN_JOB_MAX_ATTEMPTS": "7",
         "REBASIN_WORKER_DEVICE": "cuda:1",
+        "REBASIN_JOB_TIME_LIMIT_S": "7200",
+        "REBASIN_JOB_HEARTBEAT_TIMEOUT_S": "45.5",
+        "REBASIN_WORKER_MAX_MEMORY_PER_CHILD_MB": "30000",
+        "REBASIN_CALLBACK_ALLOW_PRIVATE": "true",
         "REBASIN_ARTIFACT_URI": "s3://my-bucket/prefix",
         "REBASIN_S3_ENDPOINT_URL": "https://minio.storage.svc:9000",
         "AWS_DEFAULT_REGION": "eu-west-1",
@@ -494,7 +505,8 @@ def test_every_setting_is_settable_from_the_chart(chart):
     # And the values parse with the real Settings class.
     plain = {k: v["value"] for k, v in api_env.items() if "value" in v}
     plain.update({"REBASIN_DATABASE_URL": "postgresql+psycopg://u:p@db/rebasin",
-                  "REBASIN_BROKER_URL": "redis://redis:6379/0", "REBASIN_API_KEYS": "t:k"})
+                  "REBASIN_BROKER_URL": "redis://redis:6379/0", "REBASIN_API_KEYS": "t:k",
+                  "REBASIN_CALLBACK_SECRET": "s"})
     Settings(**{k[len("REBASIN_"):].lower(): v for k, v in plain.items() if k.startswith("REBASIN_")})
 
 

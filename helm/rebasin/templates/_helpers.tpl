@@ -83,6 +83,10 @@ AWS_DEFAULT_REGION: {{ . | quote }}
 REBASIN_MAX_UPLOAD_BYTES: {{ .Values.config.maxUploadBytes | int64 | toString | quote }}
 REBASIN_JOB_MAX_ATTEMPTS: {{ .Values.config.jobMaxAttempts | int64 | toString | quote }}
 REBASIN_WORKER_DEVICE: {{ .Values.config.workerDevice | quote }}
+REBASIN_JOB_TIME_LIMIT_S: {{ .Values.config.jobTimeLimitS | int64 | toString | quote }}
+REBASIN_JOB_HEARTBEAT_TIMEOUT_S: {{ .Values.config.jobHeartbeatTimeoutS | toString | quote }}
+REBASIN_WORKER_MAX_MEMORY_PER_CHILD_MB: {{ .Values.config.workerMaxMemoryPerChildMb | int64 | toString | quote }}
+REBASIN_CALLBACK_ALLOW_PRIVATE: {{ .Values.config.callbackAllowPrivate | toString | quote }}
 {{- end }}
 
 {{/* The database URL, as a container env entry (all the migrations Job needs). */}}
@@ -96,7 +100,8 @@ REBASIN_WORKER_DEVICE: {{ .Values.config.workerDevice | quote }}
 
 {{/*
 Secret settings, as container env entries. Argument: (dict "root" $ "apiKeys" bool);
-only the API gets the API keys.
+only the API gets the API keys. The callback secret is optional (set only with
+callbacks.existingSecret) and goes to the API and the workers.
 */}}
 {{- define "rebasin.secretEnv" -}}
 {{- $root := .root }}
@@ -118,6 +123,13 @@ only the API gets the API keys.
     secretKeyRef:
       name: {{ include "rebasin.s3Secret" . }}
       key: {{ .Values.s3.secretAccessKeyKey }}
+{{- end }}
+{{- with .Values.callbacks.existingSecret }}
+- name: REBASIN_CALLBACK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $root.Values.callbacks.key }}
 {{- end }}
 {{- end }}
 {{- if .apiKeys }}
