@@ -48,6 +48,14 @@ def process_env(extra: dict[str, str]) -> dict[str, str]:
     return env | extra
 
 
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Signal a spawned process and its children (each runs in its own session)."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 @dataclass
 class Service:
     """A running API server (and maybe separate workers), configured by environment."""
@@ -86,13 +94,12 @@ class Service:
 
     def stop(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+            _signal_group(process, signal.SIGTERM)
         for process in self.processes:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                _signal_group(process, signal.SIGKILL)
                 process.wait()
 
     def client(self, **kwargs) -> httpx.Client:
@@ -129,29 +136,59 @@ def redis_url():
 
 
 @pytest.fixture
-def embedded_service(tmp_path):
-    """``rebasin serve`` on the embedded default: SQLite, local artifacts, filesystem broker, in-process worker."""
-    service = Service(env={"REBASIN_DATA_DIR": str(tmp_path / "data")}, log_dir=tmp_path)
-    service.start_server()
-    yield service
-    service.stop()
+def make_embedded_service(tmp_path):
+    """Factory: ``rebasin serve`` on the embedded default (SQLite, local artifacts, filesystem broker,
+    in-process worker), with extra environment."""
+    services = []
+
+    def make(**env) -> Service:
+        root = tmp_path / f"embedded-{len(services)}"
+        root.mkdir()
+        service = Service(env={"REBASIN_DATA_DIR": str(root / "data")} | env, log_dir=root)
+        services.append(service)
+        service.start_server()
+        return service
+
+    yield make
+    for service in services:
+        service.stop()
 
 
 @pytest.fixture
-def production_service(tmp_path, postgres_url, redis_url):
-    """PostgreSQL + Redis, migrated by ``rebasin db upgrade``, with a separately started ``rebasin worker``."""
-    env = {
-        "REBASIN_DATABASE_URL": postgres_url,
-        "REBASIN_BROKER_URL": redis_url,
-        "REBASIN_ARTIFACT_URI": (tmp_path / "artifacts").as_uri(),
-        "REBASIN_DATA_DIR": str(tmp_path / "data"),
-    }
-    subprocess.run(rebasin_command("db", "upgrade"), env=process_env(env), check=True, cwd=tmp_path, timeout=120)
-    service = Service(env=env, log_dir=tmp_path)
-    service.spawn("worker", "worker", "--device", "cpu")
-    service.start_server()
-    yield service
-    service.stop()
+def embedded_service(make_embedded_service):
+    return make_embedded_service()
+
+
+@pytest.fixture
+def make_production_service(tmp_path, postgres_url, redis_url):
+    """Factory: PostgreSQL + Redis, migrated by ``rebasin db upgrade``, API plus ``workers`` separately
+    started ``rebasin worker`` processes, with extra environment."""
+    services = []
+
+    def make(workers: int = 1, **env) -> Service:
+        env = {
+            "REBASIN_DATABASE_URL": postgres_url,
+            "REBASIN_BROKER_URL": redis_url,
+            "REBASIN_ARTIFACT_URI": (tmp_path / "artifacts").as_uri(),
+            "REBASIN_DATA_DIR": str(tmp_path / "data"),
+        } | env
+        if not services:
+            subprocess.run(rebasin_command("db", "upgrade"), env=process_env(env), check=True, cwd=tmp_path, timeout=120)
+        service = Service(env=env, log_dir=tmp_path)
+        services.append(service)
+        for _ in range(workers):
+            service.spawn("worker", "worker", "--device", "cpu")
+        service.start_server()
+        return service
+
+    yield make
+    for service in services:
+        service.stop()
+
+
+@pytest.fixture
+def production_service(make_production_service):
+    return make_production_service()
 
 
 @pytest.fixture(params=["embedded", "postgres+redis"])

@@ -4,21 +4,13 @@ Runs on the embedded default and on PostgreSQL + Redis with a separate worker.
 """
 
 import json
-import time
 
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 import matching
-
-SIZES = [64, 256, 256, 10]
-
-
-def make_mlp(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return matching.build_model("mlp", sizes=SIZES)
+from tests.service_helpers import SIZES, artifact, make_mlp, run_job, upload
 
 
 def linear_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -45,32 +37,6 @@ def outputs(state: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tenso
     model.load_state_dict(state)
     with torch.no_grad():
         return model(inputs)
-
-
-def upload(client, state: dict, name: str) -> dict:
-    response = client.post("/v1/checkpoints", files={"file": (f"{name}.safetensors", save_safetensors(state))})
-    assert response.status_code == 201, response.text
-    assert response.headers["location"] == f"/v1/checkpoints/{response.json()['id']}"
-    return response.json()
-
-
-def run_job(client, body: dict, timeout_s: float = 180) -> dict:
-    response = client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    location = response.headers["location"]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(location).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.3)
-    pytest.fail(f"job did not finish in {timeout_s} s: {job}")
-
-
-def artifact(client, job: dict, name: str) -> bytes:
-    response = client.get(f"/v1/jobs/{job['id']}/artifacts/{name}")
-    assert response.status_code == 200, response.text
-    return response.content
 
 
 def test_merge_two_independent_mlps(service):
