@@ -1,10 +1,11 @@
 """Dependencies injected into the routers: settings, DB session, artifact store, the caller's tenant."""
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from api.config import Settings
@@ -15,24 +16,29 @@ from storage.db import get_sessionmaker
 OPEN_MODE_TENANT = "default"
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies that do no I/O are async: FastAPI would run a plain def in the thread pool.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    with get_sessionmaker(settings.resolved_database_url())() as session:
+async def get_session(settings: Annotated[Settings, Depends(get_settings)]) -> AsyncIterator[Session]:
+    # Opening a session does no I/O (it connects on first use); closing it does, in the thread pool.
+    session = get_sessionmaker(settings.resolved_database_url())()
+    try:
         yield session
+    finally:
+        await run_in_threadpool(session.close)
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def get_tenant(request: Request) -> str:
+async def get_tenant(request: Request) -> str:
     tenants = request.app.state.tenant_by_key_digest
     if not tenants:
         return OPEN_MODE_TENANT

@@ -89,7 +89,7 @@ class Job(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
 
-    inputs: Mapped[list["JobInput"]] = relationship(cascade="all, delete-orphan", lazy="selectin")
+    inputs: Mapped[list["JobInput"]] = relationship(cascade="all, delete-orphan")
     artifacts: Mapped[list["Artifact"]] = relationship(
         cascade="all, delete-orphan", lazy="selectin", order_by="Artifact.name"
     )
