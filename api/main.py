@@ -5,7 +5,7 @@ from fastapi.responses import JSONResponse
 
 from api.config import Settings, get_settings
 from api.problems import MEDIA_TYPE, install_problem_handlers
-from api.routers import architectures, files, health, jobs
+from api.routers import architectures, files, health, jobs, uploads
 from api.uploads import too_large
 from storage.artifacts import open_store
 from worker.app import configure_celery
@@ -43,6 +43,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url)
     install_problem_handlers(app)
     app.add_middleware(RequestSizeLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
-    for router in (files.checkpoints, files.datasets, jobs.router, architectures.router, health.router):
+    for router in (files.checkpoints, files.datasets, uploads.router, jobs.router, architectures.router, health.router):
         app.include_router(router)
     return app
