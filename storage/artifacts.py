@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 
 
 TEMP_PREFIX = ".tmp-"
+DIRECT_UPLOADS_PREFIX = "uploads/"  # keys that presigned multipart uploads assemble at
 STAGING_DIR = ".staging"
 
 
@@ -188,18 +189,25 @@ class S3Store:
     def sweep(self, older_than_s: float) -> int:
         """Abort the incomplete multipart uploads under our prefix that were started long enough ago.
 
-        That covers both an API process that died while copying an upload to S3 and direct
-        uploads that a client never completed (their records expire at the same age).
+        These are what an API process that died while copying an upload to S3 leaves. Direct uploads
+        (under ``DIRECT_UPLOADS_PREFIX``) are left alone: their database records say whether they are
+        still live (see storage.housekeeping), and some S3-compatible servers (moto) report a fake
+        ``Initiated`` time, which must not abort a client's upload in progress.
         """
         cutoff = time.time() - older_than_s
         aborted = 0
-        paginator = self.client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key("")):
-            for upload in page.get("Uploads", []):
-                if upload["Initiated"].timestamp() < cutoff:
-                    self.abort_multipart(upload["Key"], upload["UploadId"], raw_key=True)
-                    aborted += 1
+        for key, upload_id, initiated in self.list_multipart(""):
+            if not key.startswith(DIRECT_UPLOADS_PREFIX) and initiated < cutoff:
+                self.abort_multipart(key, upload_id)
+                aborted += 1
         return aborted
+
+    def list_multipart(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """(key, upload id, initiated epoch seconds) of the incomplete multipart uploads under ``prefix``."""
+        strip = len(self._key(""))
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            for upload in page.get("Uploads", []):
+                yield upload["Key"][strip:], upload["UploadId"], upload["Initiated"].timestamp()
 
     # Direct (presigned) multipart uploads: the client sends the parts to S3 itself.
 
@@ -221,11 +229,11 @@ class S3Store:
             MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in parts]},
         )
 
-    def abort_multipart(self, key: str, upload_id: str, raw_key: bool = False) -> None:
+    def abort_multipart(self, key: str, upload_id: str) -> None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key if raw_key else self._key(key), UploadId=upload_id)
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") not in ("NoSuchUpload", "404"):
                 raise

@@ -209,14 +209,12 @@ class StorageBackend:
         return Settings(_env_file=None, **(fields | overrides))
 
 
-@pytest.fixture(params=["sqlite+local", "postgres+s3"])
-def storage_backend(request, tmp_path):
-    """Each storage test runs on SQLite + a local directory and on PostgreSQL + S3 (moto over HTTP), migrated."""
+def _storage_backend(request, tmp_path, name: str):
     from storage import db
 
     (tmp_path / "data").mkdir()
     env = {"REBASIN_DATA_DIR": str(tmp_path / "data")}
-    if request.param == "sqlite+local":
+    if name == "sqlite+local":
         env["REBASIN_DATABASE_URL"] = f"sqlite:///{tmp_path / 'data' / 'rebasin.db'}"
         env["REBASIN_ARTIFACT_URI"] = (tmp_path / "artifacts").as_uri()
     else:
@@ -226,5 +224,22 @@ def storage_backend(request, tmp_path):
         env["REBASIN_S3_ENDPOINT_URL"] = endpoint
         env |= S3_CREDENTIALS
     db.upgrade(env["REBASIN_DATABASE_URL"])
-    yield StorageBackend(request.param, env)
+    yield StorageBackend(name, env)
     db.get_engine(env["REBASIN_DATABASE_URL"]).dispose()
+
+
+@pytest.fixture(params=["sqlite+local", "postgres+s3"])
+def storage_backend(request, tmp_path):
+    """Each storage test runs on SQLite + a local directory and on PostgreSQL + S3 (moto over HTTP), migrated."""
+    yield from _storage_backend(request, tmp_path, request.param)
+
+
+@pytest.fixture
+def s3_storage_backend(request, tmp_path):
+    """PostgreSQL + S3 only, for what only S3 can do (presigned direct uploads)."""
+    yield from _storage_backend(request, tmp_path, "postgres+s3")
+
+
+@pytest.fixture
+def local_storage_backend(request, tmp_path):
+    yield from _storage_backend(request, tmp_path, "sqlite+local")

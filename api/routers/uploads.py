@@ -32,7 +32,7 @@ from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.problems import Problem, not_found
 from api.schemas import CheckpointOut, DatasetOut
 from api.uploads import CHUNK, KINDS, HashingFileWriter, create_resource, staging_workdir, too_large, validate_file
-from storage.artifacts import ArtifactStore, S3Store
+from storage.artifacts import DIRECT_UPLOADS_PREFIX, ArtifactStore, S3Store
 from storage.housekeeping import sweep_storage
 from storage.models import DirectUpload, new_id, utcnow
 from storage.objects import tenant_namespace
@@ -189,10 +189,13 @@ def create_upload(
     )
     row.id = new_id("upl")
     # Not under objects/: nothing refers to these bytes until they are validated and copied there.
-    row.object_key = f"uploads/{tenant_namespace(tenant)}/{row.id}"
+    row.object_key = f"{DIRECT_UPLOADS_PREFIX}{tenant_namespace(tenant)}/{row.id}"
+    # The record first: the sweep aborts any multipart upload under uploads/ that no live record names.
+    row.multipart_upload_id = ""
+    session.add(row)
+    session.commit()
     row.multipart_upload_id = s3.create_multipart(row.object_key)
     try:
-        session.add(row)
         session.commit()
     except BaseException:
         s3.abort_multipart(row.object_key, row.multipart_upload_id)
