@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import torch
 from safetensors import safe_open
 
@@ -30,6 +31,7 @@ FLOAT_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+NUMPY_FLOAT_DTYPES = {"F16": numpy.dtype("<f2"), "F32": numpy.dtype("<f4"), "F64": numpy.dtype("<f8")}
 TORCH_TO_SAFETENSORS = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
     torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64", torch.uint64: "U64",
@@ -137,10 +139,15 @@ def _check_finite(handle, name: str, dtype: str, start: int, length: int, buffer
         if not count:
             raise IngestError("the file ended early: it is truncated")
         remaining -= count
-        values = torch.frombuffer(view[:count], dtype=torch_dtype)
-        if values.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            values = values.to(torch.float16)  # isfinite has no float8 kernels; float16 holds every value
-        if not bool(torch.isfinite(values).all()):
+        if dtype in NUMPY_FLOAT_DTYPES:
+            # numpy's isfinite is vectorised and far faster than torch's on CPU: the upload path's hot loop.
+            finite = bool(numpy.isfinite(numpy.frombuffer(view[:count], NUMPY_FLOAT_DTYPES[dtype])).all())
+        else:
+            values = torch.frombuffer(view[:count], dtype=torch_dtype)
+            if values.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                values = values.to(torch.float16)  # isfinite has no float8 kernels; float16 holds every value
+            finite = bool(torch.isfinite(values).all())
+        if not finite:
             raise IngestError(f"tensor {name!r} holds NaN or Inf values")
 
 
