@@ -21,6 +21,22 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://host:6379/0; default: filesystem queue under data_dir.")
     api_keys: str = Field("", description="Comma-separated tenant:key pairs; empty = open mode, loopback only.")
     max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest accepted upload, in bytes.")
+    stale_upload_after_s: int = Field(
+        24 * 3600,
+        ge=60,
+        description="Age in seconds after which abandoned upload temporaries are removed: staging files of "
+        "interrupted uploads, local .tmp-* files, incomplete S3 multipart uploads, and direct uploads never "
+        "completed (their presigned part URLs are valid this long).",
+    )
+    storage_sweep_interval_s: int = Field(
+        3600, ge=1, description="Seconds between two sweeps of abandoned upload temporaries by the API process."
+    )
+    direct_upload_part_bytes: int = Field(
+        64 * 1024**2,
+        ge=5 * 1024**2,
+        le=5 * 1024**3,
+        description="Default part size of direct-to-S3 multipart uploads (S3 allows 5 MiB to 5 GiB, at most 10000 parts).",
+    )
     job_max_attempts: int = Field(3, ge=1, description="Deliveries of a job before it fails for good (a worker that dies counts).")
     worker_device: str = Field("auto", description="Default device for jobs that ask for 'auto': auto, cpu or cuda:N.")
     job_time_limit_s: int = Field(6 * 3600, ge=60, description="A job running longer than this fails (soft limit; hard kill 60 s later).")

@@ -11,7 +11,7 @@ from api.deps import hash_key
 from api.logs import request_id_var
 from api.metrics import RequestMetrics, create_registry
 from api.problems import MEDIA_TYPE, install_problem_handlers
-from api.routers import architectures, files, health, jobs
+from api.routers import architectures, files, health, jobs, uploads
 from api.uploads import too_large
 from storage.artifacts import open_store
 from worker.app import configure_celery
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestSizeLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestMetrics, latency=latency)
     app.add_middleware(RequestId)
-    for router in (files.checkpoints, files.datasets, jobs.router, architectures.router, health.router):
+    for router in (files.checkpoints, files.datasets, uploads.router, jobs.router, architectures.router, health.router):
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)

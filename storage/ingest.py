@@ -13,15 +13,30 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSORS = 100_000
+MAX_DIMS = 32
+MAX_NAME_CHARS = 1024
+# Finiteness is checked on fixed-size slices of the file, so memory does not grow with tensor size.
+CHECK_CHUNK_BYTES = 8 * 1024 * 1024
 SAFETENSORS_DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+FLOAT_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+NUMPY_FLOAT_DTYPES = {"F16": numpy.dtype("<f2"), "F32": numpy.dtype("<f4"), "F64": numpy.dtype("<f8")}
+TORCH_TO_SAFETENSORS = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
+    torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64", torch.uint64: "U64",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
 PICKLE_PROTOCOL_MARKERS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
@@ -60,12 +75,16 @@ def read_safetensors_header(path: Path) -> dict:
             raise IngestError("not a safetensors file (header length is out of bounds)")
         raw = handle.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise IngestError(f"not a safetensors file (header is not JSON: {error})") from None
     if not isinstance(header, dict):
         raise IngestError("not a safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise IngestError("safetensors __metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:
         raise IngestError(f"too many tensors ({len(header)} > {MAX_TENSORS})")
     data_len = size - 8 - header_len
@@ -75,11 +94,13 @@ def read_safetensors_header(path: Path) -> dict:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise IngestError(f"tensor {name!r}: malformed safetensors entry") from None
-        if dtype not in SAFETENSORS_DTYPE_SIZES:
+        if not name or len(name) > MAX_NAME_CHARS:
+            raise IngestError(f"tensor name {name[:80]!r} is empty or longer than {MAX_NAME_CHARS} characters")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_SIZES:
             raise IngestError(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
             raise IngestError(f"tensor {name!r}: invalid shape {shape!r}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+        if not (_is_count(begin) and _is_count(end) and begin <= end <= data_len):
             raise IngestError(f"tensor {name!r}: data offsets outside the file")
         if end - begin != math.prod(shape) * SAFETENSORS_DTYPE_SIZES[dtype]:
             raise IngestError(f"tensor {name!r}: byte length does not match shape and dtype")
@@ -95,19 +116,66 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise IngestError("not a safetensors file (a name appears twice in the header)")
+    return dict(pairs)
+
+
+def _is_count(value) -> bool:
+    # JSON true/false parse as bool, which Python counts as int.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_finite(handle, name: str, dtype: str, start: int, length: int, buffer: bytearray) -> None:
+    """Read one tensor's bytes in fixed-size slices and refuse NaN/Inf; memory stays at one slice."""
+    torch_dtype = FLOAT_DTYPES[dtype]
+    handle.seek(start)
+    remaining = length
+    view = memoryview(buffer)
+    while remaining:
+        count = handle.readinto(view[: min(remaining, len(buffer))])
+        if not count:
+            raise IngestError("the file ended early: it is truncated")
+        remaining -= count
+        if dtype in NUMPY_FLOAT_DTYPES:
+            # numpy's isfinite is vectorised and far faster than torch's on CPU: the upload path's hot loop.
+            finite = bool(numpy.isfinite(numpy.frombuffer(view[:count], NUMPY_FLOAT_DTYPES[dtype])).all())
+        else:
+            values = torch.frombuffer(view[:count], dtype=torch_dtype)
+            if values.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                values = values.to(torch.float16)  # isfinite has no float8 kernels; float16 holds every value
+            finite = bool(torch.isfinite(values).all())
+        if not finite:
+            raise IngestError(f"tensor {name!r} holds NaN or Inf values")
+
+
 def inspect_safetensors(path: Path, fmt: str = "safetensors") -> TensorFileInfo:
     header = read_safetensors_header(path)
     if not header:
         raise IngestError("the file holds no tensors")
+    try:
+        # The reference parser must agree with ours (it maps the file, reading no tensor data here).
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            if set(reader.keys()) != set(header):
+                raise IngestError("the safetensors header is inconsistent")
+    except IngestError:
+        raise
+    except Exception as error:
+        raise IngestError(f"not a valid safetensors file: {str(error)[:300]}") from None
     info = TensorFileInfo(format=fmt, path=path)
-    # One tensor in memory at a time: files may be far larger than RAM.
-    with safe_open(str(path), framework="pt", device="cpu") as reader:
-        for name in reader.keys():
-            tensor = reader.get_tensor(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise IngestError(f"tensor {name!r} holds NaN or Inf values")
-            info.shapes[name] = tuple(tensor.shape)
-            info.dtypes[name] = header[name]["dtype"]
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        data_start = 8 + header_len
+        # Every slice is a whole number of elements (8 divides the chunk size, item sizes divide 8).
+        buffer = bytearray(CHECK_CHUNK_BYTES)
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] in FLOAT_DTYPES and end > begin:
+                _check_finite(handle, name, entry["dtype"], data_start + begin, end - begin, buffer)
+            info.shapes[name] = tuple(entry["shape"])
+            info.dtypes[name] = entry["dtype"]
     return info
 
 
@@ -118,6 +186,23 @@ def _refuse_unsafe_zip(path: Path) -> None:
         raise IngestError("torch.export archives are not accepted: upload a state dict (safetensors preferred)")
     if any("/code/" in n or n.endswith("constants.pkl") for n in names):
         raise IngestError("TorchScript archives are not accepted: upload model.state_dict() (safetensors preferred)")
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out: Path) -> None:
+    """Write a safetensors file one tensor at a time (safetensors' own save builds the whole file in memory)."""
+    header, offset = {}, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header so tensor data starts aligned
+    with open(out, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for tensor in state.values():
+            # Contiguous copies also break memory shared between tensors (tied weights).
+            handle.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
 def _state_dict_from(obj) -> dict[str, torch.Tensor]:
@@ -132,6 +217,11 @@ def _state_dict_from(obj) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise IngestError(f"the PyTorch file holds non-tensor entries, e.g. {bad[0]!r}: save model.state_dict()")
+    for name, tensor in obj.items():
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            raise IngestError(f"tensor {name!r} is sparse or quantized: save dense tensors")
+        if tensor.dtype not in TORCH_TO_SAFETENSORS:
+            raise IngestError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
     return obj
 
 
@@ -146,12 +236,14 @@ def convert_pytorch(path: Path, out: Path) -> TensorFileInfo:
     elif magic[:2] not in PICKLE_PROTOCOL_MARKERS:
         raise IngestError("unknown file format: upload safetensors or a torch.save state dict (.pt/.pth/.bin)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap (zip format only) keeps tensor data on disk until it is written out one tensor at a time.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=magic.startswith(b"PK"))
     except Exception as error:  # weights_only refuses any global it does not know, without running it
-        raise IngestError(f"refused to load the PyTorch file safely: {str(error).splitlines()[0][:300]}") from None
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise IngestError(f"refused to load the PyTorch file safely: {first_line[:300]}") from None
     state = _state_dict_from(obj)
-    # safetensors refuses tensors that share memory; contiguous copies break the sharing.
-    save_file({name: tensor.detach().contiguous().clone() for name, tensor in state.items()}, str(out))
+    write_safetensors(state, out)
+    del obj, state
     return inspect_safetensors(out, fmt="pytorch")
 
 

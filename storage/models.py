@@ -46,7 +46,7 @@ class Checkpoint(Base):
     num_tensors: Mapped[int] = mapped_column(Integer)
     num_parameters: Mapped[int] = mapped_column(BigInteger)
     tensors: Mapped[dict] = mapped_column(JSON)  # name -> {"dtype", "shape"}: job checks need no download
-    object_key: Mapped[str] = mapped_column(String(512))
+    object_key: Mapped[str] = mapped_column(String(512), index=True)  # a Blob's key, shared by identical bytes
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
@@ -62,8 +62,47 @@ class Dataset(Base):
     num_tensors: Mapped[int] = mapped_column(Integer)
     num_examples: Mapped[int] = mapped_column(BigInteger)
     tensors: Mapped[dict] = mapped_column(JSON)
-    object_key: Mapped[str] = mapped_column(String(512))
+    object_key: Mapped[str] = mapped_column(String(512), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class Blob(Base):
+    """One stored object per tenant and content (sha256); checkpoints and datasets with identical bytes share it.
+
+    The row is also the lock that orders "add a reference" against "drop the last reference and delete the
+    bytes": both take it (SELECT ... FOR UPDATE) before touching the object. There is no counter to drift:
+    references are counted from the checkpoint and dataset rows themselves.
+    """
+
+    __tablename__ = "blobs"
+
+    object_key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DirectUpload(Base):
+    """A presigned multipart upload straight to S3 that becomes a checkpoint or dataset once completed."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("upl"))
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # checkpoint | dataset
+    name: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    part_size: Mapped[int] = mapped_column(BigInteger)
+    part_count: Mapped[int] = mapped_column(Integer)
+    object_key: Mapped[str] = mapped_column(String(512))  # temporary key the parts are assembled at
+    multipart_upload_id: Mapped[str] = mapped_column(String(1024))  # S3's UploadId
+    # pending -> completing -> completed | failed; pending -> aborted | expired
+    status: Mapped[str] = mapped_column(String(16), index=True, default="pending")
+    resource_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class Job(Base):

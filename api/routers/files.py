@@ -2,28 +2,49 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import exists, select
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
 from api.problems import Problem, not_found
 from api.schemas import CheckpointOut, DatasetOut, Page
-from api.uploads import stored_upload
+from api.uploads import KINDS, create_resource, receive_multipart_file, staging_workdir, validate_file
 from storage.artifacts import ArtifactStore
-from storage.ingest import check_dataset
-from storage.models import ACTIVE_STATUSES, Checkpoint, Dataset, Job, JobInput, new_id
+from storage.models import ACTIVE_STATUSES, Job, JobInput
+from storage.objects import delete_referencing_row
 
 
 def download_response(store: ArtifactStore, key: str, filename: str) -> Response:
+    """A presigned redirect (S3), or the file streamed from disk; FileResponse answers Range requests (206)."""
     url = store.presigned_get_url(key, filename)
     if url:
         return RedirectResponse(url, status_code=307)
     return FileResponse(store.local_path(key), media_type="application/octet-stream", filename=filename)
 
 
-def make_router(model, schema, path: str, noun: str, id_prefix: str, fields_from_upload) -> APIRouter:
+def multipart_upload_body(noun: str) -> dict:
+    """OpenAPI for the body we parse ourselves (streamed, so FastAPI's form parsing is not used)."""
+    schema = {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {
+                "type": "string",
+                "format": "binary",
+                "description": "safetensors, or a torch.save state dict (.pt/.pth/.bin)",
+            },
+            "name": {"type": "string", "maxLength": 255, "description": f"display name of the {noun}"},
+        },
+    }
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def make_router(kind_name: str, schema) -> APIRouter:
+    kind = KINDS[kind_name]
+    model, path, noun = kind.model, kind.path, kind.noun
     router = APIRouter(prefix=f"/v1/{path}", tags=[path])
 
     def get_owned(session, tenant: str, resource_id: str):
@@ -32,35 +53,25 @@ def make_router(model, schema, path: str, noun: str, id_prefix: str, fields_from
             raise not_found(noun, resource_id)
         return row
 
-    @router.post("", status_code=201, response_model=schema, summary=f"Upload a {noun}")
-    def upload(
-        response: Response,
-        file: Annotated[UploadFile, File(description="safetensors, or a torch.save state dict (.pt/.pth/.bin)")],
-        session: SessionDep,
-        store: StoreDep,
-        settings: SettingsDep,
-        tenant: TenantDep,
-        name: Annotated[str | None, Form(max_length=255)] = None,
+    @router.post(
+        "",
+        status_code=201,
+        response_model=schema,
+        summary=f"Upload a {noun}",
+        openapi_extra=multipart_upload_body(noun),
+        responses={413: {"description": "larger than REBASIN_MAX_UPLOAD_BYTES"}, 422: {"description": "invalid file"}},
+    )
+    async def upload(
+        request: Request, response: Response, session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep
     ):
-        resource_id = new_id(id_prefix)
-        key = f"{path}/{resource_id}.safetensors"
-        check = check_dataset if model is Dataset else None
-        with stored_upload(file, settings, store, key, check) as stored:
-            row = model(
-                id=resource_id,
-                tenant=tenant,
-                name=name or file.filename or resource_id,
-                sha256=stored.sha256,
-                size_bytes=stored.size_bytes,
-                format=stored.info.format,
-                num_tensors=stored.info.num_tensors,
-                tensors=stored.tensor_table(),
-                object_key=key,
-                **fields_from_upload(stored.info),
+        with staging_workdir(store, settings) as workdir:
+            received, name = await receive_multipart_file(request, workdir / "upload", settings.max_upload_bytes)
+            # Validation reads the whole file and the DB session is synchronous: both off the event loop.
+            info = await run_in_threadpool(validate_file, kind, received.path, workdir)
+            row = await run_in_threadpool(
+                create_resource, session, store, tenant, kind, info, received, name or received.filename or ""
             )
-            session.add(row)
-            session.commit()
-        response.headers["Location"] = f"/v1/{path}/{resource_id}"
+        response.headers["Location"] = f"/v1/{path}/{row.id}"
         return row
 
     @router.get("", response_model=Page[schema], summary=f"List {path}, newest first")
@@ -94,16 +105,10 @@ def make_router(model, schema, path: str, noun: str, id_prefix: str, fields_from
         )
         if in_use:
             raise Problem(409, "In use", f"A queued or running job uses {noun} {resource_id!r}; cancel it or wait.", kind="in-use")
-        session.delete(row)
-        session.commit()
-        store.delete(row.object_key)
+        delete_referencing_row(session, store, row)
 
     return router
 
 
-checkpoints = make_router(
-    Checkpoint, CheckpointOut, "checkpoints", "checkpoint", "ckpt", lambda info: {"num_parameters": info.num_parameters}
-)
-datasets = make_router(
-    Dataset, DatasetOut, "datasets", "dataset", "ds", lambda info: {"num_examples": info.shapes["targets"][0]}
-)
+checkpoints = make_router("checkpoint", CheckpointOut)
+datasets = make_router("dataset", DatasetOut)
