@@ -70,8 +70,12 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reset_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> None:
-    """Re-estimate BN running statistics on ``inputs`` (an exact average over the data, not an EMA)."""
+def reset_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500, max_examples: int = 2048) -> None:
+    """Re-estimate BN running statistics on ``inputs`` (an exact average over the batches, not an EMA).
+    At most ``max_examples`` (evenly strided) are used: a few thousand estimate per-channel statistics
+    well, and this runs at every lambda of a curve."""
+    if len(inputs) > max_examples:
+        inputs = inputs[torch.linspace(0, len(inputs) - 1, max_examples).long()]
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:

@@ -36,11 +36,11 @@ def write_digits(path, image: bool = False, eval_split: bool = True):
 
 
 @functools.lru_cache
-def _trained(name: str, options: tuple, seed: int, epochs: int, lr: float, image: bool):
+def _trained(name: str, options: tuple, seed: int, epochs: int, lr: float, image: bool, weight_decay: float):
     x, y, _, _ = digits(image)
     torch.manual_seed(seed)
     model = matching.build_model(name, **dict(options))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -53,10 +53,11 @@ def _trained(name: str, options: tuple, seed: int, epochs: int, lr: float, image
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def trained(name: str, seed: int, epochs: int = 20, lr: float = 0.05, image: bool = False, **options):
+def trained(name: str, seed: int, epochs: int = 20, lr: float = 0.05, image: bool = False, weight_decay: float = 0.0,
+            **options):
     """State dict of a model trained on the digits training split (cached per process)."""
     options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
-    state = _trained(name, options, seed, epochs, lr, image)
+    state = _trained(name, options, seed, epochs, lr, image, weight_decay)
     return {k: v.clone() for k, v in state.items()}
 
 
