@@ -11,6 +11,7 @@ from pathlib import Path
 
 from api.config import Settings, get_settings
 from api.logs import configure_logging
+from matching.cli import METHOD_NAMES
 
 
 def _settings(args) -> Settings:
@@ -117,9 +118,6 @@ def cmd_db_upgrade(args) -> None:
     print("rebasin: database schema is up to date")
 
 
-METHODS = {"weight": "weight_matching", "activation": "activation_matching", "ste": "ste_matching"}
-
-
 def _key_values(pairs: list[str], what: str) -> dict:
     values = {}
     for pair in pairs or []:
@@ -165,7 +163,7 @@ def cmd_submit(args) -> None:
             return upload(value)["id"] if value and Path(value).is_file() else value
 
         body = {
-            "method": METHODS[args.method],
+            "method": METHOD_NAMES[args.method],
             "checkpoints": [resolve(c, client.upload_checkpoint) for c in args.checkpoints],
             "options": _key_values(args.option, "--option") | ({"seed": args.seed} if args.seed is not None else {}),
             "device": args.device,
@@ -241,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec_or_arch.add_argument("--arch", help="registered architecture name")
     spec_or_arch.add_argument("--spec", help="permutation spec JSON file")
     submit.add_argument("--arch-option", action="append", metavar="K=V")
-    submit.add_argument("--method", choices=sorted(METHODS), default="weight")
+    submit.add_argument("--method", choices=sorted(METHOD_NAMES), default="weight")
     submit.add_argument("--data", help="dataset file or id (activation and STE matching)")
     submit.add_argument("--eval-data", help="dataset file or id for the barrier report")
     submit.add_argument("--seed", type=int)

@@ -1,7 +1,7 @@
 """A small Python client for a running rebasin server, used by ``rebasin submit / wait / download``.
 
-Retries are safe: job submissions carry an Idempotency-Key, so a retried
-POST never creates a second job.
+Retries are safe: uploads and job submissions carry an Idempotency-Key, so a
+retried POST never creates a second checkpoint or job.
 
     client = Client("http://127.0.0.1:8000", api_key="...")
     a, b = client.upload_checkpoint("a.safetensors"), client.upload_checkpoint("b.safetensors")
@@ -47,12 +47,17 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _request(self, method: str, path: str, *, retry: bool, **kwargs) -> httpx.Response:
-        """Send, retrying with backoff where repeating is harmless (reads, keyed submissions)."""
+    def _request(self, method: str, path: str, *, retry: bool, upload: Path | None = None, **kwargs) -> httpx.Response:
+        """Send, retrying with backoff where repeating is harmless (reads, requests with an Idempotency-Key).
+        An ``upload`` file is reopened for every attempt, since a sent body stream is spent."""
         for attempt in range(self.retries + 1):
             last_try = not retry or attempt == self.retries
             try:
-                response = self.http.request(method, path, **kwargs)
+                if upload is None:
+                    response = self.http.request(method, path, **kwargs)
+                else:
+                    with open(upload, "rb") as handle:
+                        response = self.http.request(method, path, files={"file": (upload.name, handle)}, **kwargs)
             except httpx.TransportError:
                 if last_try:
                     raise
@@ -68,11 +73,9 @@ class Client:
         raise AssertionError("unreachable")
 
     def _upload(self, kind: str, path: str | Path, name: str | None) -> dict:
-        path = Path(path)
-        with open(path, "rb") as handle:
-            data = {"name": name} if name else {}
-            # Not retried: an upload is not idempotent, and its body stream is spent after one try.
-            return self._request("POST", f"/v1/{kind}", retry=False, files={"file": (path.name, handle)}, data=data).json()
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        data = {"name": name} if name else {}
+        return self._request("POST", f"/v1/{kind}", retry=True, upload=Path(path), data=data, headers=headers).json()
 
     def upload_checkpoint(self, path: str | Path, name: str | None = None) -> dict:
         return self._upload("checkpoints", path, name)

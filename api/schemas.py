@@ -10,7 +10,7 @@ Item = TypeVar("Item")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
-class CheckpointOut(BaseModel):
+class TensorFileOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
@@ -19,21 +19,15 @@ class CheckpointOut(BaseModel):
     size_bytes: int
     format: str
     num_tensors: int
+    created_at: datetime
+
+
+class CheckpointOut(TensorFileOut):
     num_parameters: int
-    created_at: datetime
 
 
-class DatasetOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    name: str
-    sha256: str
-    size_bytes: int
-    format: str
-    num_tensors: int
+class DatasetOut(TensorFileOut):
     num_examples: int
-    created_at: datetime
 
 
 class ArchitectureRef(BaseModel):

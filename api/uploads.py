@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from api.config import Settings
 from api.problems import Problem
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, sha256_file
 from storage.ingest import IngestError, TensorFileInfo, check_dataset, inspect_upload
 from storage.models import Checkpoint, Dataset, new_id
 from storage.objects import add_reference, undo_reference
@@ -55,14 +55,6 @@ KINDS = {
 
 def too_large(limit: int) -> Problem:
     return Problem(413, "Upload too large", f"The file exceeds the limit of {limit} bytes (REBASIN_MAX_UPLOAD_BYTES).")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextmanager

@@ -9,6 +9,7 @@ uploads) is invisible to readers and removed by ``sweep``.
 """
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -22,6 +23,14 @@ from urllib.parse import unquote, urlparse
 TEMP_PREFIX = ".tmp-"
 DIRECT_UPLOADS_PREFIX = "uploads/"  # keys that presigned multipart uploads assemble at
 STAGING_DIR = ".staging"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ArtifactStore(Protocol):

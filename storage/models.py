@@ -34,36 +34,32 @@ class Base(DeclarativeBase):
     pass
 
 
-class Checkpoint(Base):
-    __tablename__ = "checkpoints"
+class TensorFile:
+    """Columns shared by checkpoints and datasets: an uploaded, validated safetensors file."""
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ckpt"))
     tenant: Mapped[str] = mapped_column(String(100), index=True)
     name: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     format: Mapped[str] = mapped_column(String(32))
     num_tensors: Mapped[int] = mapped_column(Integer)
-    num_parameters: Mapped[int] = mapped_column(BigInteger)
     tensors: Mapped[dict] = mapped_column(JSON)  # name -> {"dtype", "shape"}: job checks need no download
     object_key: Mapped[str] = mapped_column(String(512), index=True)  # a Blob's key, shared by identical bytes
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
-class Dataset(Base):
+class Checkpoint(TensorFile, Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ckpt"))
+    num_parameters: Mapped[int] = mapped_column(BigInteger)
+
+
+class Dataset(TensorFile, Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
-    tenant: Mapped[str] = mapped_column(String(100), index=True)
-    name: Mapped[str] = mapped_column(String(255))
-    sha256: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    format: Mapped[str] = mapped_column(String(32))
-    num_tensors: Mapped[int] = mapped_column(Integer)
     num_examples: Mapped[int] = mapped_column(BigInteger)
-    tensors: Mapped[dict] = mapped_column(JSON)
-    object_key: Mapped[str] = mapped_column(String(512), index=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class Blob(Base):

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
@@ -173,6 +174,16 @@ def test_cancel_queued_and_running_jobs(make_production_service):
 def test_idempotency_key_creates_one_job(make_production_service, postgres_url):
     service = make_production_service()
     with service.client() as client:
+        weights = save_safetensors(make_mlp(9).state_dict())
+        uploads = [
+            client.post("/v1/checkpoints", files={"file": ("m.safetensors", weights)}, headers={"Idempotency-Key": "up-1"})
+            for _ in range(2)
+        ]
+        assert [u.status_code for u in uploads] == [201, 201] and uploads[0].json() == uploads[1].json()
+        assert len(client.get("/v1/checkpoints").json()["items"]) == 1
+        changed = client.post("/v1/checkpoints", files={"file": ("m.safetensors", weights + b" ")}, headers={"Idempotency-Key": "up-1"})
+        assert changed.status_code == 422 and changed.json()["type"].endswith("/idempotency-key-reused")
+
         body = small_job(client)
         first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "run-42"})
         retry = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "run-42"})

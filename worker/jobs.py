@@ -4,7 +4,6 @@ Every state change is a short transaction guarded by the job's current
 status, so a redelivered or cancelled job finishes exactly once.
 """
 
-import hashlib
 import logging
 import os
 import socket
@@ -23,7 +22,7 @@ import matching
 from api.config import Settings
 from api.logs import job_id_var
 from api.schemas import JobOut
-from storage.artifacts import ArtifactStore, open_store
+from storage.artifacts import ArtifactStore, open_store, sha256_file
 from storage.db import session_scope
 from storage.models import Artifact, Checkpoint, Dataset, Job, utcnow
 from worker.app import enqueue_callback, enqueue_job
@@ -36,14 +35,6 @@ PROGRESS_INTERVAL_S = 1.0
 def problem(kind: str, title: str, detail: str, status: int = 422) -> dict:
     """A failed job's error, in the same problem-details form as the API's errors."""
     return {"type": f"https://rebasin.dev/problems/{kind}", "title": title, "status": status, "detail": detail}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def artifact_key(job_id: str, name: str) -> str:

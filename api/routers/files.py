@@ -7,6 +7,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import exists, select
 from starlette.concurrency import run_in_threadpool
 
+from api import idempotency
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
 from api.problems import Problem, not_found
@@ -64,14 +65,29 @@ def make_router(kind_name: str, schema) -> APIRouter:
     async def upload(
         request: Request, response: Response, session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep
     ):
+        key = request.headers.get("idempotency-key")
         with staging_workdir(store, settings) as workdir:
             received, name = await receive_multipart_file(request, workdir / "upload", settings.max_upload_bytes)
-            # Validation reads the whole file and the DB session is synchronous: both off the event loop.
-            info = await run_in_threadpool(validate_file, kind, received.path, workdir)
-            row = await run_in_threadpool(
-                create_resource, session, store, tenant, kind, info, received, name or received.filename or ""
-            )
-        response.headers["Location"] = f"/v1/{path}/{row.id}"
+            if key is not None:
+                # Known only once the bytes are in: a retry re-sends the file, but never stores it twice.
+                request_sha256 = idempotency.fingerprint({"sha256": received.sha256, "name": name})
+                replay = await run_in_threadpool(idempotency.begin, session, tenant, path, key, request_sha256)
+                if replay is not None:
+                    return replay
+            try:
+                # Validation reads the whole file and the DB session is synchronous: both off the event loop.
+                info = await run_in_threadpool(validate_file, kind, received.path, workdir)
+                row = await run_in_threadpool(
+                    create_resource, session, store, tenant, kind, info, received, name or received.filename or ""
+                )
+            except BaseException:
+                if key is not None:
+                    await run_in_threadpool(idempotency.abandon, session, tenant, path, key)
+                raise
+        location = f"/v1/{path}/{row.id}"
+        if key is not None:
+            await run_in_threadpool(idempotency.complete, session, tenant, path, key, 201, schema.model_validate(row), location)
+        response.headers["Location"] = location
         return row
 
     @router.get("", response_model=Page[schema], summary=f"List {path}, newest first")
