@@ -1,10 +1,13 @@
 """RFC 9457 problem details for every error the API answers."""
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+log = logging.getLogger("rebasin.api")
 PROBLEM_BASE = "https://rebasin.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
 
@@ -53,4 +56,5 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
         return problem_response(Problem(500, "Internal error", "The server failed to handle the request.", kind="internal"), request)

@@ -68,7 +68,10 @@ def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
 
     job = Job(tenant=tenant, method=body.method, request=request, status="queued")
     job.inputs = [JobInput(resource_id=c.id, position=i, role="checkpoint") for i, c in enumerate(checkpoints)]
-    job.inputs += [JobInput(resource_id=i, position=0, role=role) for role, i in dataset_roles.items()]
+    # Positions go on after the checkpoints: one dataset may serve as both roles.
+    job.inputs += [
+        JobInput(resource_id=i, position=len(checkpoints) + n, role=role) for n, (role, i) in enumerate(dataset_roles.items())
+    ]
     job.progress = {"stage": "queued", "completed": 0, "total": 0, "message": "waiting for a worker"}
     session.add(job)
     session.commit()

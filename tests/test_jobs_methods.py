@@ -1,0 +1,108 @@
+"""Every method of the paper through the HTTP API, on models trained on digits, and the 4xx answers to bad inputs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+import matching
+from tests.data_helpers import digits, trained
+from tests.service_helpers import artifact, run_job, submit, upload, wait_for
+
+MLP = {"sizes": [64, 128, 128, 10]}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return [trained("mlp", seed=seed, epochs=10, **MLP) for seed in (0, 1, 2)]
+
+
+def digits_dataset(client) -> str:
+    x, y, eval_x, eval_y = digits()
+    return upload(client, {"inputs": x, "targets": y, "eval_inputs": eval_x, "eval_targets": eval_y}, "digits", kind="datasets")["id"]
+
+
+def test_all_methods_merge_many_and_user_spec(embedded_service, models):
+    with embedded_service.client() as client:
+        architectures = {a["name"]: a for a in client.get("/v1/architectures").json()["items"]}
+        assert {"mlp", "vgg", "resnet20", "resnet18", "resnet50"} <= architectures.keys()
+        assert "width" in architectures["resnet20"]["options"]
+
+        ids = [upload(client, state, f"m{i}")["id"] for i, state in enumerate(models)]
+        data = digits_dataset(client)
+        pair = {"checkpoints": ids[:2], "architecture": {"name": "mlp"}, "dataset": data, "eval_dataset": data}
+        jobs = {
+            method: submit(client, pair | {"method": method, "options": {"seed": 0, "lambdas": 5} | extra})
+            for method, extra in (("weight_matching", {}), ("activation_matching", {}), ("ste_matching", {"steps": 20}))
+        }
+        merge_many = submit(client, pair | {"checkpoints": ids, "options": {"lambdas": 5}})
+        for method, job in jobs.items():
+            job = wait_for(client, job["id"], timeout_s=300)
+            assert job["status"] == "succeeded", job
+            barrier = job["result"]["barrier"]
+            assert barrier["aligned"]["loss"] < barrier["naive"]["loss"], (method, barrier)
+            assert len(job["result"]["curves"]["lambdas"]) == 5
+            assert "barrier.png" in {a["name"] for a in job["artifacts"]}
+            assert artifact(client, job, "barrier.png").startswith(b"\x89PNG")
+
+        job = wait_for(client, merge_many["id"], timeout_s=300)
+        assert job["status"] == "succeeded", job
+        names = {a["name"] for a in job["artifacts"]}
+        assert {"aligned_0.safetensors", "aligned_1.safetensors", "aligned_2.safetensors", "merged.safetensors"} <= names
+
+        # A user-supplied spec: weight matching with no architecture and no evaluation.
+        spec = json.loads(artifact(client, job, "permutation.json"))
+        spec = {"axes_to_perm": spec["axes_to_perm"]}
+        job = run_job(client, {"checkpoints": ids[:2], "permutation_spec": spec})
+        assert job["status"] == "succeeded", job
+        assert "barrier" not in job["result"]
+        aligned = load_safetensors(artifact(client, job, "aligned.safetensors"))
+    model_b, model_aligned = matching.build_model("mlp", **MLP), matching.build_model("mlp", **MLP)
+    model_b.load_state_dict(models[1])
+    model_aligned.load_state_dict(aligned)
+    inputs = digits()[2]
+    with torch.no_grad():
+        assert (model_b(inputs) - model_aligned(inputs)).abs().max() <= 1e-4
+
+
+def test_bad_inputs_are_4xx_with_a_reason(embedded_service, models):
+    with embedded_service.client() as client:
+        a, b = (upload(client, state, f"m{i}")["id"] for i, state in enumerate(models[:2]))
+        wide = upload(client, trained("mlp", seed=5, epochs=1, sizes=[64, 96, 96, 10]), "wide")["id"]
+        conv = [upload(client, matching.build_model("resnet20", width=1, norm="layer").state_dict(), "resnet")["id"] for _ in (0, 1)]
+        wrong_data = upload(client, {"inputs": torch.rand(10, 32), "targets": torch.zeros(10, dtype=torch.int64)}, "d", kind="datasets")["id"]
+        nan_state = dict(models[0]) | {"layers.0.weight": torch.full_like(models[0]["layers.0.weight"], float("nan"))}
+        cases = [
+            ({"checkpoints": [a, wide], "architecture": {"name": "mlp"}}, "differ in shape"),
+            ({"checkpoints": conv, "architecture": {"name": "mlp"}}, "mlp"),
+            ({"checkpoints": [a, a], "architecture": {"name": "mlp"}}, "same checkpoint twice"),
+            ({"checkpoints": [a, b], "architecture": {"name": "resnet20"}}, "resnet20"),
+            ({"checkpoints": [a, b], "architecture": {"name": "transformer"}}, "transformer"),
+            ({"checkpoints": [a, b], "permutation_spec": {"axes_to_perm": {"nope": [None]}}}, "nope"),
+            ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "method": "activation_matching"}, "dataset"),
+            ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "method": "ste_matching"}, "dataset"),
+            ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "options": {"temperature": 1}}, "temperature"),
+            ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "permutation_spec": {"axes_to_perm": {}}}, "exactly one"),
+        ]
+        for body, reason in cases:
+            response = client.post("/v1/jobs", json=body)
+            assert response.status_code == 422, (body, response.text)
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert reason in response.text, (reason, response.text)
+
+        response = client.post("/v1/checkpoints", files={"file": ("nan.safetensors", save_safetensors(nan_state))})
+        assert response.status_code == 422 and "NaN" in response.json()["detail"]
+
+        # Dataset of the wrong shape: refused at submission, or the job fails saying why.
+        response = client.post(
+            "/v1/jobs", json={"checkpoints": [a, b], "architecture": {"name": "mlp"}, "method": "activation_matching", "dataset": wrong_data}
+        )
+        if response.status_code == 202:
+            job = wait_for(client, response.json()["id"], timeout_s=300)
+            assert job["status"] == "failed" and job["error"]["status"] == 422, job
+            assert "shape" in job["error"]["detail"] or "size" in job["error"]["detail"], job["error"]
+        else:
+            assert response.status_code == 422 and "inputs" in response.json()["detail"]
+        assert all(j["status"] != "succeeded" for j in client.get("/v1/jobs").json()["items"])
