@@ -90,9 +90,24 @@ def _model_and_spec(architecture, shapes) -> tuple[torch.nn.Module, PermutationS
 
 
 def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, architecture: dict | None = None,
-                 permutation_spec: dict | None = None, options: dict | None = None, has_dataset: bool = False) -> None:
-    """Cheap validation from checkpoint shapes only; raises MatchingError with an actionable message."""
-    _check(shapes, method, architecture, permutation_spec, options, has_dataset)
+                 permutation_spec: dict | None = None, options: dict | None = None, has_dataset: bool = False,
+                 example_shapes: list[tuple[int, ...]] = ()) -> None:
+    """Cheap validation from checkpoint shapes (and the per-example input shapes of the datasets) only;
+    raises MatchingError with an actionable message."""
+    model, _, _, arch_options = _check(shapes, method, architecture, permutation_spec, options, has_dataset)
+    for example_shape in example_shapes if model is not None else ():
+        check_example_shape(architecture["name"], arch_options, tuple(example_shape))
+
+
+def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int, ...]) -> None:
+    """Whether the model takes inputs of this per-example shape, traced on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        probe = build_model(name, **arch_options).eval()
+        try:
+            probe(torch.empty(2, *example_shape))
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, which architecture "
+                                f"{name!r} with options {arch_options} cannot take ({str(error).splitlines()[0][:200]})") from None
 
 
 def _check(shapes, method, architecture, permutation_spec, options, has_dataset):

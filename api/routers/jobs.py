@@ -45,7 +45,7 @@ def _owned(session, model, tenant: str, ids: list[str], noun: str) -> list:
 def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
     checkpoints = _owned(session, Checkpoint, tenant, body.checkpoints, "checkpoint")
     dataset_roles = {role: i for role, i in (("dataset", body.dataset), ("eval_dataset", body.eval_dataset)) if i}
-    _owned(session, Dataset, tenant, list(dataset_roles.values()), "dataset")
+    datasets = _owned(session, Dataset, tenant, list(dataset_roles.values()), "dataset")
     request = body.model_dump(mode="json", exclude_none=True)
     if body.callback_url is not None:
         if not settings.callback_secret:
@@ -62,6 +62,7 @@ def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
             permutation_spec=body.permutation_spec,
             options=request["options"],
             has_dataset=body.dataset is not None,
+            example_shapes=[tuple(d.tensors["inputs"]["shape"][1:]) for d in datasets],
         )
     except matching.MatchingError as error:
         raise Problem(422, "Inputs cannot be merged", str(error), kind="invalid-input") from None
