@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from billiard.exceptions import SoftTimeLimitExceeded
+import torch
 from safetensors.torch import load_file
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -269,6 +270,12 @@ def execute_job(job_id: str, settings: Settings) -> None:
         except matching.MatchingError as error:
             finish_job(db_url, job_id, status="failed", error=problem("invalid-input", "The inputs cannot be merged", str(error)))
             log.info("job %s: failed: %s", job_id, error)
+            return
+        except (torch.OutOfMemoryError, MemoryError):
+            _discard_artifacts(store, job_id, [path.name for path in Path(workdir, "out").glob("*")])
+            detail = (f"The job ran out of memory on {job.request.get('device', 'auto')}. Use a device with more memory, "
+                      "fewer checkpoints, or smaller evaluation data; batch_size lowers the memory of activation and STE matching.")
+            finish_job(db_url, job_id, status="failed", error=problem("out-of-memory", "Out of memory", detail, 507))
             return
         except SoftTimeLimitExceeded:
             _discard_artifacts(store, job_id, [path.name for path in Path(workdir, "out").glob("*")])

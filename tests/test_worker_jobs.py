@@ -1,0 +1,103 @@
+"""The job runner in one process, on SQLite and a local store: how failures end a job, and lost-job sweeps.
+
+The merge itself is replaced where a test is about what happens around it.
+"""
+
+from datetime import timedelta
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import matching
+from api.config import Settings
+from storage.artifacts import open_store
+from storage.db import session_scope, upgrade
+from storage.models import Checkpoint, Job, utcnow
+from worker import jobs
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    settings = Settings(data_dir=tmp_path, job_heartbeat_timeout_s=5)
+    upgrade(settings.resolved_database_url())
+    monkeypatch.setattr(jobs, "enqueue_job", lambda job_id, device: enqueued.append(job_id))
+    monkeypatch.setattr(jobs, "enqueue_callback", lambda job_id: None)
+    enqueued.clear()
+    return settings
+
+
+enqueued: list[str] = []
+
+
+def make_job(settings: Settings, tmp_path, **values) -> str:
+    store = open_store(settings.resolved_artifact_uri())
+    ids = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"m{seed}.safetensors"
+        save_file(matching.build_model("mlp", sizes=[8, 16, 4]).state_dict(), path)
+        store.put_file(f"m{seed}", path)
+        ids.append(f"ckpt_{seed}")
+    with session_scope(settings.resolved_database_url()) as session:
+        for seed, checkpoint_id in enumerate(ids):
+            session.merge(Checkpoint(id=checkpoint_id, tenant="t", name="m", sha256="0" * 64, size_bytes=1, format="safetensors",
+                                     num_tensors=4, num_parameters=1, tensors={}, object_key=f"m{seed}"))
+        job = Job(tenant="t", method="weight_matching", request={"method": "weight_matching", "checkpoints": ids, "architecture": {"name": "mlp"}}, **values)
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def final(settings: Settings, job_id: str) -> Job:
+    with session_scope(settings.resolved_database_url()) as session:
+        return session.get(Job, job_id)
+
+
+@pytest.mark.parametrize(
+    "raised, kind, status",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory"), "out-of-memory", 507),
+        (matching.MatchingError("checkpoint does not fit"), "invalid-input", 422),
+        (ZeroDivisionError("bug"), "internal", 500),
+    ],
+)
+def test_a_failure_inside_matching_fails_only_that_job(settings, tmp_path, monkeypatch, raised, kind, status):
+    job_id = make_job(settings, tmp_path)
+
+    def explode(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(matching, "merge_checkpoints", explode)
+    jobs.execute_job(job_id, settings)
+    job = final(settings, job_id)
+    assert job.status == "failed" and job.error["type"].endswith(kind) and job.error["status"] == status
+    assert job.artifacts == [] and job.finished_at is not None
+
+    monkeypatch.undo()
+    monkeypatch.setattr(jobs, "enqueue_callback", lambda job_id: None)
+    next_job = make_job(settings, tmp_path)
+    jobs.execute_job(next_job, settings)
+    assert final(settings, next_job).status == "succeeded"
+
+
+def test_running_job_of_a_dead_worker_is_requeued_once(settings, tmp_path):
+    stale = make_job(settings, tmp_path, status="running", attempts=1, claimed_by="elsewhere:1",
+                     heartbeat_at=utcnow() - timedelta(seconds=60), enqueued_at=utcnow())
+    fresh = make_job(settings, tmp_path, status="running", attempts=1, claimed_by="elsewhere:2", heartbeat_at=utcnow(), enqueued_at=utcnow())
+    never_sent = make_job(settings, tmp_path, created_at=utcnow() - timedelta(minutes=5))
+    waiting = make_job(settings, tmp_path, enqueued_at=utcnow())
+
+    assert sorted(jobs.requeue_lost_jobs(settings)) == sorted([stale, never_sent])
+    assert jobs.requeue_lost_jobs(settings) == []  # the sweep refreshed them: not queued twice
+    assert fresh not in enqueued and waiting not in enqueued
+
+    # A duplicate delivery while the holder is alive is dropped; the stale job is taken over.
+    with session_scope(settings.resolved_database_url()) as session:
+        assert jobs.claim_job(session, fresh, settings) is None
+    with session_scope(settings.resolved_database_url()) as session:
+        session.get(Job, stale).heartbeat_at = utcnow() - timedelta(seconds=60)
+        session.commit()
+    with session_scope(settings.resolved_database_url()) as session:
+        claimed = jobs.claim_job(session, stale, settings)
+        assert claimed is not None and claimed.attempts == 2 and claimed.claimed_by == jobs.this_process()
