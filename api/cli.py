@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from api.config import Settings, get_settings
@@ -73,7 +75,8 @@ def cmd_serve(args) -> None:
         # The filesystem queue forgets a message once taken: re-queue what a dead process left unfinished.
         for job_id, device in unfinished_jobs(settings.resolved_database_url()):
             enqueue_job(job_id, device)
-        worker = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", "--concurrency", "1"], env=os.environ.copy())
+        worker_command = ["worker", "--concurrency", "1", "--exit-with-parent", str(os.getpid())]
+        worker = subprocess.Popen([sys.executable, "-m", "api.cli", *worker_command], env=os.environ.copy())
     print(f"rebasin: serving on http://{args.host}:{args.port} (API docs at /docs)", flush=True)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
@@ -86,6 +89,18 @@ def cmd_serve(args) -> None:
                 worker.kill()
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Shut down (warmly: the running job is finished first) once the process that started us is gone,
+    so that a killed ``rebasin serve`` leaves no worker behind."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def cmd_worker(args) -> None:
     if args.device:
         os.environ["REBASIN_WORKER_DEVICE"] = args.device
@@ -94,6 +109,8 @@ def cmd_worker(args) -> None:
     from worker.app import configure_celery
 
     app = configure_celery(settings)
+    if args.exit_with_parent:
+        _exit_with_parent(args.exit_with_parent)
     device = settings.worker_device.split(":")[0]
     queues = args.queues or {"cpu": "default,cpu", "cuda": "default,gpu"}.get(device, "default")
     app.worker_main(
@@ -225,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--data-dir")
     worker.add_argument("--log-level", default="info")
+    worker.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
     database = commands.add_parser("db", help="database administration")

@@ -92,9 +92,9 @@ class Service:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
 
-    def stop(self) -> None:
+    def stop(self, signum: int = signal.SIGTERM) -> None:
         for process in self.processes:
-            _signal_group(process, signal.SIGTERM)
+            _signal_group(process, signum)
         for process in self.processes:
             try:
                 process.wait(timeout=20)

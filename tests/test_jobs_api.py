@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from storage.models import IdempotencyRecord, Job
-from tests.conftest import process_env, rebasin_command
+from tests.conftest import Service, process_env, rebasin_command
 from tests.service_helpers import TERMINAL, make_mlp, submit, upload, wait_for
 
 SLOW_SIZES = [64, 512, 512, 10]
@@ -355,3 +355,48 @@ def test_command_line_client_submits_waits_and_downloads(make_embedded_service, 
     wrong_key = subprocess.run(rebasin_command("wait", job_id), env=env | {"REBASIN_API_KEY": "nope"}, capture_output=True, text=True, timeout=60)
     assert wrong_key.returncode != 0 and "Unauthorized" in wrong_key.stderr
     assert httpx.get(f"{service.url}/v1/jobs").status_code == 401
+
+
+def test_embedded_server_killed_mid_job_resumes_it_on_restart(tmp_path):
+    env = {"REBASIN_DATA_DIR": str(tmp_path / "data")}
+    first = Service(env=env, log_dir=tmp_path)
+    first.start_server()
+    try:
+        with first.client() as client:
+            job = submit(client, slow_job(client))
+            wait_for(client, job["id"], until=lambda j: j["status"] == "running")
+        worker_pids = subprocess.run(["pgrep", "-P", str(first.processes[0].pid)], capture_output=True, text=True).stdout.split()
+        assert worker_pids, "the embedded worker runs as a child of the server"
+        first.stop(signal.SIGKILL)  # server and worker die at once, the job half done
+    finally:
+        first.stop()
+
+    second = Service(env=env, log_dir=tmp_path)
+    second.start_server()
+    try:
+        with second.client() as client:
+            finished = wait_for(client, job["id"], timeout_s=300)
+    finally:
+        second.stop()
+    assert finished["status"] == "succeeded", second.logs()
+    assert finished["attempts"] == 2
+
+
+def test_killed_embedded_server_leaves_no_worker_behind(embedded_service):
+    server = embedded_service.processes[0]
+    worker_pids = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
+    assert worker_pids
+    server.kill()  # the server alone: its worker is orphaned
+    server.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(map(alive, worker_pids)):
+        time.sleep(0.5)
+    assert not any(map(alive, worker_pids))
+
+
+def alive(pid: str) -> bool:
+    """Running, not merely a zombie waiting for a parent that is gone to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
