@@ -125,8 +125,9 @@ def barrier_timing(device):
     from matching.evaluate import evaluate, interpolation_curve
 
     rows = []
-    for title, name, options, shape in [("MLP 784-512-512-512-10, 10000 ex.", "mlp", CASES["mlp"][2], (10000, 784)),
-                                        ("ResNet20-LN x4, 1000 ex. 32x32", "resnet20", CASES["r20x4"][2], (1000, 3, 32, 32))]:
+    for title, name, options, shape in [("MLP 784-512-512-512-10, 2000 ex.", "mlp", CASES["mlp"][2], (2000, 784)),
+                                        ("ResNet20-LN x1, 100 ex. 32x32", "resnet20", {"width": 1, "norm": "layer"}, (100, 3, 32, 32)),
+                                        ("ResNet20-BN x1, 100 ex. 32x32, BN reset", "resnet20", {"width": 1, "norm": "batch"}, (100, 3, 32, 32))]:
         gen = torch.Generator().manual_seed(0)
         inputs, targets = torch.randn(shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)
         model_a, model_b = _models(name, options, 0).to(device), _models(name, options, 1).to(device)
@@ -138,7 +139,7 @@ def barrier_timing(device):
             evaluate(model_a, inputs, targets)
         plain = time.perf_counter() - start
         start = time.perf_counter()
-        interpolation_curve(model_a, a, b, lambdas, inputs, targets)
+        interpolation_curve(model_a, a, b, lambdas, inputs, targets, bn_inputs=inputs)
         curve = time.perf_counter() - start
         rows.append((title, curve, plain))
     return rows
@@ -150,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per implementation and case")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -168,9 +170,13 @@ def main(argv=None):
     for case in args.cases.split(","):
         title, _, _, target = CASES[case]
         for impl in args.impls.split(","):
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_matching", "--worker", impl, case,
-                                   "--runs", str(args.runs), "--device", args.device],
-                                  capture_output=True, text=True)
+            try:
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_matching", "--worker", impl, case,
+                                       "--runs", str(args.runs), "--device", args.device],
+                                      capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{title:30} {impl:13} {'>' + str(args.timeout):>9}  (timed out for {args.runs} runs)", flush=True)
+                continue
             if proc.returncode != 0:
                 reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:70]
                 print(f"{title:30} {impl:13} {'n/a':>9}  ({reason})", flush=True)
