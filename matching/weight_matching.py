@@ -141,8 +141,9 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             new = solve_lap(cost, solver)
             old_value = cost.gather(1, perms[p][:, None]).sum().item()
             new_value = cost.gather(1, new[:, None]).sum().item()
-            # the objective changes by exactly this: every term involving p is in its cost matrix
-            if new_value > old_value and not torch.equal(new, perms[p]):
+            # the objective changes by exactly this: every term involving p is in its cost matrix. Like the
+            # paper, take the solver's answer also on ties (it is optimal for this cost), but count only gains.
+            if new_value >= old_value and not torch.equal(new, perms[p]):
                 perms[p] = new
                 gain += new_value - old_value
             if tick is not None:
