@@ -4,7 +4,7 @@
 
 Implementations (same pairs of independently initialised models, same machine, each case in a fresh
 subprocess so that peak memory is its own):
-- ``ours``: matching.weight_matching (LAP solver: lapx if installed, else scipy) and ``ours-scipy``;
+- ``ours``: matching.weight_matching (LAP: scipy, lapx for n <= 128 if installed); ``ours-lapx``: lapx for all;
 - ``plain``: the paper's Algorithm 1 pseudocode written out below with torch + scipy, nothing cached;
 - ``pypi-rebasin``: the ``rebasin`` package from PyPI, if importable (``pip install --no-deps --target
   .venv/pypi-rebasin rebasin torchview graphviz``: our own project is also called ``rebasin``).
@@ -31,7 +31,7 @@ CASES = {
     "r20x16": ("ResNet20 (LayerNorm) x16", "resnet20", {"width": 16, "norm": "layer"}, 6.0),
     "r50": ("ResNet50, torchvision layout", "resnet50", {}, 20.0),
 }
-IMPLS = ["ours", "ours-scipy", "plain", "pypi-rebasin"]
+IMPLS = ["ours", "ours-lapx", "plain", "pypi-rebasin"]
 PYPI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "pypi-rebasin")
 
 
@@ -98,9 +98,9 @@ def worker(impl, case, runs, device):
         with torch.no_grad():
             expected = model_b(x)
         start = time.perf_counter()
-        if impl in ("ours", "ours-scipy"):
+        if impl in ("ours", "ours-lapx"):
             perms, info = matching.weight_matching(spec, a, b, seed=r, device=device,
-                                                   solver="scipy" if impl == "ours-scipy" else "auto")
+                                                   solver="lapx" if impl == "ours-lapx" else "auto")
             iterations.append(info["iterations"])
             aligned = apply_permutation(spec, perms, b)
         elif impl == "plain":
@@ -125,8 +125,9 @@ def barrier_timing(device):
     from matching.evaluate import evaluate, interpolation_curve
 
     rows = []
-    for title, name, options, shape in [("MLP 784-512-512-512-10, 10000 ex.", "mlp", CASES["mlp"][2], (10000, 784)),
-                                        ("ResNet20-LN x4, 1000 ex. 32x32", "resnet20", CASES["r20x4"][2], (1000, 3, 32, 32))]:
+    for title, name, options, shape in [("MLP 784-512-512-512-10, 2000 ex.", "mlp", CASES["mlp"][2], (2000, 784)),
+                                        ("ResNet20-LN x1, 100 ex. 32x32", "resnet20", {"width": 1, "norm": "layer"}, (100, 3, 32, 32)),
+                                        ("ResNet20-BN x1, 100 ex. 32x32, BN reset", "resnet20", {"width": 1, "norm": "batch"}, (100, 3, 32, 32))]:
         gen = torch.Generator().manual_seed(0)
         inputs, targets = torch.randn(shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)
         model_a, model_b = _models(name, options, 0).to(device), _models(name, options, 1).to(device)
@@ -138,7 +139,7 @@ def barrier_timing(device):
             evaluate(model_a, inputs, targets)
         plain = time.perf_counter() - start
         start = time.perf_counter()
-        interpolation_curve(model_a, a, b, lambdas, inputs, targets)
+        interpolation_curve(model_a, a, b, lambdas, inputs, targets, bn_inputs=inputs)
         curve = time.perf_counter() - start
         rows.append((title, curve, plain))
     return rows
@@ -150,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per implementation and case")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -157,20 +159,24 @@ def main(argv=None):
         return
     try:
         import lap  # noqa: F401
-        solver = "lapx"
+        solver = "scipy (lapx for n <= 128)"
     except ImportError:
-        solver = "scipy"
+        solver = "scipy (lapx not installed)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, LAP solver for 'ours': {solver}, "
           f"medians of {args.runs} runs (pairs of independently initialised models, seeds 2r and 2r+1)\n")
-    header = f"{'case':30} {'impl':13} {'median s':>9} {'target':>7} {'objective':>12} {'iters':>6} {'same fn':>8} {'peak+MB':>8}"
+    header = f"{'case':30} {'impl':13} {'median s':>9} {'target':>7} {'objective':>12} {'iters':>6} {'same fn':>8} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
     for case in args.cases.split(","):
         title, _, _, target = CASES[case]
         for impl in args.impls.split(","):
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_matching", "--worker", impl, case,
-                                   "--runs", str(args.runs), "--device", args.device],
-                                  capture_output=True, text=True)
+            try:
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_matching", "--worker", impl, case,
+                                       "--runs", str(args.runs), "--device", args.device],
+                                      capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{title:30} {impl:13} {'>' + str(args.timeout):>9}  (timed out for {args.runs} runs)", flush=True)
+                continue
             if proc.returncode != 0:
                 reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:70]
                 print(f"{title:30} {impl:13} {'n/a':>9}  ({reason})", flush=True)
@@ -179,7 +185,7 @@ def main(argv=None):
             its = statistics.median(r["iterations"]) if r["iterations"] else float("nan")
             same = "yes" if r["max_diff"] <= 1e-3 else f"NO {r['max_diff']:.1g}"
             print(f"{title:30} {impl:13} {statistics.median(r['times']):9.3f} {target:7.1f} "
-                  f"{statistics.median(r['objectives']):12.2f} {its:6.0f} {same:>8} {r['peak_extra_mb']:8.0f}", flush=True)
+                  f"{statistics.median(r['objectives']):12.2f} {its:6.0f} {same:>8} {r['peak_mb']:8.0f}", flush=True)
     print("\n25-point barrier evaluation (one interpolation curve) vs 25 plain forward passes over the same data")
     for title, curve, plain in barrier_timing(args.device):
         print(f"{title:36} curve {curve:7.2f} s   25 forwards {plain:7.2f} s   ratio {curve / plain:5.2f} (target <= 1.5)")

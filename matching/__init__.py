@@ -1,6 +1,17 @@
 """Git Re-Basin: merge checkpoints modulo permutation symmetries (Ainsworth, Hayase, Srinivasa, ICLR 2023).
 
 A library: imports nothing from api/, worker/ or storage/.
+
+merge_checkpoints(states, method=..., architecture=... | permutation_spec=..., dataset=..., eval_dataset=...):
+- 2 states: B is aligned to A; >= 3: MergeMany (Algorithm 3; activation/STE: each aligned to model 0).
+- Evaluation (barrier, curves, barrier.png) runs when there is a model and data, on the first of:
+  eval_dataset's eval split, eval_dataset's inputs, dataset's eval split, dataset's training inputs
+  (``report["evaluation"]["split"]`` says which). BN models get their statistics re-estimated ("BN reset")
+  at every lambda and in merged.safetensors, on the dataset's training inputs (else the evaluation inputs;
+  at most 2048 examples). With a bare permutation_spec there is no model: weight matching only, data ignored.
+- Barrier (Definition 2.2): max over lambda of L(lambda) - ((1 - lambda) L(0) + lambda L(1)).
+- Options: seed, max_iter, lambdas (number of points, default 25), merge_lambda (0.5), steps (STE, 200),
+  learning_rate (STE, 1e-3), batch_size (activation/STE, 256).
 """
 
 from matching.architectures import build_model, infer_options, list_architectures

@@ -40,7 +40,11 @@ def test_each_method_cuts_the_held_out_barrier(method, options, mlp_pair, data_f
     report = outcome.report
     naive, aligned = report["barrier"]["naive"]["loss"], report["barrier"]["aligned"]["loss"]
     MEASURED[method] = (naive, aligned)
-    print(f"\n{method}: held-out loss barrier naive {naive:.4f} -> aligned {aligned:.4f}")
+    mid = len(report["curves"]["lambdas"]) // 2
+    print(f"\n{method}: held-out loss barrier naive {naive:.4f} -> aligned {aligned:.4f}; midpoint loss "
+          f"{report['curves']['naive']['loss'][mid]:.4f} -> {report['curves']['aligned']['loss'][mid]:.4f} "
+          f"(endpoints {report['curves']['naive']['loss'][0]:.4f}, {report['curves']['naive']['loss'][-1]:.4f}); "
+          f"accuracy barrier {report['barrier']['naive']['accuracy']:.4f} -> {report['barrier']['aligned']['accuracy']:.4f}")
     assert report["evaluation"]["split"] == "dataset:eval"
     assert naive > 0.1  # there is a barrier to remove
     assert aligned <= naive / 3
