@@ -76,17 +76,19 @@ def cmd_serve(args) -> None:
         for job_id, device in unfinished_jobs(settings.resolved_database_url()):
             enqueue_job(job_id, device)
         worker_command = ["worker", "--concurrency", "1", "--exit-with-parent", str(os.getpid())]
-        worker = subprocess.Popen([sys.executable, "-m", "api.cli", *worker_command], env=os.environ.copy())
+        # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the worker in order
+        # (a signal straight to its pool processes can leave the pool deadlocked).
+        worker = subprocess.Popen([sys.executable, "-m", "api.cli", *worker_command], env=os.environ.copy(), start_new_session=True)
     print(f"rebasin: serving on http://{args.host}:{args.port} (API docs at /docs)", flush=True)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)
+            worker.send_signal(signal.SIGTERM)  # warm shutdown: a running job is finished first
             try:
-                worker.wait(timeout=30)
+                worker.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                worker.kill()
+                os.killpg(worker.pid, signal.SIGKILL)
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -93,11 +93,16 @@ class Service:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
+        """SIGTERM: each process shuts down in order (as under a supervisor), killed if it takes too long.
+        SIGKILL: each process and its children die at once, as in a crash."""
         for process in self.processes:
-            _signal_group(process, signum)
+            if signum == signal.SIGKILL:
+                _signal_group(process, signum)
+            elif process.poll() is None:
+                process.send_signal(signum)
         for process in self.processes:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
