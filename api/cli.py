@@ -1,6 +1,7 @@
 """The ``rebasin`` command line: serve, worker, db upgrade, merge, and a client for a running server."""
 
 import argparse
+import gc
 import ipaddress
 import json
 import os
@@ -79,9 +80,15 @@ def cmd_serve(args) -> None:
         # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the worker in order
         # (a signal straight to its pool processes can leave the pool deadlocked).
         worker = subprocess.Popen([sys.executable, "-m", "api.cli", *worker_command], env=os.environ.copy(), start_new_session=True)
+    app = create_app(settings)
+    # torch and friends leave ~10^6 long-lived objects: keeping them out of the collector's
+    # full passes removes pauses of a few hundred ms from the request latency tail.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
     print(f"rebasin: serving on http://{args.host}:{args.port} (API docs at /docs)", flush=True)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)  # warm shutdown: a running job is finished first
