@@ -175,7 +175,9 @@ env:
   emptyDir:
     sizeLimit: {{ .tmpSizeLimit }}
 - name: data
-  emptyDir: {}
+  emptyDir:
+    # Uploads are staged here (REBASIN_DATA_DIR/staging) while they are validated.
+    sizeLimit: {{ .tmpSizeLimit }}
 {{- end }}
 
 {{/* Pod-template checksum so that pods roll when the settings change. */}}
