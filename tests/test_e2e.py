@@ -110,3 +110,19 @@ def test_bad_upload_is_a_problem_and_server_keeps_serving(embedded_service, payl
         assert reason in problem["detail"]
         assert client.get("/v1/checkpoints").json()["items"] == []
         assert client.get("/healthz").status_code == 200
+
+
+def test_every_contract_endpoint_is_in_the_openapi_docs(embedded_service):
+    contract = {
+        ("post", "/v1/checkpoints"), ("get", "/v1/checkpoints"), ("get", "/v1/checkpoints/{resource_id}"),
+        ("get", "/v1/checkpoints/{resource_id}/content"), ("delete", "/v1/checkpoints/{resource_id}"),
+        ("post", "/v1/datasets"), ("get", "/v1/datasets"), ("get", "/v1/datasets/{resource_id}"),
+        ("delete", "/v1/datasets/{resource_id}"), ("post", "/v1/jobs"), ("get", "/v1/jobs"), ("get", "/v1/jobs/{job_id}"),
+        ("post", "/v1/jobs/{job_id}/cancel"), ("get", "/v1/jobs/{job_id}/artifacts/{name}"), ("get", "/v1/architectures"),
+        ("get", "/healthz"), ("get", "/readyz"),
+    }  # fmt: skip
+    with embedded_service.client() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+        assert contract <= {(method, path) for path, methods in paths.items() for method in methods}
+        assert client.get("/docs").status_code == 200
+        assert client.get("/metrics").status_code == 200
