@@ -242,9 +242,21 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
     return {"result": outcome.report, "artifacts": records}
 
 
-def _discard_artifacts(store: ArtifactStore, job_id: str, names: list[str]) -> None:
-    for name in names:
-        store.delete(artifact_key(job_id, name))
+def _ending_of(error: BaseException, job: Job, settings: Settings) -> dict:
+    """How a job that raised ends: its final status and, for a failure, a problem the user can act on."""
+    if isinstance(error, matching.Cancelled):
+        return {"status": "cancelled"}
+    if isinstance(error, matching.MatchingError):
+        return {"status": "failed", "error": problem("invalid-input", "The inputs cannot be merged", str(error))}
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        detail = (f"The job ran out of memory on {job.request.get('device', 'auto')}. Use a device with more memory, "
+                  "fewer checkpoints, or smaller evaluation data; batch_size lowers the memory of activation and STE matching.")
+        return {"status": "failed", "error": problem("out-of-memory", "Out of memory", detail, 507)}
+    if isinstance(error, SoftTimeLimitExceeded):
+        detail = f"The job ran longer than the limit of {settings.job_time_limit_s} s (REBASIN_JOB_TIME_LIMIT_S)."
+        return {"status": "failed", "error": problem("time-limit", "The job took too long", detail)}
+    detail = f"{type(error).__name__}: {error}"[:2000]
+    return {"status": "failed", "error": problem("internal", "The job failed unexpectedly", detail, 500)}
 
 
 def execute_job(job_id: str, settings: Settings) -> None:
@@ -262,30 +274,15 @@ def execute_job(job_id: str, settings: Settings) -> None:
             output = run_merge(job, store, monitor, Path(workdir), settings)
             if monitor.should_cancel(fresh=True):
                 raise matching.Cancelled()
-        except matching.Cancelled:
-            _discard_artifacts(store, job_id, [path.name for path in Path(workdir, "out").glob("*")])
-            finish_job(db_url, job_id, status="cancelled")
-            log.info("job %s: cancelled", job_id)
-            return
-        except matching.MatchingError as error:
-            finish_job(db_url, job_id, status="failed", error=problem("invalid-input", "The inputs cannot be merged", str(error)))
-            log.info("job %s: failed: %s", job_id, error)
-            return
-        except (torch.OutOfMemoryError, MemoryError):
-            _discard_artifacts(store, job_id, [path.name for path in Path(workdir, "out").glob("*")])
-            detail = (f"The job ran out of memory on {job.request.get('device', 'auto')}. Use a device with more memory, "
-                      "fewer checkpoints, or smaller evaluation data; batch_size lowers the memory of activation and STE matching.")
-            finish_job(db_url, job_id, status="failed", error=problem("out-of-memory", "Out of memory", detail, 507))
-            return
-        except SoftTimeLimitExceeded:
-            _discard_artifacts(store, job_id, [path.name for path in Path(workdir, "out").glob("*")])
-            detail = f"The job ran longer than the limit of {settings.job_time_limit_s} s (REBASIN_JOB_TIME_LIMIT_S)."
-            finish_job(db_url, job_id, status="failed", error=problem("time-limit", "The job took too long", detail))
-            return
         except Exception as error:
-            log.exception("job %s: crashed", job_id)
-            detail = f"{type(error).__name__}: {error}"[:2000]
-            finish_job(db_url, job_id, status="failed", error=problem("internal", "The job failed unexpectedly", detail, 500))
+            ending = _ending_of(error, job, settings)
+            if ending.get("error", {}).get("status") == 500:
+                log.exception("job %s: crashed", job_id)
+            # Whatever this attempt already wrote goes: a job that did not succeed has no artifacts.
+            for path in Path(workdir, "out").glob("*"):
+                store.delete(artifact_key(job_id, path.name))
+            finish_job(db_url, job_id, **ending)
+            log.info("job %s: %s", job_id, ending["status"])
             return
     progress = {"stage": "done", "completed": 1, "total": 1, "message": "finished"}
     if finish_job(db_url, job_id, status="succeeded", progress=progress, **output):
