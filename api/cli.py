@@ -14,7 +14,7 @@ from pathlib import Path
 
 from api.config import Settings, get_settings
 from api.logs import configure_logging
-from matching.cli import METHOD_NAMES
+from matching.cli import METHOD_NAMES, parse_key_values
 
 
 def _settings(args) -> Settings:
@@ -144,19 +144,6 @@ def cmd_db_upgrade(args) -> None:
     print("rebasin: database schema is up to date")
 
 
-def _key_values(pairs: list[str], what: str) -> dict:
-    values = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            sys.exit(f"rebasin: {what} must be key=value, got {pair!r}")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
-
-
 def _show_progress(bar):
     def update(job: dict) -> None:
         progress = job.get("progress") or {}
@@ -191,13 +178,13 @@ def cmd_submit(args) -> None:
         body = {
             "method": METHOD_NAMES[args.method],
             "checkpoints": [resolve(c, client.upload_checkpoint) for c in args.checkpoints],
-            "options": _key_values(args.option, "--option") | ({"seed": args.seed} if args.seed is not None else {}),
+            "options": parse_key_values(args.option, "--option") | ({"seed": args.seed} if args.seed is not None else {}),
             "device": args.device,
         }
         if args.spec:
             body["permutation_spec"] = json.loads(Path(args.spec).read_text())
         else:
-            body["architecture"] = {"name": args.arch, "options": _key_values(args.arch_option, "--arch-option")}
+            body["architecture"] = {"name": args.arch, "options": parse_key_values(args.arch_option, "--arch-option")}
         for field, value in (("dataset", args.data), ("eval_dataset", args.eval_data)):
             if value:
                 body[field] = resolve(value, client.upload_dataset)
@@ -297,11 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from api.client import RebasinError
+    from matching import MatchingError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except RebasinError as error:
+    except (RebasinError, MatchingError) as error:
         sys.exit(f"rebasin: {error}")
     except KeyboardInterrupt:
         sys.exit(130)

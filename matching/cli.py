@@ -47,6 +47,17 @@ def _option_value(text: str):
         return text
 
 
+def parse_key_values(items: list[str] | None, flag: str) -> dict:
+    """KEY=VALUE command-line options: JSON values, comma lists, or plain strings (``sizes=64,128,10``)."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MatchingError(f"{flag} {item!r}: use KEY=VALUE")
+        options[key.replace("-", "_")] = _option_value(value)
+    return options
+
+
 def add_merge_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "merge", help="align and merge checkpoints offline (the same job the service runs)",
@@ -97,13 +108,7 @@ def run_merge(args) -> int:
         states = [load_checkpoint(path) for path in args.checkpoints]
         architecture = spec = None
         if args.arch:
-            options = {}
-            for item in args.arch_option:
-                key, sep, value = item.partition("=")
-                if not sep or not key:
-                    raise MatchingError(f"--arch-option {item!r}: use KEY=VALUE")
-                options[key.replace("-", "_")] = _option_value(value)
-            architecture = {"name": args.arch, "options": options}
+            architecture = {"name": args.arch, "options": parse_key_values(args.arch_option, "--arch-option")}
         else:
             try:
                 spec = json.loads(args.spec.read_text())
