@@ -21,7 +21,8 @@ FROM ${PYTHON_IMAGE} AS builder
 
 # cpu | cu126 | cu128 | ... : the PyTorch wheel index to install torch from.
 ARG TORCH_VARIANT=cpu
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -34,7 +35,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the index that matches the variant, so that the
 # application's `torch>=...` requirement is already satisfied and never pulls
 # the multi-GB default wheel.
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /src
 COPY . /src
