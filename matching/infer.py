@@ -3,11 +3,16 @@
 Every tensor flowing through the graph carries a "channel label": the hidden
 unit permutation its channel axis is in (or FIXED: inputs, outputs and
 anything we do not understand). Layers create labels (Linear/Conv outputs),
-pass them through (norms, activations, pooling, flatten of a 1x1 map) or tie
-them (residual adds). A label that ever touches FIXED is not permuted at all:
-an unknown op costs us a permutation, never correctness. The result is then
-checked by permuting a model at random and comparing outputs; a spec that
-fails that check is an error and never used.
+pass them through (norms, activations, pooling, dropout, permutes, gates) or
+tie them (residual adds, broadcast gates). A label that ever touches FIXED is
+not permuted at all: an unknown op costs us a permutation, never correctness.
+Structure that a plain permutation cannot express is kept as such (see
+matching.spec): grouped convolutions and GroupNorm make a label block-structured
+(units move within their group, groups move together), ``torch.cat`` along the
+channel axis makes a label of segments, and flattening a ``C x H x W`` map into
+a Linear layer expands each channel into ``H * W`` inputs. The result is then
+checked by permuting a model at random and comparing outputs; a spec that fails
+that check is an error and never used.
 """
 
 from __future__ import annotations
@@ -22,227 +27,647 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from matching.errors import MatchingError
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, random_perms
 
 FIXED = "<fixed>"
 
-_PASS_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Dropout, nn.Identity,
-                 nn.Softplus, nn.Hardswish, nn.ReLU6, nn.Mish, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Dropout2d)
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.dropout,
-                   F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.relu6, F.hardswish}
-_PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "double", "half"}
-_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish, nn.Mish)
-_ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
+_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish, nn.Mish,
+                nn.Hardsigmoid, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU)
+_PASS_MODULES = _ACTIVATIONS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+                                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d)
+_ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.leaky_relu,
+                         F.elu, F.relu6, F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.hardtanh, F.selu, F.celu,
+                         torch.relu_, F.relu_}
+_PASS_FUNCTIONS = _ACTIVATION_FUNCTIONS | {
+    F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
+    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
+    torch.clamp, torch.clip, torch.abs, torch.square, torch.exp, torch.neg}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid"}
+_PASS_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
+                                       "clamp", "clamp_", "clamp_min", "clamp_max", "abs", "neg", "exp", "square",
+                                       "detach"}
+_ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+                       torch.add, torch.sub, torch.mul, torch.div}
+_ELEMENTWISE_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax}
+_REDUCTION_METHODS = {"mean", "sum", "amax"}
+
+
+def _pass_through_functions():
+    """Functions (fx leaves) that are identities in eval mode and per-sample otherwise: stochastic depth."""
+    out = set()
+    try:
+        from torchvision.ops import stochastic_depth
+        out.add(stochastic_depth)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """torch.fx symbolic trace in eval mode; a model that cannot be traced is a MatchingError naming the construct."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as exc:  # TraceError, TypeError from control flow on proxies, NotImplementedError, ...
+        raise MatchingError(untraceable_message(model, exc)) from None
+    finally:
+        model.train(was_training)
+
+
+def untraceable_message(model: nn.Module, exc: BaseException) -> str:
+    import traceback
+    where = ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if "/torch/" not in frame.filename.replace("\\", "/"):
+            where = f" at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} ({(frame.line or '').strip()[:120]})"
+            break
+    reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return (f"{type(model).__name__} cannot be traced by torch.fx{where}: {type(exc).__name__}: {reason}. "
+            "Its permutation spec cannot be inferred on the server; export it where the model code lives with "
+            "`rebasin spec --module package.module:factory --input-shape C,H,W` (or write it by hand) and submit "
+            "it as 'permutation_spec' instead of 'architecture' (weight matching only).")
 
 
 def _trace(model: nn.Module, example_input: torch.Tensor):
-    """Label every graph value; return (graph module, node -> (label, channel_dim), param axes, find, activations)."""
-    gm = torch.fx.symbolic_trace(model)
-    ShapeProp(gm).propagate(example_input)
-    parent: dict[str, str] = {FIXED: FIXED}
-    order: dict[str, int] = {FIXED: -1}
+    """Label every graph value; returns a _Labels with the graph module, node -> (label, channel_dim), param axes."""
+    gm = trace(model)
+    try:
+        ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        raise MatchingError(f"the example input of shape {list(example_input.shape)} does not run through "
+                            f"{type(model).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
+    labels = _Labels(gm)
+    for node in gm.graph.nodes:
+        labels.visit(node)
+    return labels
 
-    def find(x):
+
+class _Labels:
+    """Union-find over channel labels, with the structure of each (groups, segments, expansion)."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.parent: dict[str, str] = {FIXED: FIXED}
+        self.order: dict[str, int] = {FIXED: -1}
+        self.groups: dict[str, tuple[int, str]] = {}  # root label -> (number of groups, group-permutation label)
+        self.derived: dict[str, tuple] = {}  # label -> ("segments", [(label, size)]) | ("expand", label, per_unit)
+        self.info: dict[str, tuple[str, int]] = {}  # node name -> (label, channel axis)
+        self.params: dict[str, tuple[str, list[int | None]]] = {}  # node -> (state key, node dim -> param dim)
+        self.param_axes: dict[str, list[str | None]] = {}
+        self.activation_nodes: list[str] = []
+        self.state_keys = set(gm.state_dict().keys())
+        self.pass_functions = _PASS_FUNCTIONS | _pass_through_functions()
+
+    # --- union-find -------------------------------------------------------------------------------------
+    def find(self, x):
+        parent = self.parent
         while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
-    def union(a, b):
-        ra, rb = find(a), find(b)
-        if ra != rb:  # the oldest label (or FIXED) names the group
-            if order[ra] > order[rb]:
-                ra, rb = rb, ra
-            parent[rb] = ra
-        return ra
-
-    def new_label(name):
-        name = "P_" + name
-        while name in parent:
+    def new_label(self, name, prefix="P_"):
+        name = prefix + name
+        while name in self.parent:
             name += "'"
-        parent[name] = name
-        order[name] = len(order)
+        self.parent[name] = name
+        self.order[name] = len(self.order)
         return name
 
-    info: dict[str, tuple[str, int]] = {}  # node name -> (label, channel axis)
-    param_axes: dict[str, list[str | None]] = {}
-    activation_nodes: list[str] = []  # nodes that are outputs of nonlinearities (activation-matching points)
+    def fix(self, label):
+        root = self.find(label)
+        if root == FIXED:
+            return FIXED
+        self.parent[root] = FIXED
+        if root in self.derived:
+            kind = self.derived[root]
+            for part in ([lab for lab, _ in kind[1]] if kind[0] == "segments" else [kind[1]]):
+                self.fix(part)
+        return FIXED
 
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if FIXED in (ra, rb) or ra in self.derived or rb in self.derived:
+            self.fix(ra)
+            return self.fix(rb)
+        if self.order[ra] > self.order[rb]:  # the oldest label names the group
+            ra, rb = rb, ra
+        ga, gb = self.groups.pop(ra, None), self.groups.pop(rb, None)
+        self.parent[rb] = ra
+        if ga and gb:
+            if ga[0] != gb[0]:
+                return self.fix(ra)
+            self.union(ga[1], gb[1])
+        if ga or gb:
+            self.groups[ra] = ga or gb
+        return ra
+
+    def set_groups(self, label, groups, group_label=None):
+        """Units of ``label`` move only within ``groups`` contiguous groups; whole groups move by ``group_label``."""
+        root = self.find(label)
+        if root == FIXED or groups == 1:
+            return root
+        if root in self.derived:
+            return self.fix(root)
+        if root in self.groups:
+            if self.groups[root][0] != groups:
+                return self.fix(root)
+            if group_label is not None:
+                self.union(self.groups[root][1], group_label)
+        else:
+            self.groups[root] = (groups, group_label or self.new_label(root, "S_"))
+        return self.find(root)
+
+    def new_derived(self, name, structure):
+        label = self.new_label(name)
+        self.derived[label] = structure
+        return label
+
+    # --- helpers ----------------------------------------------------------------------------------------
+    @staticmethod
     def shape(node):
         meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
-    def tensor_args(node):
+    def tensor_args(self, node):
         out = []
-        torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) if n.name in info else None)
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) if n.name in self.info else None)
         return out
 
-    def fix_all(node):
-        for n in tensor_args(node):
-            union(info[n.name][0], FIXED)
+    def fix_node(self, node):
+        if node.name in self.params:
+            self.set_axes(self.params[node.name][0], [FIXED] * len(self.param_shape(self.params[node.name][0])))
+        self.fix(self.info[node.name][0])
 
-    def set_axes(key, labels):
-        if key in param_axes:  # a module used twice: tie what it sees
-            labels = [union(a, b) if a and b else (a or b) for a, b in zip(param_axes[key], labels)]
-        param_axes[key] = list(labels)
+    def fix_all(self, node):
+        for n in self.tensor_args(node):
+            self.fix_node(n)
 
-    def channel_in(node, axis):
+    def set_axes(self, key, labels):
+        if key in self.param_axes:  # a tensor used twice: tie what it sees
+            labels = [self.union(a, b) if a and b else (a or b) for a, b in zip(self.param_axes[key], labels)]
+        self.param_axes[key] = list(labels)
+
+    def channel_in(self, node, axis):
         """Label of ``node``'s channel if it sits on ``axis`` (normalised), else FIXED."""
-        label, cdim = info[node.name]
-        ndim = len(shape(node))
-        if cdim == axis % ndim:
+        label, cdim = self.info[node.name]
+        if cdim == axis % len(self.shape(node)):
             return label
-        union(label, FIXED)
-        return FIXED
+        return self.fix(label)
 
-    def reshaped(node, x, out_shape):
-        """Channel survives a reshape iff it stays its own axis with the same leading elements."""
-        label, cdim = info[x.name]
-        in_shape = shape(x)
+    def param_key(self, arg):
+        """State key of a tensor read straight from the module (get_attr), else None."""
+        if isinstance(arg, torch.fx.Node) and arg.name in self.params:
+            key, dims = self.params[arg.name]
+            if dims == list(range(len(dims))):
+                return key
+        return None
+
+    def reshaped(self, x, out_shape):
+        """A reshape keeps the channel if it stays its own axis with the same leading elements, or becomes the
+        outermost factor of a merged axis (a C x H x W map flattened: each channel spans H*W entries)."""
+        label, cdim = self.info[x.name]
+        in_shape = self.shape(x)
         lead = math.prod(in_shape[:cdim])
         for i in range(len(out_shape)):
-            if math.prod(out_shape[:i]) == lead and out_shape[i] == in_shape[cdim]:
-                return label, i
-        union(label, FIXED)
-        return FIXED, 0
+            if math.prod(out_shape[:i]) != lead:
+                continue
+            for j in range(cdim + 1, len(in_shape) + 1):
+                if math.prod(in_shape[cdim:j]) == out_shape[i]:
+                    per_unit = math.prod(in_shape[cdim + 1:j])
+                    if per_unit == 1:
+                        return label, i
+                    if self.find(label) == FIXED:
+                        return FIXED, 0
+                    return self.new_derived(f"flat_{x.name}", ("expand", label, per_unit)), i
+        return self.fix(label), 0
 
-    for node in gm.graph.nodes:
-        out_shape = shape(node)
-        if node.op == "placeholder" or node.op == "get_attr":
+    def param_reshaped(self, node, x, out_shape):
+        """A parameter viewed with singleton axes added or removed keeps track of its own axes."""
+        key, dims = self.params[x.name]
+        in_shape = self.shape(x)
+        if [s for s in in_shape if s != 1] != [s for s in out_shape if s != 1]:
+            return False
+        real = iter([d for d, s in zip(dims, in_shape) if s != 1])
+        self.params[node.name] = (key, [next(real) if s != 1 else None for s in out_shape])
+        return True
+
+    # --- ops ----------------------------------------------------------------------------------------------
+    def linear(self, key_w, key_b, x, out_shape):
+        out = self.new_label(key_w.rsplit(".", 1)[0])
+        self.set_axes(key_w, [out, self.channel_in(x, -1)])
+        if key_b is not None:
+            self.set_axes(key_b, [out])
+        return out, len(out_shape) - 1
+
+    def conv(self, key_w, key_b, x, groups, weight_shape):
+        out_channels, in_per_group = weight_shape[0], weight_shape[1]
+        in_channels = in_per_group * groups
+        inp = self.channel_in(x, 1)
+        spatial = [None] * (len(weight_shape) - 2)
+        name = key_w.rsplit(".", 1)[0]
+        if groups == 1:
+            out = self.new_label(name)
+            axes = [out, inp]
+        elif groups == in_channels and out_channels == in_channels:  # depthwise: output channel i reads input i
+            out, axes = inp, [inp, None]
+        elif groups == in_channels:  # depthwise with a multiplier: channel i feeds outputs i*m .. i*m+m-1
+            out = self.new_derived(name, ("expand", inp, out_channels // in_channels)) if self.find(inp) != FIXED else FIXED
+            axes = [out, None]
+        else:  # grouped: channels move within their group, groups move together on both sides
+            if self.find(inp) in self.derived:
+                self.fix(inp)
+            inp = self.set_groups(inp, groups)
+            out = self.new_label(name)
+            if self.find(inp) == FIXED:  # the groups of the input cannot move: neither can the output's
+                self.set_groups(out, groups, FIXED)
+            else:
+                self.set_groups(out, groups, self.groups[self.find(inp)][1])
+            axes = [out, inp]
+        self.set_axes(key_w, axes + spatial)
+        if key_b is not None:
+            self.set_axes(key_b, [out])
+        return out, 1
+
+    def norm_params(self, label, keys):
+        for key in keys:
+            if key is not None:
+                self.set_axes(key, [label])
+
+    def broadcast(self, node, out_shape):
+        """Elementwise ops with broadcasting (residual adds, gates x * s[:, :, None, None], layer scale)."""
+        args = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if any(a.name not in self.info for a in args):
+            return None
+        nd = len(out_shape)
+        aligned = lambda a, d: d + nd - len(self.shape(a))
+        labelled = [a for a in args if a.name not in self.params and self.find(self.info[a.name][0]) != FIXED]
+        cdim = None
+        for a in labelled:
+            label, d = self.info[a.name]
+            if self.shape(a)[d] == out_shape[aligned(a, d)] and out_shape[aligned(a, d)] > 1:
+                cdim = aligned(a, d)
+                break
+        if cdim is None:
+            for a in args:
+                self.fix_node(a)
+            return FIXED, 0
+        label = None
+        params = []
+        for a in args:
+            shape = self.shape(a)
+            local = cdim - (nd - len(shape))
+            full = 0 <= local < len(shape) and shape[local] == out_shape[cdim]
+            if a.name in self.params:
+                params.append((a, local if full else None))
+                continue
+            own, d = self.info[a.name]
+            if full and aligned(a, d) == cdim:
+                label = own if label is None else self.union(label, own)
+            elif full or (self.find(own) != FIXED and shape[d] > 1):
+                # the output's channel axis is not this tensor's channel axis: nothing may move
+                self.fix(own)
+                label = FIXED if label is None else self.union(label, FIXED)
+        for a, local in params:  # per-channel parameters (layer scale) move with the channel
+            key, dims = self.params[a.name]
+            axes = [None] * len(self.param_shape(key))
+            if local is not None and dims[local] is not None:
+                axes[dims[local]] = label
+            self.set_axes(key, axes)
+        return self.find(label), cdim
+
+    def param_shape(self, key):
+        return tuple(self.gm.get_parameter(key).shape) if key in dict(self.gm.named_parameters()) else \
+            tuple(self.gm.get_buffer(key).shape)
+
+    def visit(self, node):
+        out_shape = self.shape(node)
+        if node.op == "placeholder":
             if out_shape is not None:
-                info[node.name] = (FIXED, 0)
-            continue
+                self.info[node.name] = (FIXED, 0)
+            return
+        if node.op == "get_attr":
+            if out_shape is not None:
+                self.info[node.name] = (FIXED, 0)
+                if node.target in self.state_keys:
+                    self.params[node.name] = (node.target, list(range(len(out_shape))))
+            return
         if node.op == "output":
-            fix_all(node)
-            continue
+            self.fix_all(node)
+            return
         if out_shape is None:  # sizes, ints, tuples: not tensors
-            fix_all(node)
-            continue
-        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in info else None
-        result = None
-        if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            key = node.target
-            if isinstance(m, nn.Linear) and x is not None:
-                inp = channel_in(x, -1)
-                out = new_label(key)
-                set_axes(f"{key}.weight", [out, inp])
-                if m.bias is not None:
-                    set_axes(f"{key}.bias", [out])
-                result = (out, len(out_shape) - 1)
-            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and x is not None:
-                inp = channel_in(x, 1)
-                spatial = [None] * (m.weight.dim() - 2)
-                if m.groups == 1:
-                    out = new_label(key)
-                    set_axes(f"{key}.weight", [out, inp, *spatial])
-                elif m.groups == m.in_channels == m.out_channels:  # depthwise: output channel i reads input i
-                    out = inp
-                    set_axes(f"{key}.weight", [out, None, *spatial])
-                else:  # grouped: a channel may only move within its group; leave both sides unpermuted
-                    union(inp, FIXED)
-                    out = FIXED
-                    set_axes(f"{key}.weight", [None, None, *spatial])
-                if m.bias is not None:
-                    set_axes(f"{key}.bias", [out])
-                result = (out, 1)
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and x is not None:
-                label = channel_in(x, 1)
-                for name in ("weight", "bias", "running_mean", "running_var"):
-                    if getattr(m, name, None) is not None:
-                        set_axes(f"{key}.{name}", [label])
-                result = (label, 1)
-            elif isinstance(m, nn.LayerNorm) and x is not None:
-                label, cdim = info[x.name]
-                first = len(out_shape) - len(m.normalized_shape)
-                axes = [None] * len(m.normalized_shape)
-                if cdim >= first:  # stats over a set of axes containing the channel: permutation invariant
-                    axes[cdim - first] = label
-                if m.elementwise_affine:
-                    set_axes(f"{key}.weight", axes)
-                    if m.bias is not None:
-                        set_axes(f"{key}.bias", axes)
-                result = (label, cdim)
-            elif isinstance(m, nn.GroupNorm) and x is not None:
-                label = channel_in(x, 1)
-                if m.num_groups not in (1, m.num_channels):  # channels may not leave their group: refuse
-                    union(label, FIXED)
-                if m.affine:
-                    set_axes(f"{key}.weight", [label])
-                    set_axes(f"{key}.bias", [label])
-                result = (label, 1)
-            elif isinstance(m, _PASS_MODULES) and x is not None:
-                result = info[x.name]
-                if isinstance(m, _ACTIVATIONS):
-                    activation_nodes.append(node.name)
-            elif isinstance(m, nn.Flatten) and x is not None:
-                result = reshaped(node, x, out_shape)
-        elif node.op == "call_function":
-            if node.target in _PASS_FUNCTIONS and x is not None:
-                result = info[x.name]
-                if node.target not in (F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-                    activation_nodes.append(node.name)
-            elif node.target in _ELEMENTWISE_BINARY:
-                tensors = tensor_args(node)
-                if all(shape(t) == out_shape for t in tensors) and len({info[t.name][1] for t in tensors}) == 1:
-                    label = info[tensors[0].name][0]
-                    for t in tensors[1:]:  # a residual add ties the permutations of both branches
-                        label = union(label, info[t.name][0])
-                    result = (find(label), info[tensors[0].name][1])
-            elif node.target in (torch.flatten, torch.reshape) and x is not None:
-                result = reshaped(node, x, out_shape)
-        elif node.op == "call_method":
-            if node.target in _PASS_METHODS and x is not None:
-                result = info[x.name]
-                if node.target in ("relu", "sigmoid", "tanh"):
-                    activation_nodes.append(node.name)
-            elif node.target in ("view", "reshape", "flatten", "squeeze", "unsqueeze") and x is not None:
-                result = reshaped(node, x, out_shape)
-            elif node.target in _ELEMENTWISE_BINARY_METHODS:
-                tensors = tensor_args(node)
-                if all(shape(t) == out_shape for t in tensors) and len({info[t.name][1] for t in tensors}) == 1:
-                    label = info[tensors[0].name][0]
-                    for t in tensors[1:]:
-                        label = union(label, info[t.name][0])
-                    result = (find(label), info[tensors[0].name][1])
+            self.fix_all(node)
+            return
+        result = self.rule(node, out_shape)
         if result is None:  # not understood: nothing it touches may be permuted
-            fix_all(node)
+            self.fix_all(node)
             result = (FIXED, 0)
-        info[node.name] = result
-    return gm, info, param_axes, find, activation_nodes
+        self.info[node.name] = result
+
+    def rule(self, node, out_shape):
+        args = node.args
+        x = args[0] if args and isinstance(args[0], torch.fx.Node) and args[0].name in self.info else None
+        kw = node.kwargs
+        if x is not None and x.name in self.params and not (node.op == "call_function" and node.target in _ELEMENTWISE_BINARY) \
+                and not (node.op == "call_method" and node.target in _ELEMENTWISE_BINARY_METHODS):
+            if node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten") or \
+                    node.op == "call_function" and node.target in (torch.reshape, torch.unsqueeze, torch.squeeze, operator.getitem):
+                if self.param_reshaped(node, x, out_shape):
+                    return FIXED, 0
+            elif node.op == "call_method" and node.target in _PASS_METHODS:
+                self.params[node.name] = self.params[x.name]
+                return FIXED, 0
+            return None
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            key = node.target
+            if x is None:
+                return None
+            if isinstance(m, nn.Linear):
+                return self.linear(f"{key}.weight", f"{key}.bias" if m.bias is not None else None, x, out_shape)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                return self.conv(f"{key}.weight", f"{key}.bias" if m.bias is not None else None, x, m.groups,
+                                 tuple(m.weight.shape))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                label = self.channel_in(x, 1)
+                self.norm_params(label, [f"{key}.{n}" for n in ("weight", "bias", "running_mean", "running_var")
+                                         if getattr(m, n, None) is not None])
+                return label, 1
+            if isinstance(m, nn.LayerNorm):
+                return self.layer_norm(x, out_shape, len(m.normalized_shape),
+                                       [f"{key}.weight" if m.weight is not None else None,
+                                        f"{key}.bias" if m.bias is not None else None])
+            if isinstance(m, nn.GroupNorm):
+                label = self.set_groups(self.channel_in(x, 1), m.num_groups) if m.num_groups != m.num_channels \
+                    else self.channel_in(x, 1)
+                if m.affine:
+                    self.norm_params(label, [f"{key}.weight", f"{key}.bias"])
+                return self.find(label), 1
+            if isinstance(m, _PASS_MODULES):
+                if isinstance(m, _ACTIVATIONS):
+                    self.activation_nodes.append(node.name)
+                return self.info[x.name]
+            if isinstance(m, nn.Flatten):
+                return self.reshaped(x, out_shape)
+            return None
+        if node.op == "call_function":
+            target = node.target
+            if target in self.pass_functions and x is not None:
+                if target in _ACTIVATION_FUNCTIONS:
+                    self.activation_nodes.append(node.name)
+                return self.info[x.name]
+            if target in _ELEMENTWISE_BINARY:
+                return self.broadcast(node, out_shape)
+            if target in (torch.flatten, torch.reshape) and x is not None:
+                return self.reshaped(x, out_shape)
+            if target in (torch.permute, torch.transpose) and x is not None:
+                return self.permuted(x, target.__name__, args[1:], kw)
+            if target in (torch.cat, torch.concat, torch.concatenate):
+                return self.concat(node, args[0], args[1] if len(args) > 1 else kw.get("dim", 0), out_shape)
+            if target in _REDUCTIONS and x is not None:
+                return self.reduced(x, args[1:], kw, out_shape)
+            if target is operator.getitem and x is not None:
+                return self.indexed(x, args[1], out_shape)
+            if target is F.layer_norm and x is not None:
+                return self.layer_norm(x, out_shape, len(args[1] if len(args) > 1 else kw["normalized_shape"]),
+                                       [self._arg(node, 2, "weight"), self._arg(node, 3, "bias")])
+            if target is F.batch_norm and x is not None:
+                label = self.channel_in(x, 1)
+                keys = [self._arg(node, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+                if any(k is False for k in keys):
+                    return None
+                self.norm_params(label, keys)
+                return label, 1
+            if target is F.group_norm and x is not None:
+                groups = args[1] if len(args) > 1 else kw["num_groups"]
+                keys = [self._arg(node, 2, "weight"), self._arg(node, 3, "bias")]
+                if any(k is False for k in keys):
+                    return None
+                label = self.channel_in(x, 1)
+                if groups != self.shape(x)[1]:
+                    label = self.set_groups(label, groups)
+                self.norm_params(label, keys)
+                return self.find(label), 1
+            if target is F.linear and x is not None:
+                w, b = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
+                if not w or b is False:
+                    return None
+                return self.linear(w, b, x, out_shape)
+            if target in (F.conv1d, F.conv2d, F.conv3d) and x is not None:
+                w, b = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
+                groups = args[6] if len(args) > 6 else kw.get("groups", 1)
+                if not w or b is False or not isinstance(groups, int):
+                    return None
+                return self.conv(w, b, x, groups, self.param_shape(w))
+            if target is F.pad and x is not None:
+                pad = args[1] if len(args) > 1 else kw["pad"]
+                label, cdim = self.info[x.name]
+                if cdim >= len(out_shape) - len(pad) // 2:
+                    return None
+                return label, cdim
+            return None
+        if node.op == "call_method":
+            target = node.target
+            if x is None:
+                return None
+            if target in _PASS_METHODS:
+                if target in _ACTIVATION_METHODS:
+                    self.activation_nodes.append(node.name)
+                return self.info[x.name]
+            if target in ("view", "reshape", "flatten", "squeeze", "unsqueeze"):
+                return self.reshaped(x, out_shape)
+            if target in _ELEMENTWISE_BINARY_METHODS:
+                return self.broadcast(node, out_shape)
+            if target in ("permute", "transpose"):
+                return self.permuted(x, target, args[1:], kw)
+            if target in _REDUCTION_METHODS:
+                return self.reduced(x, args[1:], kw, out_shape)
+        return None
+
+    def _arg(self, node, index, name):
+        """State key of an argument read from the module; None if absent; False if something else."""
+        value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+        if value is None:
+            return None
+        return self.param_key(value) or False
+
+    def layer_norm(self, x, out_shape, normalized_dims, keys):
+        label, cdim = self.info[x.name]
+        first = len(out_shape) - normalized_dims
+        for key in keys:
+            if key is None:
+                continue
+            axes = [None] * normalized_dims
+            if cdim >= first:  # statistics over a set of axes that holds the channel: permutation invariant
+                axes[cdim - first] = label
+            self.set_axes(key, axes)
+        return self.find(label), cdim
+
+    def permuted(self, x, kind, rest, kw):
+        label, cdim = self.info[x.name]
+        nd = len(self.shape(x))
+        if kind == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else (list(rest) or kw.get("dims"))
+            if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+                return None
+            return label, [d % nd for d in dims].index(cdim)
+        d0, d1 = (list(rest) + [kw.get("dim0"), kw.get("dim1")])[:2] if len(rest) >= 2 else (kw.get("dim0"), kw.get("dim1"))
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return None
+        d0, d1 = d0 % nd, d1 % nd
+        return label, d1 if cdim == d0 else d0 if cdim == d1 else cdim
+
+    def reduced(self, x, rest, kw, out_shape):
+        label, cdim = self.info[x.name]
+        nd = len(self.shape(x))
+        dims = rest[0] if rest else kw.get("dim")
+        keepdim = rest[1] if len(rest) > 1 else kw.get("keepdim", False)
+        if dims is None or not isinstance(keepdim, bool):
+            return None
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        dims = [d % nd for d in dims]
+        if cdim in dims:
+            return None
+        return label, cdim if keepdim else cdim - sum(d < cdim for d in dims)
+
+    def indexed(self, x, index, out_shape):
+        """x[:, :, None, None] and other indexing that leaves the channel axis whole."""
+        label, cdim = self.info[x.name]
+        nd = len(self.shape(x))
+        index = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.fx.Node) for i in index):
+            return None
+        if index.count(Ellipsis) > 1:
+            return None
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            real = sum(i is not None for i in index if i is not Ellipsis)
+            index = index[:at] + (slice(None),) * (nd - real) + index[at + 1:]
+        index = index + (slice(None),) * (nd - sum(i is not None for i in index))
+        in_dim = out_dim = 0
+        new_cdim = None
+        for i in index:
+            if i is None:
+                out_dim += 1
+                continue
+            if in_dim == cdim:
+                if i != slice(None):
+                    return None
+                new_cdim = out_dim
+            if isinstance(i, int):
+                in_dim += 1
+                continue
+            if not isinstance(i, slice):
+                return None
+            in_dim += 1
+            out_dim += 1
+        return (label, new_cdim) if new_cdim is not None else None
+
+    def concat(self, node, tensors, dim, out_shape):
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) and t.name in self.info
+                                                            for t in tensors) or not isinstance(dim, int):
+            return None
+        if any(t.name in self.params for t in tensors):
+            return None
+        dim = dim % len(out_shape)
+        cdims = {self.info[t.name][1] for t in tensors}
+        if len(cdims) != 1:
+            return None
+        cdim = cdims.pop()
+        if cdim != dim:  # joined along another axis (e.g. a token axis): one channel permutation for all
+            label = self.info[tensors[0].name][0]
+            for t in tensors[1:]:
+                label = self.union(label, self.info[t.name][0])
+            return self.find(label), cdim
+        segments = [(self.info[t.name][0], self.shape(t)[dim]) for t in tensors]
+        return self.new_derived(f"cat_{node.name}", ("segments", segments)), dim
 
 
-_ELEMENTWISE_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
+def _resolve_spec(labels: _Labels, state: dict) -> PermutationSpec:
+    """Named permutations and their structure from the labels that were not fixed."""
+    perms: dict[str, dict] = {}
+
+    def name(label):
+        root = labels.find(label)
+        if root == FIXED:
+            return None
+        if root in labels.derived and root not in perms:
+            kind = labels.derived[root]
+            if kind[0] == "segments":
+                segments = [[name(lab), size] for lab, size in kind[1]]
+                if all(s is None for s, _ in segments):
+                    return None
+                perms[root] = {"segments": segments}
+            else:
+                inner = name(kind[1])
+                if inner is None:
+                    return None
+                perms[root] = {"expand": inner, "per_unit": kind[2]}
+        elif root in labels.groups and root not in perms:
+            groups, group_label = labels.groups[root]
+            group_root = labels.find(group_label)
+            perms[root] = {"groups": groups, "group_perm": None if group_root == FIXED else group_root}
+        return root
+
+    axes_to_perm = {}
+    for key, tensor in state.items():
+        axes = labels.param_axes.get(key, [None] * tensor.dim())
+        axes_to_perm[key] = tuple(None if lab is None else name(lab) for lab in axes)
+    reachable, todo = set(), [p for axes in axes_to_perm.values() for p in axes if p]
+    while todo:
+        p = todo.pop()
+        if p not in reachable:
+            reachable.add(p)
+            entry = perms.get(p, {})
+            todo += [s for s, _ in entry.get("segments", []) if s] + ([entry["expand"]] if "expand" in entry else [])
+    return PermutationSpec(axes_to_perm, {p: v for p, v in perms.items() if p in reachable})
 
 
 def infer_spec(model: nn.Module, example_input: torch.Tensor, verify: bool = True) -> PermutationSpec:
     """Infer the permutation spec of ``model`` (a trusted module) and, by default, verify it."""
-    gm, info, param_axes, find, _ = _trace(model, example_input)
-    axes_to_perm = {}
-    for key, tensor in model.state_dict().items():
-        labels = param_axes.get(key, [None] * tensor.dim())
-        axes_to_perm[key] = tuple(None if lab is None or find(lab) == FIXED else find(lab) for lab in labels)
-    spec = PermutationSpec(axes_to_perm)
+    labels = _trace(model, example_input)
+    spec = _resolve_spec(labels, model.state_dict())
     if verify:
         verify_spec(model, spec, example_input)
     return spec
 
 
-def activation_points(model: nn.Module, example_input: torch.Tensor, spec: PermutationSpec) -> dict[str, list[str]]:
-    """For each permutation of ``spec``: graph nodes whose channel axis it permutes, post-nonlinearity ones
-    preferred (the paper matches post-activation units). Returns {perm: [node names]} on the traced graph."""
-    gm, info, _, find, activation_nodes = _trace(model, example_input)
-    points: dict[str, list[str]] = {p: [] for p in spec.perm_to_axes}
-    post: dict[str, list[str]] = {p: [] for p in spec.perm_to_axes}
-    for name, (label, _) in info.items():
-        perm = find(label)
-        if perm in points:
-            points[perm].append(name)
-            if name in activation_nodes:
-                post[perm].append(name)
-    return {p: post[p] or points[p] for p in points}, info, gm
+def activation_points(model: nn.Module, example_input: torch.Tensor, spec: PermutationSpec):
+    """For each free permutation of ``spec``: graph nodes whose channel axis it permutes, as (node, channel axis,
+    offset, size) with the slice of the channel axis it holds (a segment of a concatenation), post-nonlinearity
+    nodes preferred (the paper matches post-activation units). Returns ({perm: [...]}, graph module)."""
+    labels = _trace(model, example_input)
+    free = set(spec.free_perms)
+    points: dict[str, list] = {p: [] for p in free}
+    post: dict[str, list] = {p: [] for p in free}
+    activations = set(labels.activation_nodes)
+
+    def add(name, label, cdim, offset, size):
+        root = labels.find(label)
+        if root in free:
+            points[root].append((name, cdim, offset, size))
+            if name in activations:
+                post[root].append((name, cdim, offset, size))
+        elif root in labels.derived and labels.derived[root][0] == "segments":
+            for lab, n in labels.derived[root][1]:
+                add(name, lab, cdim, offset, n)
+                offset += n
+
+    for node in labels.gm.graph.nodes:
+        if node.name in labels.info and node.name not in labels.params:
+            label, cdim = labels.info[node.name]
+            shape = labels.shape(node)
+            add(node.name, label, cdim, 0, shape[cdim] if shape else 0)
+    return {p: post[p] or points[p] for p in points}, labels.gm
 
 
 def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Tensor, seed: int = 0) -> None:
@@ -259,10 +684,12 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Te
     reference.load_state_dict(state)
     sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state.items()})
     permuted = copy.deepcopy(reference)
-    permuted.load_state_dict(apply_permutation(spec, random_perms(sizes, gen), state))
+    permuted.load_state_dict(apply_permutation(spec, random_perms(sizes, gen, spec), state))
     x = example_input.double()
     with torch.no_grad():
         expected, got = reference(x), permuted(x)
+    if isinstance(expected, (tuple, list)):  # e.g. GoogLeNet/Inception with auxiliary outputs
+        expected, got = expected[0], got[0]
     err = (expected - got).abs().max().item()
     if not err <= 1e-8 * (1 + expected.abs().max().item()):
         raise RuntimeError(f"inferred permutation spec is not function-preserving (max abs diff {err:.3g}); not used")

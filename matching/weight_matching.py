@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from matching.spec import PermutationSpec, identity_perms, perm_sizes
+from matching.spec import PermutationSpec, identity_perms, matching_view, perm_sizes
 
 try:  # optional, not a dependency: lapx (Jonker-Volgenant) wins only on small matrices here
     import lap as _lapx
@@ -33,6 +33,98 @@ def solve_lap(cost: torch.Tensor, solver: str = "auto") -> torch.Tensor:
     return torch.as_tensor(np.asarray(cols, dtype=np.int64), device=cost.device)
 
 
+def solve_blocks(cost: torch.Tensor, groups: int, group_perm: torch.Tensor, solver: str = "auto") -> torch.Tensor:
+    """argmax of sum_i cost[i, perm[i]] over block-structured permutations whose group j takes group
+    group_perm[j]: independent LAPs, one per block (exact; the blocks do not interact)."""
+    n = len(cost)
+    k = n // groups
+    if k == 1:
+        return group_perm.to(cost.device).clone()
+    out = torch.empty(n, dtype=torch.long, device=cost.device)
+    for j, l in enumerate(group_perm.tolist()):
+        out[j * k:(j + 1) * k] = l * k + solve_lap(cost[j * k:(j + 1) * k, l * k:(l + 1) * k], solver)
+    return out
+
+
+def group_step(spec: PermutationSpec, perms: dict, group_perm: str, a: dict, b: dict, solver: str = "auto"):
+    """One coordinate step for a group permutation S and the block-structured permutations that share it.
+
+    Two candidates, the better one (by the exact change of the objective) is taken:
+    - groups move with the units inside them: every P sharing S is P[j*k + i] = T[S[j]*k + i] with T (the
+      within-group parts, attached to the old groups) fixed; the objective is sum_j D[j, S[j]] with
+      D[j, l] = <A_j, B~_l> (B~: B with T and every other permutation applied), so S is one LAP of size G;
+    - S and the within-group parts at once, from each member's cost matrix without the terms that couple two
+      members (the grouped weight between them): D[j, l] = sum over members of the LAP value of block (j, l),
+      S = LAP(D), then one LAP per block. Exact when the members do not interact; a candidate otherwise.
+    Returns (gain, S, {perm: new index}), or None when no candidate improves."""
+    members = [p for p, e in spec.perms.items() if e.get("group_perm") == group_perm and p in perms]
+    sigma = perms[group_perm]
+    groups = len(sigma)
+    keys = [k for k, axes in spec.axes_to_perm.items() if any(p in members for p in axes)]
+
+    def family_objective(trial):
+        return sum(torch.dot(a[k].reshape(-1), permuted_except(spec, trial, k, b[k], -1).reshape(-1)).item() for k in keys)
+
+    candidates = []
+    inverse = torch.empty_like(sigma)
+    inverse[sigma] = torch.arange(groups, device=sigma.device)
+    travel = {p: perms[p].reshape(groups, -1)[inverse].reshape(-1) for p in members}  # T
+    d = torch.zeros(groups, groups, device=sigma.device)
+    linear = True
+    for key in keys:
+        axes = spec.axes_to_perm[key]
+        family = [ax for ax, p in enumerate(axes) if p in travel]
+        tb = b[key]
+        for ax, p in enumerate(axes):
+            if p is not None:
+                tb = torch.index_select(tb, ax, travel[p] if p in travel else perms[p])
+        ta, tb = (_groups_first(t, family, groups) for t in (a[key], tb))
+        if len(family) > 1:
+            eye = torch.eye(groups, dtype=torch.bool, device=ta.device)
+            if len(family) != 2 or ta[~eye].abs().sum() > 0:
+                linear = False
+                break
+            ta, tb = ta.diagonal(0, 0, 1).movedim(-1, 0), tb.diagonal(0, 0, 1).movedim(-1, 0)
+        d.addmm_(ta.reshape(groups, -1), tb.reshape(groups, -1).T)
+    if linear:
+        new_sigma = solve_lap(d, solver)
+        candidates.append((new_sigma, {p: t.reshape(groups, -1)[new_sigma].reshape(-1) for p, t in travel.items()}))
+    costs = {}
+    for p in members:
+        cost = torch.zeros(len(perms[p]), len(perms[p]), device=sigma.device)
+        for key, axis in spec.perm_to_axes.get(p, []):
+            if any(q in members for ax, q in enumerate(spec.axes_to_perm[key]) if ax != axis):
+                continue
+            b_other = _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis)
+            cost.addmm_(_as_matrix(a[key], axis), b_other.T)
+        costs[p] = cost
+    values = torch.zeros(groups, groups, device=sigma.device)
+    for p, cost in costs.items():
+        k = len(cost) // groups
+        blocks = cost.reshape(groups, k, groups, k).permute(0, 2, 1, 3).cpu().double().numpy()
+        for j in range(groups):
+            for l in range(groups):
+                rows, cols = linear_sum_assignment(blocks[j, l], maximize=True)
+                values[j, l] += float(blocks[j, l][rows, cols].sum())
+    joint_sigma = solve_lap(values, solver)
+    candidates.append((joint_sigma, {p: solve_blocks(cost, groups, joint_sigma, solver) for p, cost in costs.items()}))
+    before = family_objective(perms)
+    best = None
+    for new_sigma, new in candidates:
+        gain = family_objective({**perms, **new}) - before
+        if gain > 1e-7 * max(abs(before), 1.0) and (best is None or gain > best[0]):
+            best = (gain, new_sigma, new)
+    return best
+
+
+def _groups_first(t: torch.Tensor, axes: list[int], groups: int) -> torch.Tensor:
+    """Split each of ``axes`` into (group, within) and bring the group axes to the front."""
+    shape = []
+    for ax, n in enumerate(t.shape):
+        shape += [groups, n // groups] if ax in axes else [n]
+    return t.reshape(shape).movedim([ax + i for i, ax in enumerate(axes)], list(range(len(axes))))
+
+
 def _as_matrix(tensor: torch.Tensor, axis: int) -> torch.Tensor:
     return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
 
@@ -46,6 +138,8 @@ def permuted_except(spec: PermutationSpec, perms, key: str, tensor: torch.Tensor
 
 def objective(spec: PermutationSpec, perms, state_a, state_b) -> float:
     """sum over permuted tensors of <W_A, pi(W_B)> (float32 dot per tensor, summed in float64)."""
+    if spec.perms:
+        spec, (state_a, state_b) = matching_view(spec, [state_a, state_b])
     total = 0.0
     for key, axes in spec.axes_to_perm.items():
         if any(axes):
@@ -77,18 +171,24 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     Late passes move few units, so they cost a small fraction of a full recomputation.
     """
     start = time.perf_counter()
+    sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state_a.items()})
     keys = [k for k, axes in spec.axes_to_perm.items() if any(axes)]
     # float32 on the job's device: half-precision checkpoints would overflow/round in the cost sums
     a = {k: state_a[k].to(device, torch.float32) for k in keys}
     b = {k: state_b[k].to(device, torch.float32) for k in keys}
-    sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state_a.items()})
+    # block structure (segments, expansions, grouped weights) as plain axes; groups are kept in spec.perms
+    spec, (a, b) = matching_view(spec, [a, b])
     perms = identity_perms(sizes, device)
     if init_perms:
         perms.update({p: torch.as_tensor(v, device=device) for p, v in init_perms.items() if p in perms})
+    group_perms = {e["group_perm"] for e in spec.perms.values() if e.get("group_perm")}
     # the terms of each permutation's cost matrix: (key, axis, [(other perm, its axis), ...])
     terms = {p: [(k, ax, [(q, qax) for qax, q in enumerate(spec.axes_to_perm[k]) if q is not None and qax != ax])
-                 for k, ax in spec.perm_to_axes[p]] for p in sizes}
-    neighbours = {p: sorted({q for _, _, others in terms[p] for q, _ in others}) for p in sizes}
+                 for k, ax in spec.perm_to_axes.get(p, [])] for p in sizes if p not in group_perms}
+    # a block-structured permutation is re-solved when its group permutation moved
+    neighbours = {p: sorted({q for _, _, others in terms[p] for q, _ in others}
+                            | ({spec.perms[p]["group_perm"]} if spec.perms.get(p, {}).get("group_perm") else set()))
+                  for p in terms}
     layouts: dict = {}  # (key, axis) -> (A, B) as [axis, other permuted axis, rest], built on first use
 
     def term_layout(key, axis, other_axis):
@@ -134,11 +234,23 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
         gain = 0.0
         for i in torch.randperm(len(names), generator=gen).tolist():
             p = names[i]
+            if p in group_perms:
+                step = group_step(spec, perms, p, a, b, solver)
+                if step is not None:
+                    gain += step[0]
+                    perms[p] = step[1]
+                    perms.update(step[2])
+                continue
             if p in cache and all(cache[p][1][q] is perms[q] for q in neighbours[p]):
                 continue  # nothing it depends on moved: same cost, same optimum
             cost = update_cost(p, *cache[p]) if p in cache else full_cost(p)
             cache[p] = (cost, {q: perms[q] for q in neighbours[p]})
-            new = solve_lap(cost, solver)
+            structure = spec.perms.get(p, {})
+            if structure.get("groups", 1) > 1:
+                group_perm = perms[structure["group_perm"]] if structure["group_perm"] else torch.arange(structure["groups"])
+                new = solve_blocks(cost, structure["groups"], group_perm, solver)
+            else:
+                new = solve_lap(cost, solver)
             old_value = cost.gather(1, perms[p][:, None]).sum().item()
             new_value = cost.gather(1, new[:, None]).sum().item()
             # the objective changes by exactly this: every term involving p is in its cost matrix. Like the
