@@ -8,11 +8,24 @@ Layouts (state_dict keys):
 - ``resnet20``: CIFAR ResNet-20 (3 stages x 3 BasicBlocks, 16w/32w/64w channels): ``conv1``, ``bn1``,
   ``layer{1,2,3}.{0,1,2}.{conv1,bn1,conv2,bn2}``, ``layer{2,3}.0.downsample.{0,1}`` (1x1 conv + norm), ``fc``.
   ``norm=layer`` uses GroupNorm(1, C) under the same ``bn*`` names.
-- ``resnet18``, ``resnet50``: torchvision layout (``conv1``, ``bn1``, ``layer1.0.conv1`` ... ``fc``), so
-  torchvision/timm state dicts load unchanged.
+- ``resnet18``, ``resnet50``: built by torchvision (``conv1``, ``bn1``, ``layer1.0.conv1`` ... ``fc``), so
+  torchvision/timm ResNet state dicts load unchanged.
+- ``torchvision/<name>``, ``timm/<name>``: every classification model of those libraries, built without
+  weights; options are the constructor's keywords, ``num_classes`` (and timm's ``in_chans``) inferred.
+- Plugins: packages an operator installs declare entry points in the group ``rebasin.architectures`` that
+  name an ``Architecture`` (or a factory function); see docs/plugins.md. Uploaded code is never executed.
 """
 
 from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -89,43 +102,15 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, norm="batch"):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = _norm(norm, planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = _norm(norm, planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = _norm(norm, planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or inplanes != planes * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), _norm(norm, planes * 4))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
 class ResNet(nn.Module):
-    """torchvision-layout ResNet (stem 7x7/2 + maxpool) or CIFAR ResNet-20 (stem 3x3, 3 stages)."""
+    """CIFAR ResNet (stem 3x3, no max-pool), torchvision's key layout."""
 
-    def __init__(self, block, blocks, widths, num_classes, in_channels=3, norm="batch", cifar=False):
+    def __init__(self, block, blocks, widths, num_classes, in_channels=3, norm="batch"):
         super().__init__()
         self.inplanes = widths[0]
-        if cifar:
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        else:
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = _norm(norm, widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
         for i, (n, planes) in enumerate(zip(blocks, widths)):
             layers = []
             for j in range(n):
@@ -137,7 +122,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(self.inplanes, num_classes)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -164,15 +149,49 @@ def _resnet20(width=1, norm="batch", num_classes=10, in_channels=3):
     if norm not in ("batch", "layer"):
         raise MatchingError(f"resnet20 option 'norm' must be batch or layer, not {norm!r}")
     w = int(width)
-    return ResNet(BasicBlock, [3, 3, 3], [16 * w, 32 * w, 64 * w], int(num_classes), int(in_channels), norm, cifar=True)
+    return ResNet(BasicBlock, [3, 3, 3], [16 * w, 32 * w, 64 * w], int(num_classes), int(in_channels), norm)
 
 
-def _resnet18(num_classes=1000):
-    return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], int(num_classes))
+def _torchvision_resnet(name):
+    def build(num_classes=1000):
+        return _build_torchvision(name, {"num_classes": int(num_classes)})
+    return build
 
 
-def _resnet50(num_classes=1000):
-    return ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], int(num_classes))
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry: built-ins, torchvision/<name>, timm/<name>, and plugins (entry points "rebasin.architectures")
+# ---------------------------------------------------------------------------------------------------------
+
+ENTRY_POINT_GROUP = "rebasin.architectures"
+FAMILIES = ("builtin", "plugin", "torchvision", "timm")
+# options that would download weights or read files: never passed to a library
+_REFUSED_OPTIONS = {"weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                    "pretrained_strict", "cache_dir", "progress"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A trusted module definition. ``build(**options)`` returns the module; ``options`` describes them
+    ({name: {"type", "default", "description"}}). Optional: ``infer_options(shapes)`` (options a checkpoint's
+    tensor shapes determine), ``example_input(model, batch)`` (a small input to trace and verify with;
+    default: 3 x 64 x 64 images, or the first layer's input size for a Linear first layer), and
+    ``open_options`` (any keyword the constructor takes is accepted)."""
+    name: str
+    build: Callable[..., nn.Module]
+    description: str = ""
+    options: dict = field(default_factory=dict)
+    infer_options: Callable[[dict], dict] | None = None
+    example_input: Callable[[nn.Module, int], torch.Tensor] | None = None
+    open_options: bool = False
+    family: str = "plugin"
+
+    def describe(self) -> dict:
+        out = {"name": self.name, "family": self.family, "description": self.description,
+               "options": {k: dict(v) for k, v in self.options.items()}}
+        if self.open_options:
+            out["open_options"] = True
+        return out
 
 
 def _opt(type_, default, description):
@@ -181,47 +200,183 @@ def _opt(type_, default, description):
 
 _CLASSES = _opt("int", 10, "number of output classes (inferred from the checkpoint)")
 _IN = _opt("int", 3, "input channels (inferred from the checkpoint)")
-ARCHITECTURES = {
-    "mlp": (_mlp, "Multi-layer perceptron: Linear layers with ReLU between them; keys layers.{i}.weight/bias.",
-            {"sizes": _opt("list[int]", [784, 512, 512, 512, 10], "layer sizes, input first, output last (inferred)")}),
-    "vgg": (_vgg, "VGG-style CNN (3x3 convs, max-pooling, global average pool, 3 Linear layers); keys features.{j}, classifier.{0,2,4}.",
-            {"config": _opt("str", "vgg11", "vgg11, vgg13 or vgg16 (inferred)"),
-             "width": _opt("float", 1.0, "channel multiplier (inferred)"),
-             "norm": _opt("str", "none", "none, batch or layer (inferred)"),
-             "num_classes": _CLASSES, "in_channels": _IN}),
-    "resnet20": (_resnet20, "CIFAR ResNet-20 with a width multiplier; norm=layer is GroupNorm(1, C) under the bn* names.",
-                 {"width": _opt("int", 1, "channel multiplier 1..32 (16w/32w/64w channels; inferred)"),
-                  "norm": _opt("str", "batch", "batch or layer (inferred)"),
-                  "num_classes": _CLASSES, "in_channels": _IN}),
-    "resnet18": (_resnet18, "ResNet-18, torchvision key layout (conv1, bn1, layer1.0.conv1, ..., fc).",
-                 {"num_classes": _opt("int", 1000, "number of output classes (inferred)")}),
-    "resnet50": (_resnet50, "ResNet-50, torchvision key layout (conv1, bn1, layer1.0.conv1, ..., fc).",
-                 {"num_classes": _opt("int", 1000, "number of output classes (inferred)")}),
-}
+_LIBRARY_OPTIONS = {"num_classes": _opt("int", 1000, "number of output classes (inferred from the checkpoint)")}
 
 
-def list_architectures() -> list[dict]:
-    return [{"name": name, "description": desc, "options": {k: dict(v) for k, v in opts.items()}}
-            for name, (_, desc, opts) in ARCHITECTURES.items()]
+def _builtin(name, build, description, options):
+    return Architecture(name, build, description, options, infer_options=lambda shapes: _infer_builtin(name, shapes),
+                        example_input=lambda model, batch: _builtin_example(name, model, batch), family="builtin")
+
+
+BUILTINS = {a.name: a for a in [
+    _builtin("mlp", _mlp, "Multi-layer perceptron: Linear layers with ReLU between them; keys layers.{i}.weight/bias.",
+             {"sizes": _opt("list[int]", [784, 512, 512, 512, 10], "layer sizes, input first, output last (inferred)")}),
+    _builtin("vgg", _vgg, "VGG-style CNN (3x3 convs, max-pooling, global average pool, 3 Linear layers); keys features.{j}, classifier.{0,2,4}.",
+             {"config": _opt("str", "vgg11", "vgg11, vgg13 or vgg16 (inferred)"),
+              "width": _opt("float", 1.0, "channel multiplier (inferred)"),
+              "norm": _opt("str", "none", "none, batch or layer (inferred)"),
+              "num_classes": _CLASSES, "in_channels": _IN}),
+    _builtin("resnet20", _resnet20, "CIFAR ResNet-20 with a width multiplier; norm=layer is GroupNorm(1, C) under the bn* names.",
+             {"width": _opt("int", 1, "channel multiplier 1..32 (16w/32w/64w channels; inferred)"),
+              "norm": _opt("str", "batch", "batch or layer (inferred)"),
+              "num_classes": _CLASSES, "in_channels": _IN}),
+    _builtin("resnet18", _torchvision_resnet("resnet18"), "ResNet-18 built by torchvision (keys conv1, bn1, layer1.0.conv1, ..., fc); same as torchvision/resnet18.",
+             {"num_classes": _opt("int", 1000, "number of output classes (inferred)")}),
+    _builtin("resnet50", _torchvision_resnet("resnet50"), "ResNet-50 built by torchvision (keys conv1, bn1, layer1.0.conv1, ..., fc); same as torchvision/resnet50.",
+             {"num_classes": _opt("int", 1000, "number of output classes (inferred)")}),
+]}
+ARCHITECTURES = BUILTINS  # backwards-compatible name
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_names() -> tuple[str, ...]:
+    """Classification models of torchvision (detection, segmentation, video ... are not listed)."""
+    try:
+        import torchvision.models as tv
+    except ImportError:  # pragma: no cover
+        return ()
+    return tuple(sorted(tv.list_models(module=tv)))
+
+
+@functools.lru_cache(maxsize=1)
+def timm_names() -> tuple[str, ...]:
+    try:
+        import timm
+    except ImportError:  # pragma: no cover
+        return ()
+    return tuple(sorted(timm.list_models()))
+
+
+@functools.lru_cache(maxsize=1)
+def plugins() -> dict[str, Architecture]:
+    """Architectures from installed packages' entry points (group ``rebasin.architectures``). An entry point
+    names an ``Architecture`` or a factory function (its keyword defaults become the options). A plugin
+    that fails to load, or takes a built-in or library name, is skipped with a warning."""
+    from importlib.metadata import entry_points
+    found = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            arch = obj if isinstance(obj, Architecture) else _from_factory(ep.name, obj)
+            arch = dataclasses.replace(arch, name=ep.name, family="plugin")
+        except Exception as exc:  # a broken plugin must not take the service down
+            warnings.warn(f"architecture plugin {ep.name!r} ({ep.value}) cannot be loaded: {exc}")
+            continue
+        if ep.name in BUILTINS or ep.name.startswith(("torchvision/", "timm/")):
+            warnings.warn(f"architecture plugin {ep.name!r} clashes with a built-in name; skipped")
+            continue
+        found[ep.name] = arch
+    return found
+
+
+def _from_factory(name, factory) -> Architecture:
+    if not callable(factory):
+        raise TypeError(f"{factory!r} is neither an Architecture nor a callable")
+    options = {}
+    for pname, param in inspect.signature(factory).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = None if param.default is param.empty else param.default
+        options[pname] = _opt(type(default).__name__ if default is not None else "any", default, "")
+    doc = (inspect.getdoc(factory) or "").split("\n\n")[0]
+    return Architecture(name, factory, doc, options)
+
+
+def get_architecture(name: str) -> Architecture:
+    if not isinstance(name, str):
+        raise MatchingError("architecture name must be a string")
+    if name in BUILTINS:
+        return BUILTINS[name]
+    family, _, model_name = name.partition("/")
+    if family == "torchvision" and model_name in torchvision_names():
+        return Architecture(name, lambda **o: _build_torchvision(model_name, o),
+                            f"torchvision.models.{model_name}; options: the constructor's keywords (weights are never loaded)",
+                            dict(_LIBRARY_OPTIONS), infer_options=lambda shapes: _infer_library(name, shapes),
+                            example_input=lambda model, batch: _library_example(name, model, batch),
+                            open_options=True, family="torchvision")
+    if family == "timm" and model_name in timm_names():
+        return Architecture(name, lambda **o: _build_timm(model_name, o),
+                            f"timm.create_model({model_name!r}); options: its keywords (pretrained weights are never loaded)",
+                            {**_LIBRARY_OPTIONS, "in_chans": _opt("int", 3, "input channels (inferred)")},
+                            infer_options=lambda shapes: _infer_library(name, shapes),
+                            example_input=lambda model, batch: _library_example(name, model, batch),
+                            open_options=True, family="timm")
+    if name in plugins():
+        return plugins()[name]
+    hint = ""
+    if family in ("torchvision", "timm"):
+        close = difflib.get_close_matches(model_name, torchvision_names() if family == "torchvision" else timm_names(), 3)
+        hint = f"; did you mean {', '.join(f'{family}/{c}' for c in close)}?" if close else ""
+    raise MatchingError(f"unknown architecture {name!r}{hint} (built-in: {sorted(BUILTINS)}; also "
+                        "torchvision/<name>, timm/<name> and installed plugins: GET /v1/architectures lists them)")
+
+
+def list_architectures(family: str | None = None, contains: str | None = None) -> list[dict]:
+    """Names, options and a description each: built-ins, plugins, then every torchvision and timm
+    classification model (``family`` and a case-insensitive substring ``contains`` filter)."""
+    out = []
+    needle = (contains or "").lower()
+    for fam in FAMILIES:
+        if family not in (None, fam):
+            continue
+        if fam == "builtin":
+            archs = [a.describe() for a in BUILTINS.values()]
+        elif fam == "plugin":
+            archs = [a.describe() for a in plugins().values()]
+        else:
+            names = torchvision_names() if fam == "torchvision" else timm_names()
+            options = {k: dict(v) for k, v in _LIBRARY_OPTIONS.items()}
+            archs = [{"name": f"{fam}/{n}", "family": fam,
+                      "description": f"{fam} {n} (options: the constructor's keywords; weights are never loaded)",
+                      "options": options, "open_options": True} for n in names]
+        out += [a for a in archs if needle in a["name"].lower()]
+    return out
 
 
 def build_model(name: str, **options) -> nn.Module:
-    if name not in ARCHITECTURES:
-        raise MatchingError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}")
-    factory, _, known = ARCHITECTURES[name]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise MatchingError(f"unknown option(s) {unknown} for architecture {name!r}; it takes {sorted(known)}")
+    arch = get_architecture(name)
+    refused = sorted(set(options) & _REFUSED_OPTIONS) if arch.family in ("torchvision", "timm") else []
+    if refused:
+        raise MatchingError(f"option(s) {refused} are not accepted: the service never downloads or reads weights; "
+                            "upload the checkpoint instead")
+    unknown = sorted(set(options) - set(arch.options))
+    if unknown and not arch.open_options:
+        raise MatchingError(f"unknown option(s) {unknown} for architecture {name!r}; it takes {sorted(arch.options)}")
     try:
-        return factory(**options)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, MatchingError):
-            raise
-        raise MatchingError(f"bad options for architecture {name!r}: {exc}") from None
+        model = arch.build(**options)
+    except MatchingError:
+        raise
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+        raise MatchingError(f"bad options for architecture {name!r}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(model, nn.Module):
+        raise MatchingError(f"architecture {name!r} built a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def example_input(name: str, model: nn.Module, batch: int = 2) -> torch.Tensor:
     """A small input of the right shape, used to trace the model and verify its spec."""
+    arch = get_architecture(name)
+    if arch.example_input is not None:
+        return arch.example_input(model, batch)
+    return _default_example(model, batch)
+
+
+def _default_example(model: nn.Module, batch: int, side: int = 64) -> torch.Tensor:
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    if isinstance(first, nn.Linear):
+        return torch.randn(batch, first.in_features)
+    channels = first.in_channels if first is not None else 3
+    dims = first.weight.dim() - 2 if first is not None else 2
+    return torch.randn(batch, channels, *([side] * dims))
+
+
+def infer_options(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Options determined by a checkpoint's tensor shapes (user options override these)."""
+    arch = get_architecture(name)
+    return arch.infer_options(shapes) if arch.infer_options is not None else {}
+
+
+def _builtin_example(name, model, batch):
     if name == "mlp":
         return torch.randn(batch, model.layers[0].in_features)
     in_channels = model.features[0].in_channels if name == "vgg" else model.conv1.in_channels
@@ -229,10 +384,7 @@ def example_input(name: str, model: nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, in_channels, side, side)
 
 
-def infer_options(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Options determined by a checkpoint's tensor shapes (user options override these)."""
-    if name not in ARCHITECTURES:
-        raise MatchingError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}")
+def _infer_builtin(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
     try:
         if name == "mlp":
             n = 0
@@ -260,3 +412,90 @@ def infer_options(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
         return {"num_classes": int(fc[0])}
     except (KeyError, IndexError) as exc:
         raise MatchingError(f"checkpoint does not look like a {name!r} model (missing or malformed {exc})") from None
+
+
+# --- torchvision and timm ---------------------------------------------------------------------------------
+
+class _MNASNetV2Loading:
+    """torchvision's MNASNet reads a state dict without version metadata (safetensors has none) as version 1
+    and rebuilds its stem with other channel counts for alpha != 1; a state dict saved by torchvision today is
+    version 2, which is what every checkpoint the service stores is."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") is None:
+            local_metadata = {**local_metadata, "version": 2}
+        return super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _mnasnet_v2_class(cls):
+    return type(cls.__name__, (_MNASNetV2Loading, cls), {"__module__": cls.__module__})
+
+
+def _build_torchvision(model_name: str, options: dict) -> nn.Module:
+    import torchvision.models as tv
+    model = tv.get_model(model_name, weights=None, **options)
+    if isinstance(model, tv.MNASNet):
+        model.__class__ = _mnasnet_v2_class(type(model))
+    return model
+
+
+def _build_timm(model_name: str, options: dict) -> nn.Module:
+    import timm
+    return timm.create_model(model_name, pretrained=False, **options)
+
+
+@functools.lru_cache(maxsize=256)
+def _library_probe(name: str, options: tuple) -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of a model built on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        model = build_model(name, **dict(options))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _infer_library(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """num_classes (and timm's in_chans): the tensors whose shapes follow an option, compared with the
+    checkpoint's."""
+    out = {}
+    probes = [("num_classes", 1000, 1001)] + ([("in_chans", 3, 4)] if name.startswith("timm/") else [])
+    for option, a, b in probes:
+        try:
+            shapes_a, shapes_b = _library_probe(name, ((option, a),)), _library_probe(name, ((option, b),))
+        except MatchingError:
+            continue
+        for key, sa in shapes_a.items():
+            sb = shapes_b.get(key)
+            if sb is None or sa == sb or key not in shapes or len(shapes[key]) != len(sa):
+                continue
+            axis = next(i for i, (x, y) in enumerate(zip(sa, sb)) if x != y)
+            if sb[axis] - sa[axis] == b - a:  # the axis is the option itself (not a multiple of it)
+                out[option] = int(shapes[key][axis]) - sa[axis] + a
+                break
+    return out
+
+
+def _library_example(name: str, model: nn.Module, batch: int) -> torch.Tensor:
+    """64 x 64 images where the model takes them (cheap to trace and verify), else the smallest size that
+    runs on the meta device among the library's own input sizes."""
+    x = _default_example(model, batch)
+    sides = [64, 96, 128]
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    for key in ("min_input_size", "input_size", "test_input_size"):
+        if cfg.get(key):
+            sides.append(int(cfg[key][-1]))
+    sides.append(224)
+    for side in dict.fromkeys(sides):
+        shape = (batch, x.shape[1], *([side] * (x.dim() - 2))) if x.dim() > 2 else tuple(x.shape)
+        if _runs_on_meta(name, model, shape):
+            return torch.randn(shape)
+    return torch.randn(batch, x.shape[1], 224, 224) if x.dim() > 2 else x
+
+
+def _runs_on_meta(name, model, shape) -> bool:
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()
+        with torch.no_grad():
+            meta(torch.empty(shape, device="meta"))
+        return True
+    except Exception:
+        return False

@@ -362,8 +362,10 @@ class _Labels:
         if node.op == "output":
             self.fix_all(node)
             return
-        if out_shape is None:  # sizes, ints, tuples: not tensors
-            self.fix_all(node)
+        if out_shape is None:  # not a tensor: metadata reads are harmless, anything else (tuples of tensors) fixes
+            if not (node.op == "call_function" and node.target in (getattr, torch._assert)
+                    or node.op == "call_method" and node.target in ("size", "dim", "numel")):
+                self.fix_all(node)
             return
         result = self.rule(node, out_shape)
         if result is None:  # not understood: nothing it touches may be permuted
@@ -692,4 +694,5 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Te
         expected, got = expected[0], got[0]
     err = (expected - got).abs().max().item()
     if not err <= 1e-8 * (1 + expected.abs().max().item()):
-        raise RuntimeError(f"inferred permutation spec is not function-preserving (max abs diff {err:.3g}); not used")
+        raise MatchingError(f"the inferred permutation spec of {type(model).__name__} is not function-preserving (max abs "
+                            f"diff {err:.3g}), so it is not used; export a spec with `rebasin spec --module` and send it as permutation_spec")
