@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from matching.infer import activation_points
-from matching.spec import PermutationSpec
-from matching.weight_matching import solve_lap
+from matching.spec import PermutationSpec, perm_sizes
+from matching.weight_matching import solve_blocks, solve_lap, two_level_values
 
 
 def _capturing(model: nn.Module, state: dict, example: torch.Tensor, spec: PermutationSpec):
@@ -21,14 +21,14 @@ def _capturing(model: nn.Module, state: dict, example: torch.Tensor, spec: Permu
     for m in model.modules():  # in-place ops would overwrite captured pre-activation values
         if hasattr(m, "inplace"):
             m.inplace = False
-    points, info, gm = activation_points(model, example, spec)
+    points, gm = activation_points(model, example, spec)
     nodes = {n.name: n for n in gm.graph.nodes}
-    wanted = sorted({name for names in points.values() for name in names})
+    wanted = sorted({point[0] for where in points.values() for point in where})
     output = next(n for n in gm.graph.nodes if n.op == "output")
     output.args = ({name: nodes[name] for name in wanted},)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return gm.eval(), {p: [(name, info[name][1]) for name in names] for p, names in points.items()}
+    return gm.eval(), points
 
 
 @torch.no_grad()
@@ -49,25 +49,34 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, 
         x = inputs[begin:begin + batch_size].to(device, torch.float32)
         acts_a, acts_b = net_a(x), net_b(x)
         for perm, where in points.items():
-            for name, axis in where:
-                a = acts_a[name].movedim(axis, -1).reshape(-1, acts_a[name].shape[axis]).double()
-                b = acts_b[name].movedim(axis, -1).reshape(-1, acts_b[name].shape[axis]).double()
-                s = stats.setdefault((perm, name), [0, 0.0, 0.0, 0.0, 0.0, 0.0])
+            for name, axis, offset, size in where:  # a segment of a concatenation holds the slice it permutes
+                a = acts_a[name].narrow(axis, offset, size).movedim(axis, -1).reshape(-1, size).double()
+                b = acts_b[name].narrow(axis, offset, size).movedim(axis, -1).reshape(-1, size).double()
+                s = stats.setdefault((perm, name, offset), [0, 0.0, 0.0, 0.0, 0.0, 0.0])
                 s[0] += a.shape[0]
                 s[1] += a.sum(0); s[2] += b.sum(0); s[3] += (a * a).sum(0); s[4] += (b * b).sum(0); s[5] += a.T @ b
         if tick is not None:
             tick(i + 1, batches + 1, f"batch {i + 1}/{batches}")
     perms, objective_initial, objective_final = {}, 0.0, 0.0
+    correlations = {}
     for perm, where in points.items():
+        if not where:
+            continue
         corr = 0.0
-        for name, _ in where:
-            count, sa, sb, saa, sbb, sab = stats[(perm, name)]
+        for name, _, offset, _ in where:
+            count, sa, sb, saa, sbb, sab = stats[(perm, name, offset)]
             mean_a, mean_b = sa / count, sb / count
             std_a = (saa / count - mean_a ** 2).clamp_min(0).sqrt()
             std_b = (sbb / count - mean_b ** 2).clamp_min(0).sqrt()
             cov = sab / count - mean_a[:, None] * mean_b[None, :]
             corr = corr + cov / (std_a[:, None] * std_b[None, :] + 1e-12)
-        perms[perm] = solve_lap(corr).cpu()
+        correlations[perm] = corr
+    for perm, corr in correlations.items():
+        if perm not in perms:
+            perms.update(solve_structured(spec, correlations, perm))
+    for perm, n in perm_sizes(spec, {k: tuple(v.shape) for k, v in state_a.items()}).items():
+        perms.setdefault(perm, torch.arange(n))  # no activation carries it (e.g. only inside a flatten)
+    for perm, corr in correlations.items():
         objective_initial += corr.diagonal().sum().item()
         objective_final += corr.gather(1, perms[perm].to(corr.device)[:, None]).sum().item()
     if tick is not None:
@@ -76,3 +85,23 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, 
             "seconds": time.perf_counter() - start,
             "objective": "sum over permutations of the Pearson correlation of matched units' activations"}
     return perms, info
+
+
+def solve_structured(spec: PermutationSpec, costs: dict[str, torch.Tensor], perm: str) -> dict[str, torch.Tensor]:
+    """argmax of sum_i cost[i, perm[i]] for ``perm``; a block-structured one jointly with every permutation that
+    shares its group permutation S (the objective is separable, so this is exact): D[j, l] = sum over them of
+    the best within-block assignment of group j to group l, S = LAP(D), then one LAP per block."""
+    entry = spec.perms.get(perm, {})
+    if entry.get("groups", 1) == 1:
+        return {perm: solve_lap(costs[perm]).cpu()}
+    groups, group_perm = entry["groups"], entry["group_perm"]
+    members = [p for p, e in spec.perms.items() if p in costs and e.get("groups") == groups
+               and e.get("group_perm") == group_perm and (group_perm is not None or p == perm)]
+    if group_perm is None:
+        sigma = torch.arange(groups)
+    else:
+        sigma = solve_lap(sum(two_level_values(costs[p], groups) for p in members)).cpu()
+    out = {p: solve_blocks(costs[p].cpu(), groups, sigma).cpu() for p in members}
+    if group_perm is not None:
+        out[group_perm] = sigma
+    return out

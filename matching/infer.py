@@ -120,6 +120,7 @@ class _Labels:
         self.params: dict[str, tuple[str, list[int | None]]] = {}  # node -> (state key, node dim -> param dim)
         self.param_axes: dict[str, list[str | None]] = {}
         self.activation_nodes: list[str] = []
+        self.grouped: list[tuple[str, str]] = []  # (output, input) labels of grouped convolutions
         self.state_keys = set(gm.state_dict().keys())
         self.pass_functions = _PASS_FUNCTIONS | _pass_through_functions()
 
@@ -291,6 +292,7 @@ class _Labels:
             else:
                 self.set_groups(out, groups, self.groups[self.find(inp)][1])
             axes = [out, inp]
+            self.grouped.append((out, inp))
         self.set_axes(key_w, axes + spatial)
         if key_b is not None:
             self.set_axes(key_b, [out])
@@ -597,6 +599,13 @@ class _Labels:
 def _resolve_spec(labels: _Labels, state: dict) -> PermutationSpec:
     """Named permutations and their structure from the labels that were not fixed."""
     perms: dict[str, dict] = {}
+    changed = True
+    while changed:  # a grouped conv's input groups are located through its output's
+        changed = False
+        for out, inp in labels.grouped:
+            if labels.find(out) == FIXED and labels.find(inp) != FIXED:
+                labels.fix(inp)
+                changed = True
 
     def name(label):
         root = labels.find(label)

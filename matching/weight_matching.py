@@ -46,6 +46,20 @@ def solve_blocks(cost: torch.Tensor, groups: int, group_perm: torch.Tensor, solv
     return out
 
 
+def two_level_values(cost: torch.Tensor, groups: int) -> torch.Tensor:
+    """[G, G]: the best value of assigning group j's units to group l's, sum_i cost[j*k + i, l*k + tau(i)]."""
+    k = len(cost) // groups
+    if k == 1:
+        return cost.double()
+    blocks = cost.reshape(groups, k, groups, k).permute(0, 2, 1, 3).detach().cpu().double().numpy()
+    values = torch.zeros(groups, groups, dtype=torch.float64)
+    for j in range(groups):
+        for l in range(groups):
+            rows, cols = linear_sum_assignment(blocks[j, l], maximize=True)
+            values[j, l] = float(blocks[j, l][rows, cols].sum())
+    return values.to(cost.device)
+
+
 def group_step(spec: PermutationSpec, perms: dict, group_perm: str, a: dict, b: dict, solver: str = "auto"):
     """One coordinate step for a group permutation S and the block-structured permutations that share it.
 
@@ -98,15 +112,7 @@ def group_step(spec: PermutationSpec, perms: dict, group_perm: str, a: dict, b: 
             b_other = _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis)
             cost.addmm_(_as_matrix(a[key], axis), b_other.T)
         costs[p] = cost
-    values = torch.zeros(groups, groups, device=sigma.device)
-    for p, cost in costs.items():
-        k = len(cost) // groups
-        blocks = cost.reshape(groups, k, groups, k).permute(0, 2, 1, 3).cpu().double().numpy()
-        for j in range(groups):
-            for l in range(groups):
-                rows, cols = linear_sum_assignment(blocks[j, l], maximize=True)
-                values[j, l] += float(blocks[j, l][rows, cols].sum())
-    joint_sigma = solve_lap(values, solver)
+    joint_sigma = solve_lap(sum(two_level_values(cost, groups) for cost in costs.values()), solver)
     candidates.append((joint_sigma, {p: solve_blocks(cost, groups, joint_sigma, solver) for p, cost in costs.items()}))
     before = family_objective(perms)
     best = None
