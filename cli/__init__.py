@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from cli import remote, service
-from matching.cli import METHOD_NAMES, add_merge_command
+from matching.cli import METHOD_NAMES, add_merge_command, add_spec_command
 
 
 def _client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(func=remote.cmd_download)
 
     add_merge_command(commands)
+    add_spec_command(commands)
     return parser
 
 
@@ -80,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)  # merge and spec return their exit code (2: bad input)
     except (RebasinError, MatchingError) as error:
         sys.exit(f"rebasin: {error}")
     except KeyboardInterrupt:
         sys.exit(130)
+    if code:
+        sys.exit(code)
 

@@ -149,3 +149,86 @@ def format_report(report: dict) -> str:
     else:
         lines.append("no evaluation data: no barrier report")
     return "\n".join(lines)
+
+
+def add_spec_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "spec", help="print the verified permutation spec of a model (JSON)",
+        description="Infer a model's permutation spec (torch.fx), verify it (a random permutation must keep the "
+                    "outputs in float64) and write it as JSON: send it as a job's 'permutation_spec' (or to "
+                    "rebasin merge --spec) for a model the server does not know. --module imports your own code "
+                    "on this machine; the server never executes uploaded code.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", metavar="NAME", help="registered architecture, e.g. resnet20, torchvision/resnet50, timm/convnext_tiny")
+    which.add_argument("--module", metavar="PKG.MOD:FACTORY", help="a function or class in an importable module that returns the model")
+    p.add_argument("--arch-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the architecture, or keyword argument of the factory (repeatable)")
+    p.add_argument("--input-shape", metavar="C,H,W", help="shape of one example (required with --module; default: the architecture's)")
+    p.add_argument("--out", type=Path, metavar="SPEC.json", help="write here instead of standard output")
+    p.set_defaults(func=run_spec)
+    return p
+
+
+def run_spec(args) -> int:
+    try:
+        spec_json = export_spec(arch=args.arch, module=args.module, options=parse_key_values(args.arch_option, "--arch-option"),
+                                input_shape=args.input_shape)
+    except MatchingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(spec_json, indent=1)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+        print(f"wrote {args.out} ({sum(1 for axes in spec_json['axes_to_perm'].values() if any(axes))} permuted tensors)",
+              file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def export_spec(*, arch: str | None = None, module: str | None = None, options: dict | None = None,
+                input_shape: str | None = None) -> dict:
+    """The verified spec of a registered architecture or of ``package.module:factory`` (trusted local code)."""
+    from matching.architectures import build_model, example_input
+    from matching.infer import infer_spec
+    from matching.spec import spec_to_json
+
+    options = options or {}
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(s) for s in input_shape.split(",") if s.strip())
+        except ValueError:
+            raise MatchingError(f"--input-shape {input_shape!r}: use comma-separated integers, e.g. 3,224,224") from None
+        if not shape or min(shape) < 1:
+            raise MatchingError(f"--input-shape {input_shape!r}: use positive integers, e.g. 3,224,224")
+    if arch is not None:
+        model = build_model(arch, **options)
+        x = torch.randn(2, *shape) if shape else example_input(arch, model)
+    else:
+        if shape is None:
+            raise MatchingError("--module needs --input-shape (the shape of one example, e.g. 3,224,224)")
+        model = _load_factory(module)(**options)
+        if not isinstance(model, torch.nn.Module):
+            raise MatchingError(f"{module} returned a {type(model).__name__}, not a torch.nn.Module")
+        x = torch.randn(2, *shape)
+    return spec_to_json(infer_spec(model.eval(), x))
+
+
+def _load_factory(target: str):
+    import importlib
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise MatchingError(f"--module {target!r}: use package.module:factory")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise MatchingError(f"--module {target!r}: cannot import {module_name!r} ({exc})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise MatchingError(f"--module {target!r}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise MatchingError(f"--module {target!r}: {attr!r} is not callable")
+    return obj
