@@ -447,8 +447,12 @@ def _build_timm(model_name: str, options: dict) -> nn.Module:
 
 @functools.lru_cache(maxsize=256)
 def _library_probe(name: str, options: tuple) -> dict[str, tuple[int, ...]]:
-    """State-dict shapes of a model built on the meta device (no memory, no compute)."""
-    with torch.device("meta"):
+    """State-dict shapes of a model built on the meta device (no memory, no compute), or on the CPU where
+    its initialisation needs data (RegNet)."""
+    try:
+        with torch.device("meta"):
+            model = build_model(name, **dict(options))
+    except MatchingError:
         model = build_model(name, **dict(options))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
