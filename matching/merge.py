@@ -101,11 +101,15 @@ def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, archi
 
 def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int, ...]) -> None:
     """Whether the model takes inputs of this per-example shape, traced on the meta device (no memory, no compute)."""
+    try:
+        with torch.device("meta"):
+            probe = build_model(name, **arch_options).eval()
+    except MatchingError:  # its initialisation needs data (RegNet): build it for real, then move it to meta
+        probe = build_model(name, **arch_options).eval().to("meta")
     with torch.device("meta"):
-        probe = build_model(name, **arch_options).eval()
         try:
             probe(torch.empty(2, *example_shape))
-        except (RuntimeError, ValueError, IndexError) as error:
+        except (RuntimeError, ValueError, IndexError, AssertionError) as error:
             raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, which architecture "
                                 f"{name!r} with options {arch_options} cannot take ({str(error).splitlines()[0][:200]})") from None
 

@@ -92,14 +92,14 @@ def test_torchvision_key_layout():
     assert len(matching.build_model("resnet18").state_dict()) == 122
 
 
-def test_grouped_conv_left_unpermuted_and_depthwise_tied():
+def test_conflicting_groups_left_unpermuted_and_depthwise_tied():
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
             self.depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
             self.grouped = torch.nn.Conv2d(8, 8, 1, groups=2)
-            self.norm = torch.nn.GroupNorm(4, 8)  # 4 groups of 2 channels: refused (left unpermuted)
+            self.norm = torch.nn.GroupNorm(4, 8)  # 4 groups of 2 channels after 2 groups of 4: not both, unpermuted
             self.head = torch.nn.Linear(8, 3)
 
         def forward(self, x):
@@ -110,8 +110,9 @@ def test_grouped_conv_left_unpermuted_and_depthwise_tied():
     spec = matching.infer_spec(Net(), torch.randn(2, 3, 6, 6))
     assert spec.axes_to_perm["grouped.weight"] == (None, None, None, None)
     assert spec.axes_to_perm["norm.weight"] == (None,)
-    # the depthwise conv passes its input's permutation through; with a grouped conv after it, nothing moves
-    assert spec.axes_to_perm["depthwise.weight"][0] == spec.axes_to_perm["stem.weight"][0]
+    # the depthwise conv passes its input's permutation through; the grouped conv's input moves with its output
+    assert spec.axes_to_perm["depthwise.weight"][0] == spec.axes_to_perm["stem.weight"][0] is None
+    assert spec.axes_to_perm["head.weight"] == (None, None)
 
 
 def test_spec_validation_messages():

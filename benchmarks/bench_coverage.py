@@ -1,0 +1,152 @@
+"""Spec-inference coverage: every torchvision classification model and a sample of timm models.
+
+    python -m benchmarks.bench_coverage [--torchvision all|none|NAME,...] [--timm 120|NAME,...]
+                                        [--timeout 600] [--max-params 200e6] [--jsonl results.jsonl]
+
+Per model, each in a fresh subprocess (its own memory, a timeout): traced by torch.fx or not (and why),
+spec verified (a random permutation keeps the outputs in float64), the share of hidden channels permuted,
+and seconds to infer (trace, label, verify). Hidden channels = output channels of every Conv/Linear layer
+except the classifier's (the layers with ``num_classes`` = 11 outputs): what an expert's hand-written spec
+permutes. The timm sample takes one model of every architecture family (module; a small variant by its name),
+up to the number asked for. Models above --max-params are not verified on this machine (float64 copies).
+Prints a table and the mean share over torchvision's convolutional models (all but ViT, Swin, MaxViT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+NUM_CLASSES = 11
+TRANSFORMERS = ("vit_", "swin_", "maxvit_")
+
+
+def measure(name: str, max_params: float) -> dict:
+    import torch
+
+    import matching
+    from matching.architectures import example_input
+    from matching.errors import MatchingError
+    from matching.infer import infer_spec
+
+    out = {"name": name}
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    try:
+        model = matching.build_model(name, num_classes=NUM_CLASSES).eval()
+    except MatchingError as exc:
+        return out | {"traced": False, "why": f"build: {exc}"[:160]}
+    params = sum(p.numel() for p in model.parameters())
+    out["params_m"] = round(params / 1e6, 1)
+    x = example_input(name, model)
+    out["input"] = "x".join(str(s) for s in x.shape[1:])
+    try:
+        spec = infer_spec(model, x, verify=params <= max_params)
+    except MatchingError as exc:
+        text = str(exc)
+        traced = "cannot be traced" not in text
+        return out | {"traced": traced, "verified": False, "why": text.split(". Its permutation spec")[0][:200],
+                      "seconds": round(time.perf_counter() - start, 1)}
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    out["traced"], out["verified"] = True, params <= max_params
+    hidden = permuted = 0
+    for module_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            n = module.weight.shape[0]
+            axes = spec.axes_to_perm.get(f"{module_name}.weight", (None,))
+            if n == NUM_CLASSES and axes[0] is None:
+                continue  # the classifier (also auxiliary ones)
+            hidden += n
+            permuted += n if axes[0] is not None else 0
+    out["share"] = round(permuted / hidden, 3) if hidden else None
+    out["permutations"] = len(spec.free_perms)
+    out["structured"] = sorted({k for e in spec.perms.values() for k in e if k in ("groups", "segments", "expand")})
+    return out
+
+
+def timm_sample(count: int) -> list[str]:
+    import timm
+
+    small = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "lite", "_s_", "b0", "18", "_t_", "mini")
+    by_family: dict[str, list[str]] = {}
+    for name in timm.list_models():
+        by_family.setdefault(timm.models._registry._model_to_module.get(name, name.split("_")[0]), []).append(name)
+    names = [f"timm/{min(group, key=lambda n: (not any(t in n for t in small), len(n), n))}"
+             for _, group in sorted(by_family.items())]
+    if len(names) < count:  # fewer families than asked: add more models, spread over the list
+        rest = [f"timm/{n}" for n in timm.list_models() if f"timm/{n}" not in names]
+        names += rest[::max(1, len(rest) // (count - len(names)))][:count - len(names)]
+    return names[:count]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--torchvision", default="all")
+    parser.add_argument("--timm", default="120")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--max-params", type=float, default=200e6)
+    parser.add_argument("--jsonl", help="append each result here as it comes")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.max_params)))
+        return
+    from matching.architectures import torchvision_names
+
+    names = []
+    if args.torchvision == "all":
+        names += [f"torchvision/{n}" for n in torchvision_names()]
+    elif args.torchvision != "none":
+        names += [f"torchvision/{n}" for n in args.torchvision.split(",")]
+    if args.timm.isdigit():
+        names += timm_sample(int(args.timm))
+    elif args.timm != "none":
+        names += [f"timm/{n}" for n in args.timm.split(",") if n]
+    results = []
+    for name in names:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_coverage", "--one", name,
+                                   "--max-params", str(args.max_params)], capture_output=True, text=True,
+                                  timeout=args.timeout)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            result = json.loads(lines[-1]) if lines else {"name": name, "traced": False,
+                                                           "why": f"crashed: {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else proc.returncode}"}
+        except subprocess.TimeoutExpired:
+            result = {"name": name, "traced": None, "why": f"timeout after {args.timeout:.0f} s"}
+        results.append(result)
+        print(_row(result), flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+    print(summary(results))
+
+
+def _row(r: dict) -> str:
+    share = "" if r.get("share") is None else f"{r['share']:.2f}"
+    return (f"| {r['name']} | {r.get('params_m', '')} | {'yes' if r.get('traced') else 'no'} | "
+            f"{'yes' if r.get('verified') else 'no'} | {share} | {r.get('seconds', '')} | "
+            f"{', '.join(r.get('structured', []))} | {r.get('why', '')} |")
+
+
+def summary(results: list[dict]) -> str:
+    lines = []
+    for label, keep in (("torchvision convolutional", lambda n: n.startswith("torchvision/") and not n.split("/")[1].startswith(TRANSFORMERS)),
+                        ("torchvision all", lambda n: n.startswith("torchvision/")), ("timm sample", lambda n: n.startswith("timm/"))):
+        rs = [r for r in results if keep(r["name"])]
+        if not rs:
+            continue
+        traced = [r for r in rs if r.get("traced")]
+        verified = [r for r in rs if r.get("verified")]
+        shares = [r["share"] for r in rs if r.get("share") is not None]
+        mean_all = sum(r.get("share") or 0.0 for r in rs) / len(rs)
+        lines.append(f"{label}: {len(rs)} models, traced {len(traced)}, verified {len(verified)}, mean share "
+                     f"{sum(shares) / max(1, len(shares)):.3f} over the {len(shares)} with a spec "
+                     f"({mean_all:.3f} counting the others as 0)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
