@@ -26,7 +26,6 @@ block-structured permutation's list satisfies ``perm[j*k:(j+1)*k] // k == S[j]``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -48,9 +47,6 @@ class PermutationSpec:
                 if perm is not None:
                     perm_to_axes.setdefault(perm, []).append((key, axis))
         object.__setattr__(self, "perm_to_axes", perm_to_axes)
-
-    def is_derived(self, name: str) -> bool:
-        return "segments" in self.perms.get(name, {}) or "expand" in self.perms.get(name, {})
 
     def parts(self, name: str) -> list[str]:
         """Permutations a derived one is made of (itself if free)."""
@@ -129,15 +125,6 @@ def _resolve(spec: PermutationSpec, name: str, seen: set) -> None:
     entry = spec.perms.get(name, {})
     for part in ([s for s, _ in entry.get("segments", []) if s] + ([entry["expand"]] if "expand" in entry else [])):
         _resolve(spec, part, seen | {name})
-
-
-def derived_size(spec: PermutationSpec, name: str, sizes: dict[str, int]) -> int:
-    entry = spec.perms.get(name, {})
-    if "segments" in entry:
-        return sum(n for _, n in entry["segments"])
-    if "expand" in entry:
-        return derived_size(spec, entry["expand"], sizes) * entry["per_unit"]
-    return sizes[name]
 
 
 def perm_sizes(spec: PermutationSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
