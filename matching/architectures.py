@@ -479,10 +479,10 @@ def _infer_library(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
 
 
 def _library_example(name: str, model: nn.Module, batch: int) -> torch.Tensor:
-    """64 x 64 images where the model takes them (cheap to trace and verify), else the smallest size that
+    """32 x 32 images where the model takes them (cheap to trace and verify), else the smallest size that
     runs on the meta device among the library's own input sizes."""
     x = _default_example(model, batch)
-    sides = [64, 96, 128]
+    sides = [32, 64, 96, 128]
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     for key in ("min_input_size", "input_size", "test_input_size"):
         if cfg.get(key):

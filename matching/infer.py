@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import sys
 
 import torch
 import torch.fx
@@ -57,14 +58,10 @@ _REDUCTION_METHODS = {"mean", "sum", "amax"}
 
 
 def _pass_through_functions():
-    """Functions (fx leaves) that are identities in eval mode and per-sample otherwise: stochastic depth."""
-    out = set()
-    try:
-        from torchvision.ops import stochastic_depth
-        out.add(stochastic_depth)
-    except ImportError:  # pragma: no cover
-        pass
-    return out
+    """Functions (fx leaves) that are identities in eval mode and per-sample otherwise: stochastic depth. Only
+    looked up when already imported (a model using it has imported it; importing torchvision costs seconds)."""
+    module = sys.modules.get("torchvision.ops.stochastic_depth")
+    return {module.stochastic_depth} if module is not None else set()
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:

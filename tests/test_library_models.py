@@ -5,6 +5,7 @@ refused at submission with the construct that stopped tracing. At the library le
 
 import io
 import json
+import sys
 import textwrap
 
 import httpx
@@ -19,10 +20,10 @@ from tests.conftest import REPO_ROOT
 from tests.service_helpers import artifact, wait_for
 
 
-def _trained_like(name, seed=0, **options):
+def _trained_like(name, seed=0, model=None, **options):
     """A library model in eval mode with every float tensor random (BN statistics too, like a trained net)."""
     torch.manual_seed(seed)
-    model = matching.build_model(name, **options)
+    model = model or matching.build_model(name, **options)
     state = model.state_dict()
     for key, value in state.items():
         if key.endswith("running_var"):
@@ -80,11 +81,7 @@ def plugin_path(tmp_path):
 
 
 # (architecture, file wrapper, dtype): the wrappers and dtypes users' training code saves
-HTTP_CASES = [
-    ("torchvision/efficientnet_b0", "plain", torch.float32),
-    ("torchvision/regnet_y_400mf", "state_dict", torch.float16),
-    ("timm/efficientnet_b0", "model_optimizer", torch.bfloat16),
-]
+HTTP_CASES = [("timm/efficientnet_b0", "model_optimizer", torch.bfloat16)]  # more models: library level, below
 
 
 def test_library_models_plugins_and_refusals_over_http(make_embedded_service, plugin_path):
@@ -118,9 +115,15 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
             assert response.status_code == 202, response.text
             jobs[name] = (response.json()["id"], model, spec, a, b, planted, dtype)
 
-        plugin_a, plugin_b = (_trained_like("acme/gatednet", seed=s, width=16).state_dict() for s in (0, 1))
-        ids = [client.post("/v1/checkpoints", files={"file": (f"g{i}.pt", _torch_file(s))}).json()["id"]
-               for i, s in enumerate((plugin_a, plugin_b))]
+        sys.path.insert(0, str(REPO_ROOT / "docs" / "plugin-example"))
+        try:
+            from acme_models import GatedNet
+        finally:
+            sys.path.pop(0)
+        plugin_states = [_trained_like("", seed=s, model=GatedNet(width=16)).state_dict() for s in (0, 1)]
+        ids = [client.post("/v1/checkpoints", files={"file": (f"g{i}.pt", _torch_file(
+            {"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in s.items()}, "epoch": 9}))}).json()["id"]
+               for i, s in enumerate(plugin_states)]
         plugin_job = client.post("/v1/jobs", json={"checkpoints": ids, "architecture": {"name": "acme/gatednet"}}).json()
 
         # a model torch.fx cannot trace: 422 at submission naming the construct and the way out
@@ -153,12 +156,22 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
         assert job["status"] == "succeeded", job
         assert job["result"]["matching"]["objective_final"] > job["result"]["matching"]["objective_initial"]
         assert job["result"]["architecture"]["options"] == {"width": 16, "in_channels": 3, "num_classes": 10}
+        aligned = load_safetensors(artifact(client, job, "aligned.safetensors"))
+        assert aligned["stem.weight"].dtype == torch.float16
+        model = GatedNet(width=16).eval()
+        outputs = []
+        for state in (plugin_states[1], aligned):  # the aligned B computes B's function
+            model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
+            with torch.no_grad():
+                outputs.append(model(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))))
+        assert (outputs[0] - outputs[1]).abs().max() <= 1e-4 * (1 + outputs[0].abs().max())
 
 
 # Library level: the rest of the models named in the issue (spec verified in float64 by infer_spec, planted
 # permutation recovered by weight matching, aligned model = A).
 LIBRARY_CASES = ["torchvision/resnext50_32x4d", "torchvision/densenet121", "torchvision/googlenet",
-                 "torchvision/convnext_tiny", "torchvision/mobilenet_v3_large"]
+                 "torchvision/convnext_tiny", "torchvision/mobilenet_v3_large", "torchvision/efficientnet_b0",
+                 "torchvision/regnet_y_400mf"]
 
 
 @pytest.mark.parametrize("name", LIBRARY_CASES)

@@ -250,3 +250,21 @@ def test_block_structured_spec_json_validation():
         spec_from_json({**good, "perms": {"P": {"groups": "two"}}})
     with pytest.raises(matching.MatchingError, match="itself"):
         spec_from_json({"axes_to_perm": {"w": ["P"]}, "perms": {"P": {"segments": [["P", 2]]}}})
+
+
+def test_ste_matching_keeps_block_structure():
+    from matching.evaluate import Dataset
+    from matching.ste_matching import ste_matching
+
+    model = _randomise(GroupedBlock(), 0)
+    spec = matching.infer_spec(model, torch.randn(2, 3, 8, 8))
+    state_a, state_b = model.state_dict(), _randomise(GroupedBlock(), 1).state_dict()
+    inputs = torch.randn(64, 3, 8, 8)
+    train = Dataset(inputs=inputs, targets=torch.randint(0, 5, (64,)))
+    perms, info = ste_matching(spec, model, state_a, state_b, train, steps=3, batch_size=32)
+    aligned = apply_permutation(spec, perms, state_b)
+    before, after = GroupedBlock().eval(), GroupedBlock().eval()
+    before.load_state_dict(state_b)
+    after.load_state_dict(aligned)
+    with torch.no_grad():
+        assert torch.allclose(before(inputs), after(inputs), atol=1e-4)
