@@ -146,8 +146,8 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
             # the aligned B computes B's function (eval mode, non-trivial BN statistics)
             x = example_input(name, model)
             outputs = []
-            for state in (b, aligned):
-                model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+            for state in (b, aligned):  # B as uploaded (in its dtype) and the aligned B
+                model.load_state_dict({k: v.to(dtype).float() if v.is_floating_point() else v for k, v in state.items()})
                 with torch.no_grad():
                     outputs.append(model(x))
             assert (outputs[0] - outputs[1]).abs().max() <= 1e-4 * (1 + outputs[0].abs().max()), name
