@@ -202,3 +202,19 @@ def test_registry_names_options_and_mnasnet_versioning():
 def _shapes(name, **options):
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in matching.build_model(name, **options).state_dict().items()}
+
+
+def test_spec_command_exports_a_verified_spec(tmp_path):
+    import subprocess
+
+    from tests.conftest import process_env, rebasin_command
+
+    env = process_env({"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'docs' / 'plugin-example'}"})
+    out = tmp_path / "spec.json"
+    done = subprocess.run(rebasin_command("spec", "--module", "acme_models:GatedNet", "--arch-option", "width=8",
+                                          "--input-shape", "3,8,8", "--out", str(out)), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    spec = spec_from_json(json.loads(out.read_text()))
+    assert spec.perms[spec.axes_to_perm["grouped.weight"][0]]["groups"] == 4
+    bad = subprocess.run(rebasin_command("spec", "--module", "acme_models:GatedNet"), env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--input-shape" in bad.stderr
