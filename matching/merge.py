@@ -144,7 +144,7 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
         raise MatchingError(f"{method} needs a dataset (the 'dataset' field / --data)")
     if opts["repair"] in ("reset", "repair") and not (has_dataset or has_eval_dataset):
         raise MatchingError(f"repair={opts['repair']!r} computes statistics on data: give a 'dataset' (or an "
-                            "'eval_dataset', whose training split 'inputs' is then used)")
+                            "'eval_dataset', whose 'inputs' are then used)")
     if permutation_spec is not None:
         if opts["repair"] in ("reset", "repair"):
             raise MatchingError(f"repair={opts['repair']!r} needs a model to run data through; give an architecture "
@@ -261,9 +261,14 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     elif train is not None or held_out is not None:
         train = held_out = None  # a bare spec has no model to evaluate: data is ignored (documented)
     eval_inputs, eval_targets, eval_split = _eval_split(train, held_out)
-    # Data for BN reset and REPAIR statistics: the dataset's training inputs, else the evaluation data.
-    bn_inputs, bn_split = (train.inputs, "dataset:train") if train is not None else (eval_inputs, eval_split)
-    bn_inputs = None if bn_inputs is None else bn_inputs.float()
+    # Data for BN reset and REPAIR statistics: the dataset's training inputs, else the eval dataset's `inputs` (its
+    # training split when it also has an eval split, else the evaluation data itself).
+    bn_inputs, bn_split = None, None
+    if train is not None:
+        bn_inputs, bn_split = train.inputs.float(), "dataset:train"
+    elif held_out is not None:
+        bn_inputs = held_out.inputs.float()
+        bn_split = "eval_dataset:train" if held_out.eval_inputs is not None else "eval_dataset"
     tick("validate", 1, 1, "inputs ok")
 
     report: dict = {"method": method, "num_checkpoints": len(states), "options": opts}

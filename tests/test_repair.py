@@ -66,6 +66,12 @@ def test_repair_lowers_the_midpoint_loss_of_a_norm_free_mlp(mlp_pair, data_file,
                                        options={"lambdas": 3, "repair": "none"})
     assert "aligned_repair" not in plain.report["curves"]
     assert plain.report["merged"]["loss"] == pytest.approx(plain.report["curves"]["aligned"]["loss"][1], abs=1e-6)
+    # With only an eval dataset, the statistics come from its training split, never from its held-out split.
+    held_out_only = matching.merge_checkpoints(mlp_pair, architecture={"name": "mlp"}, eval_dataset=data_file,
+                                               options={"lambdas": 3})
+    assert held_out_only.report["repair"]["data"] == "eval_dataset:train"
+    assert held_out_only.report["evaluation"]["split"] == "eval_dataset:eval"
+    assert held_out_only.report["evaluation_train"]["split"] == "eval_dataset:train"
 
 
 def test_repair_of_a_batchnorm_model_is_at_least_as_good_as_reset(tmp_path):
