@@ -75,17 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     from api.client import RebasinError
     from matching import MatchingError
 
     args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)  # merge and spec return their exit code (2: bad input)
+        return args.func(args)  # `rebasin merge` and `rebasin spec` return their exit code (2: bad input)
     except (RebasinError, MatchingError) as error:
         sys.exit(f"rebasin: {error}")
     except KeyboardInterrupt:
         sys.exit(130)
-    if code:
-        sys.exit(code)
 
