@@ -25,6 +25,9 @@ from api.problems import Problem
 
 router = APIRouter(tags=["session"])
 DOCS_ASSETS = "/docs-assets"
+# The doc pages run their own inline scripts; everything they load must still come from this server (ReDoc
+# would otherwise fetch its logo from a CDN).
+DOCS_POLICY = "default-src 'self' 'unsafe-inline' data: blob:; frame-ancestors 'none'"
 
 
 def content_security_policy(settings) -> str:
@@ -86,6 +89,11 @@ def sign_out(request: Request):
     return response
 
 
+def _with_policy(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = DOCS_POLICY
+    return response
+
+
 def install_web(app: FastAPI) -> None:
     """The app at /, its assets under /app/, and /docs + /redoc with assets from the fastapi-offline package."""
     app.include_router(router)
@@ -104,11 +112,11 @@ def install_web(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui():
-        return get_swagger_ui_html(
+        return _with_policy(get_swagger_ui_html(
             openapi_url=app.openapi_url, title=f"{app.title} API", swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
             oauth2_redirect_url="/docs/oauth2-redirect",
-        )
+        ))
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
     def swagger_ui_redirect():
@@ -116,7 +124,7 @@ def install_web(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     def redoc():
-        return get_redoc_html(
+        return _with_policy(get_redoc_html(
             openapi_url=app.openapi_url, title=f"{app.title} API", redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
             redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False,
-        )
+        ))
