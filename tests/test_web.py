@@ -360,3 +360,21 @@ def test_merge_from_the_browser_on_postgres_redis_s3(browser, make_production_se
     with api_client(service) as client:
         check_merge(page, client, outcome)
     context.close()
+
+
+def test_the_wheel_carries_the_web_app(tmp_path):
+    """`pip install .` ships the app's files (package data), so the installed server can serve them."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from tests.conftest import REPO_ROOT
+
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "benchmarks", "helm", "__pycache__", "build", "*.egg-info", ".rebasin"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source), "-w", str(tmp_path)],
+                   check=True, timeout=300)
+    names = zipfile.ZipFile(next(tmp_path.glob("rebasin-*.whl"))).namelist()
+    static = sorted(p.name for p in (REPO_ROOT / "web" / "static").iterdir())
+    assert static and all(f"web/static/{name}" in names for name in static), names

@@ -42,6 +42,7 @@ export function bytes(n) {
 function age(iso) {
   if (!iso) return "–";
   const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 10) return "just now";
   if (s < 60) return `${Math.floor(s)} s ago`;
   if (s < 3600) return `${Math.floor(s / 60)} min ago`;
   if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
@@ -230,7 +231,8 @@ function fileSection(kind) {
         speed.textContent = `${bytes(sent)} of ${bytes(file.size)} · ${bytes(sent / Math.max(seconds, 0.001))}/s`;
       });
       bar.value = file.size;
-      speed.textContent = `uploaded ${bytes(file.size)} in ${duration((performance.now() - started) / 1000)}`;
+      const seconds = (performance.now() - started) / 1000;
+      speed.textContent = `uploaded ${bytes(file.size)} in ${seconds.toFixed(1)} s · ${bytes(file.size / Math.max(seconds, 0.001))}/s`;
       line.classList.add("done");
       refresh();
     } catch (e) {
@@ -497,9 +499,9 @@ async function newJobView() {
     return body;
   }
 
-  main.replaceChildren(title("New merge"), checkpoints.length < 2
-    ? h("p", { class: "problem" }, "Upload at least two checkpoints first: ", h("a", { href: "#/files" }, "Checkpoints & datasets"), ".")
-    : null, form);
+  const hint = h("p", { class: "problem", hidden: checkpoints.length >= 2 },
+    "Upload at least two checkpoints first: ", h("a", { href: "#/files" }, "Checkpoints & datasets"), ".");
+  main.replaceChildren(title("New merge"), hint, form);
 }
 
 // --- one job -----------------------------------------------------------------------------------------------
