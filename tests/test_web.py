@@ -201,6 +201,37 @@ def test_invalid_job_shows_the_reason_beside_the_field(browser, server, files):
     context.close()
 
 
+def test_resubmitting_after_a_lost_answer_creates_one_job(browser, server, files):
+    with api_client(server) as client:
+        ids = [client.post("/v1/checkpoints", files={"file": (files[n].name, files[n].read_bytes())}).json()["id"] for n in "ab"]
+        jobs_before = {j["id"] for j in client.get("/v1/jobs?page_size=200").json()["items"]}
+    context, page = sign_in(browser, server)
+    keys = []
+
+    def lose_first_answer(route):
+        keys.append(route.request.headers.get("idempotency-key"))
+        if len(keys) == 1:
+            route.fetch()  # the server creates the job, but its answer never reaches the page
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    page.route("**/v1/jobs", lambda route: lose_first_answer(route) if route.request.method == "POST" else route.continue_())
+    page.goto(server.url + "/#/new")
+    form = page.locator("#job-form")
+    form.get_by_label("Model A").select_option(ids[0])
+    form.get_by_label("Model B").select_option(ids[1])
+    form.get_by_role("button", name="Start merge").click()
+    page.locator('[data-error-for="request"]').filter(has_text="could not be reached").wait_for()
+    form.get_by_role("button", name="Start merge").click()
+    page.wait_for_url(re.compile(r"#/jobs/[^/]+$"))
+    assert len(keys) == 2 and keys[0] and keys[0] == keys[1]
+    with api_client(server) as client:
+        created = {j["id"] for j in client.get("/v1/jobs?page_size=200").json()["items"]} - jobs_before
+    assert created == {page.url.rsplit("/", 1)[1]}
+    context.close()
+
+
 def test_cancel_a_long_job_from_its_page(browser, server, files):
     with api_client(server) as client:
         ids = [client.post("/v1/checkpoints", files={"file": (files[n].name, files[n].read_bytes())}).json()["id"] for n in "ab"]
