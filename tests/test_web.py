@@ -117,7 +117,8 @@ def run_merge_in_page(page, service: Service, files: dict[str, Path], screenshot
     form.wait_for()
     choose(form.get_by_label("Model A"), files["a"].name)
     choose(form.get_by_label("Model B"), files["b"].name)
-    form.locator('[data-field="architecture"] select').select_option("mlp")
+    form.locator('[data-field="architecture"] input').fill("mlp")
+    form.locator('[data-field="architecture"] input').dispatch_event("change")
     # The architecture's sizes, as model A implies them, are the shown defaults.
     sizes = form.locator('[data-field="architecture.options.sizes"] input')
     page.wait_for_function("s => document.querySelector(s).value === '64,32,10'", arg='[data-field="architecture.options.sizes"] input')

@@ -383,15 +383,24 @@ async function newJobView() {
     h("button", { type: "button", onclick: addModel }, "+ Add a model"), fieldError("checkpoints"));
 
   // Architecture or permutation spec.
-  const archSelect = h("select", { name: "architecture", onchange: () => { renderArchOptions(); inferDefaults(); } },
-    architectures.items.map((a) => h("option", { value: a.name }, a.name)));
+  // A free name with suggestions: torchvision/<name>, timm/<name> and plugins are valid too.
+  const archSelect = h("input", { name: "architecture", list: "architecture-names", value: architectures.items[0]?.name || "",
+    autocomplete: "off", onchange: () => { renderArchOptions(); inferDefaults(); } });
+  const archNames = h("datalist", { id: "architecture-names" }, architectures.items.map((a) => h("option", { value: a.name })));
   const archHelp = h("p", { class: "help" });
   const archOptions = h("div", { class: "grid" });
   let archInputs = {};
   function renderArchOptions(inferred = {}) {
-    const arch = architectures.items.find((a) => a.name === archSelect.value);
-    archHelp.textContent = arch ? arch.description : "";
+    const arch = architectures.items.find((a) => a.name === archSelect.value.trim());
+    archHelp.textContent = arch ? arch.description : "Options as the library's constructor takes them, as JSON (num_classes is inferred).";
     archInputs = {};
+    if (!arch) {
+      const json = h("textarea", { rows: 2, placeholder: '{"drop_rate": 0.0}' });
+      json.dataset.kind = "json";
+      archInputs[""] = json;
+      archOptions.replaceChildren(field("architecture.options", "Options (JSON)", json));
+      return;
+    }
     archOptions.replaceChildren(...Object.entries(arch ? arch.options : {}).map(([name, spec]) => {
       const input = optionInput(name, spec, inferred[name]);
       input.placeholder = inferred[name] === undefined ? `default ${Array.isArray(spec.default) ? spec.default.join(",") : spec.default}` : "";
@@ -413,7 +422,7 @@ async function newJobView() {
   const specFile = h("input", { type: "file", accept: ".json,application/json" });
   const useArch = h("input", { type: "radio", name: "model-kind", value: "architecture", id: "kind-arch", checked: true, onchange: toggleKind });
   const useSpec = h("input", { type: "radio", name: "model-kind", value: "spec", id: "kind-spec", onchange: toggleKind });
-  const archBlock = h("div", {}, field("architecture", "Architecture", archSelect), archHelp, archOptions);
+  const archBlock = h("div", {}, field("architecture", "Architecture", archSelect), archNames, archHelp, archOptions);
   const specBlock = h("div", { hidden: true }, field("permutation_spec", "Permutation spec (JSON, from rebasin spec)", specFile));
   function toggleKind() { archBlock.hidden = !useArch.checked; specBlock.hidden = useArch.checked; }
 
@@ -476,10 +485,18 @@ async function newJobView() {
     if (useArch.checked) {
       const options = {};
       for (const [name, input] of Object.entries(archInputs)) {
+        if (input.dataset.kind === "json") {
+          try {
+            Object.assign(options, input.value.trim() ? JSON.parse(input.value) : {});
+          } catch (e) {
+            throw { title: "Invalid request", errors: [{ field: "architecture.options", message: `Not JSON: ${e.message}` }] };
+          }
+          continue;
+        }
         const value = optionValue(input);
         if (value !== undefined) options[name] = value;
       }
-      body.architecture = { name: archSelect.value, options };
+      body.architecture = { name: archSelect.value.trim(), options };
     } else {
       if (!specFile.files.length) throw { title: "Invalid request", errors: [{ field: "permutation_spec", message: "Choose a spec JSON file." }] };
       try {
