@@ -46,6 +46,7 @@ def hash_key(key: str) -> str:
 SESSION_COOKIE = "rebasin_session"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+SESSION_MAX_AGE_S = 12 * 3600
 
 
 def _b64(data: bytes) -> str:
@@ -53,14 +54,14 @@ def _b64(data: bytes) -> str:
 
 
 def _session_secret(settings: Settings) -> bytes:
-    # Derived from the keys unless set: replicas agree without configuration, and changing the keys ends
-    # every session.
-    return hashlib.sha256(b"rebasin-session\0" + (settings.session_secret or settings.api_keys).encode()).digest()
+    # Derived from all the keys: replicas agree without configuration, a tenant (who knows one key) cannot
+    # forge it, and changing the keys ends every session.
+    return hashlib.sha256(b"rebasin-session\0" + settings.api_keys.encode()).digest()
 
 
 def make_session_token(settings: Settings, key_digest: str) -> str:
     """A signed cookie value naming the key by its digest (the key itself never reaches the browser again)."""
-    payload = _b64(json.dumps({"k": key_digest, "e": int(time.time()) + settings.session_max_age_s}).encode())
+    payload = _b64(json.dumps({"k": key_digest, "e": int(time.time()) + SESSION_MAX_AGE_S}).encode())
     return f"{payload}.{_b64(hmac.new(_session_secret(settings), payload.encode(), 'sha256').digest())}"
 
 

@@ -42,10 +42,6 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(6 * 3600, ge=60, description="A job running longer than this fails (soft limit; hard kill 60 s later).")
     job_heartbeat_timeout_s: float = Field(120, gt=0, description="A running job whose worker sent no heartbeat for this long is handed to another worker.")
     worker_max_memory_per_child_mb: int = Field(0, ge=0, description="Replace a worker process after a job once it holds this much memory (0 = never).")
-    session_secret: str | None = Field(
-        None, description="Key that signs the web app's session cookies; default: derived from REBASIN_API_KEYS (changing the keys ends every session)."
-    )
-    session_max_age_s: int = Field(12 * 3600, ge=60, description="Lifetime of a web app session (sign in again after it).")
     callback_secret: str | None = Field(None, description="HMAC-SHA256 key that signs job callbacks; callback_url is refused while unset.")
     callback_allow_private: bool = Field(False, description="Allow callbacks to loopback, link-local and private addresses (off: no SSRF).")
 

@@ -222,6 +222,7 @@ def test_resubmitting_after_a_lost_answer_creates_one_job(browser, server, files
     form = page.locator("#job-form")
     form.get_by_label("Model A").select_option(ids[0])
     form.get_by_label("Model B").select_option(ids[1])
+    page.wait_for_function("s => document.querySelector(s).value !== ''", arg='[data-field="architecture.options.sizes"] input')
     form.get_by_role("button", name="Start merge").click()
     page.locator('[data-error-for="request"]').filter(has_text="could not be reached").wait_for()
     form.get_by_role("button", name="Start merge").click()

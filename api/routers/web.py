@@ -14,6 +14,7 @@ from api.deps import (
     CSRF_HEADER,
     OPEN_MODE_TENANT,
     SESSION_COOKIE,
+    SESSION_MAX_AGE_S,
     SettingsDep,
     check_same_origin,
     csrf_token,
@@ -75,7 +76,7 @@ def sign_in(request: Request, response: Response, settings: SettingsDep, api_key
         raise Problem(401, "Unauthorized", "This API key is not valid on this server.", errors=[{"field": "api_key", "message": "not a valid API key"}])
     token = make_session_token(settings, digest)
     response.set_cookie(
-        SESSION_COOKIE, token, max_age=settings.session_max_age_s, path="/", httponly=True, samesite="strict",
+        SESSION_COOKIE, token, max_age=SESSION_MAX_AGE_S, path="/", httponly=True, samesite="strict",
         secure=behind_tls(request),
     )
     return _session_out(request, token, tenant)
