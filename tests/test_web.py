@@ -243,6 +243,14 @@ def test_cancel_a_long_job_from_its_page(browser, server, files):
         job = client.post("/v1/jobs", json=body).json()
         wait_for(client, job["id"], until=lambda j: j["status"] == "running", timeout_s=60)
     context, page = sign_in(browser, server)
+    # Its inputs cannot be deleted meanwhile: the API's 409, in words, beside the row.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.goto(server.url + "/#/files")
+    row = page.locator(f'section#checkpoints tr[data-id="{ids[0]}"]')
+    row.get_by_role("button", name="Delete").click()
+    row.locator(".row-error").filter(has_text="Not deleted").wait_for()
+    assert "queued or running job uses" in row.locator(".row-error").inner_text()
+
     page.goto(server.url + f"/#/jobs/{job['id']}")
     page.locator("#stage").filter(has_text="step").wait_for(timeout=30_000)  # live progress from the event stream
     page.locator("#cancel").click()
