@@ -69,7 +69,7 @@ def read_session_token(settings: Settings, token: str) -> str | None:
     """The key digest of a valid, unexpired session token, else None."""
     payload, _, signature = token.partition(".")
     expected = _b64(hmac.new(_session_secret(settings), payload.encode(), "sha256").digest())
-    if not hmac.compare_digest(signature, expected):
+    if not hmac.compare_digest(signature.encode(), expected.encode()):  # bytes: a cookie may hold any text
         return None
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -118,7 +118,8 @@ async def get_tenant(request: Request) -> str:
         if request.method not in SAFE_METHODS:
             check_same_origin(request)
             given = request.headers.get(CSRF_HEADER, "")
-            if not hmac.compare_digest(given, csrf_token(request.app.state.settings, request.cookies[SESSION_COOKIE])):
+            expected = csrf_token(request.app.state.settings, request.cookies[SESSION_COOKIE])
+            if not hmac.compare_digest(given.encode(), expected.encode()):
                 raise Problem(403, "CSRF token missing", f"Send the session's CSRF token in the {CSRF_HEADER} header.", kind="csrf")
         return tenant
     raise Problem(

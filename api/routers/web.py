@@ -20,7 +20,7 @@ from api.deps import (
     csrf_token,
     hash_key,
     make_session_token,
-    read_session_token,
+    session_tenant,
 )
 from api.problems import Problem
 
@@ -61,10 +61,8 @@ def _session_out(request: Request, token: str | None, tenant: str | None) -> dic
 
 @router.get("/v1/session", summary="The browser's session: signed in or not, and its CSRF token")
 def get_session(request: Request):
-    token = request.cookies.get(SESSION_COOKIE)
-    digest = token and read_session_token(request.app.state.settings, token)
-    tenant = request.app.state.tenant_by_key_digest.get(digest) if digest else None
-    return _session_out(request, token if tenant else None, tenant)
+    tenant = session_tenant(request)
+    return _session_out(request, request.cookies.get(SESSION_COOKIE) if tenant else None, tenant)
 
 
 @router.post("/v1/session", summary="Sign in a browser: the API key becomes an HttpOnly, SameSite=Strict session cookie")
