@@ -336,11 +336,11 @@ def test_cross_origin_posts_cannot_change_anything(browser, server, files):
     context.close()
 
 
-def test_second_tenant_sees_nothing_and_sign_out_ends_access(browser, server):
+def test_second_tenant_sees_nothing_and_sign_out_ends_access(browser, server, files):
     with api_client(server, "alice") as client:
-        alice_job = client.get("/v1/jobs").json()["items"][0]["id"]
+        ids = [client.post("/v1/checkpoints", files={"file": (files[n].name, files[n].read_bytes())}).json()["id"] for n in "ab"]
+        alice_job = client.post("/v1/jobs", json={"checkpoints": ids, "architecture": {"name": "mlp"}}).json()["id"]
         alice_checkpoints = client.get("/v1/checkpoints").json()["items"]
-    assert alice_checkpoints
     context, page = sign_in(browser, server, "bob")
     page.goto(server.url + "/#/files")
     page.locator("text=No checkpoints yet.").wait_for()
