@@ -390,16 +390,34 @@ def test_api_docs_render_without_network(browser, server, path, shown):
     context.close()
 
 
-def test_merge_from_the_browser_on_postgres_redis_s3(browser, make_production_service, s3_bucket, files, screenshots):
+def test_merge_from_the_browser_on_postgres_redis_s3(browser, make_production_service, s3_bucket, files, screenshots, tmp_path):
+    import boto3
+
     endpoint, bucket = s3_bucket
+    part = 5 * 1024 * 1024  # S3's smallest part: files from this size on go from the browser straight to S3
     service = make_production_service(
-        REBASIN_ARTIFACT_URI=f"s3://{bucket}/rebasin", REBASIN_S3_ENDPOINT_URL=endpoint,
+        REBASIN_ARTIFACT_URI=f"s3://{bucket}/rebasin", REBASIN_S3_ENDPOINT_URL=endpoint, REBASIN_DIRECT_UPLOAD_PART_BYTES=str(part),
         REBASIN_API_KEYS=f"alice:{KEYS['alice']}", **S3_CREDENTIALS,
     )
+    boto3.client("s3", endpoint_url=endpoint).put_bucket_cors(Bucket=bucket, CORSConfiguration={"CORSRules": [
+        {"AllowedOrigins": [service.url], "AllowedMethods": ["PUT"], "AllowedHeaders": ["*"], "ExposeHeaders": ["ETag"]}]})
     context, page = sign_in(browser, service)
     outcome = run_merge_in_page(page, service, files, screenshots, "production")
     with api_client(service) as client:
         check_merge(page, client, outcome)
+
+    # A larger dataset goes through the presigned multipart flow: two parts PUT by the browser to S3 itself.
+    generator = torch.Generator().manual_seed(0)
+    large = tmp_path / "large.safetensors"
+    large.write_bytes(save_safetensors({"inputs": torch.rand(24_000, 64, generator=generator),
+                                        "targets": torch.randint(0, 10, (24_000,), generator=generator)}))
+    puts = []
+    page.on("request", lambda request: puts.append(request.url) if request.method == "PUT" else None)
+    upload_in_page(page, "dataset", large)
+    assert len(puts) == 2 and all(url.startswith(f"{endpoint}/{bucket}/") for url in puts), puts
+    with api_client(service) as client:
+        stored = next(d for d in client.get("/v1/datasets").json()["items"] if d["name"] == large.name)
+    assert stored["num_examples"] == 24_000 and stored["size_bytes"] == large.stat().st_size
     context.close()
 
 

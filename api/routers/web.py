@@ -56,6 +56,8 @@ def _session_out(request: Request, token: str | None, tenant: str | None) -> dic
         "tenant": OPEN_MODE_TENANT if open_mode else tenant,
         "csrf_token": csrf_token(settings, token) if token and tenant else None,
         "csrf_header": CSRF_HEADER,
+        # Files this large go straight to S3 (presigned multipart); smaller ones, or any on a local store, stream.
+        "direct_upload_min_bytes": settings.direct_upload_part_bytes if settings.resolved_artifact_uri().startswith("s3://") else None,
     }
 
 

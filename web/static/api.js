@@ -2,6 +2,11 @@
 
 let csrf = null;
 
+// crypto.randomUUID exists only in secure contexts (HTTPS, localhost); getRandomValues everywhere.
+export function newKey() {
+  return [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 export class ApiError extends Error {
   constructor(status, problem) {
     super(problem.detail || problem.title || `HTTP ${status}`);
@@ -10,7 +15,7 @@ export class ApiError extends Error {
   }
 }
 
-export function setCsrf(session) {
+function setCsrf(session) {
   csrf = session && session.csrf_token ? { header: session.csrf_header, token: session.csrf_token } : null;
 }
 
@@ -67,14 +72,19 @@ export function send(method, url, body, { onProgress, headers: h = {}, withApiHe
   });
 }
 
-// Direct to S3 (presigned multipart, /v1/uploads) for large files; streamed through the API otherwise, or when
-// the server keeps artifacts in a local directory (409 direct-uploads-unavailable).
-export const DIRECT_UPLOAD_MIN_BYTES = 64 * 1024 * 1024;
+// Direct to S3 (presigned multipart, /v1/uploads) for files of at least one part, as the server's session says;
+// streamed through the API otherwise, or when the server keeps artifacts in a local directory.
+let directUploadMinBytes = null;
+
+export function setSession(session) {
+  setCsrf(session);
+  directUploadMinBytes = session ? session.direct_upload_min_bytes : null;
+}
 
 export async function uploadFile(kind, file, onProgress) {
   const plural = kind === "checkpoint" ? "checkpoints" : "datasets";
-  const key = crypto.randomUUID();
-  if (file.size >= DIRECT_UPLOAD_MIN_BYTES) {
+  const key = newKey();
+  if (directUploadMinBytes && file.size >= directUploadMinBytes) {
     let upload = null;
     try {
       upload = await api("POST", "/v1/uploads", { kind, name: file.name, size_bytes: file.size }, { "Idempotency-Key": key });

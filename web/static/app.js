@@ -1,7 +1,7 @@
 // rebasin in the browser: hash routes, each a function that renders into <main>. Text from the server is
 // only ever set as text (textContent, attribute values), never parsed as HTML.
 
-import { api, ApiError, setCsrf, uploadFile } from "./api.js";
+import { api, ApiError, newKey, setSession, uploadFile } from "./api.js";
 import { drawCurves } from "./chart.js";
 
 const main = document.getElementById("main");
@@ -87,7 +87,7 @@ async function allPages(path) {
 
 async function loadSession() {
   session = await api("GET", "/v1/session");
-  setCsrf(session);
+  setSession(session);
   document.getElementById("nav").hidden = !session.signed_in;
   document.getElementById("tenant").textContent = session.signed_in && !session.open_mode ? `Tenant: ${session.tenant}` : "";
   document.getElementById("sign-out").hidden = !(session.signed_in && !session.open_mode);
@@ -457,7 +457,7 @@ async function newJobView() {
     }
     // The same body again (after a network error, say) reuses its Idempotency-Key: at most one job.
     const text = JSON.stringify(body);
-    if (!lastAttempt || lastAttempt.text !== text) lastAttempt = { text, key: crypto.randomUUID() };
+    if (!lastAttempt || lastAttempt.text !== text) lastAttempt = { text, key: newKey() };
     submit.disabled = true;
     try {
       const job = await api("POST", "/v1/jobs", body, { "Idempotency-Key": lastAttempt.key });
