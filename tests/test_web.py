@@ -261,8 +261,9 @@ def test_cancel_a_long_job_from_its_page(browser, server, files):
     context.close()
 
 
-def test_hostile_names_render_as_text(browser, server, files):
+def test_hostile_names_render_as_text(browser, server, files, tmp_path):
     with api_client(server) as client:
+        client.post("/v1/checkpoints", files={"file": (files["a"].name, files["a"].read_bytes())}).raise_for_status()
         client.post("/v1/checkpoints", data={"name": XSS}, files={"file": ("x.safetensors", files["a"].read_bytes())}).raise_for_status()
         client.post("/v1/datasets", data={"name": SCRIPT}, files={"file": ("x.safetensors", files["data"].read_bytes())}).raise_for_status()
     context, page = sign_in(browser, server)
@@ -275,6 +276,18 @@ def test_hostile_names_render_as_text(browser, server, files):
     page.locator("#job-form").wait_for()
     assert XSS in page.locator('[data-field="checkpoints"]').inner_text()
     assert SCRIPT in page.locator('[data-field="eval_dataset"]').inner_text()
+
+    # The API's refusal of a spec naming a hostile tensor, shown beside the spec field.
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"axes_to_perm": {"layers.0.weight": ["P_0", None], "layers.0.bias": ["P_0"],
+                                                 "layers.1.weight": [None, "P_0"], "layers.1.bias": [None], XSS: [None]}}))
+    form = page.locator("#job-form")
+    choose(form.get_by_label("Model A"), XSS)
+    choose(form.get_by_label("Model B"), "model_a")
+    form.get_by_label("Permutation spec file").check()
+    form.locator('[data-field="permutation_spec"] input').set_input_files(str(spec))
+    form.get_by_role("button", name="Start merge").click()
+    page.locator('[data-error-for="permutation_spec"]').filter(has_text=XSS).wait_for()
 
     # A failed job whose error carries markup (as a worker could report it, from user input).
     hostile = {"id": "job_hostile", "status": "failed", "method": "weight_matching", "created_at": "2026-01-01T00:00:00Z",

@@ -291,9 +291,12 @@ function showProblem(form, problem) {
   // Each error goes beside its field (longest matching prefix of its location), the rest above the button.
   form.querySelectorAll(".field-error").forEach((p) => { p.textContent = ""; });
   form.querySelectorAll("[aria-invalid]").forEach((n) => n.removeAttribute("aria-invalid"));
-  const errors = Array.isArray(problem.errors) && problem.errors.length ? problem.errors : [{ message: problem.detail }];
+  // Without a list of errors, a detail that starts with a field's name ("permutation_spec names ...") goes there.
+  const lead = String(problem.detail || "").match(/^'?([a-z_]+(?:\.[a-z_0-9]+)*)'?[\s:]/);
+  const errors = Array.isArray(problem.errors) && problem.errors.length ? problem.errors
+    : [{ field: lead ? lead[1] : null, message: problem.detail }];
   for (const error of errors) {
-    let path = error.field ?? (Array.isArray(error.loc) ? error.loc.filter((p) => p !== "body").join(".") : null)
+    const path = error.field ?? (Array.isArray(error.loc) ? error.loc.filter((p) => p !== "body").join(".") : null)
       ?? (error.pointer ? error.pointer.replace(/^#?\//, "").replaceAll("/", ".") : "");
     let slot = null;
     for (let parts = String(path || "").split("."); parts.length && !slot; parts.pop()) {
