@@ -235,14 +235,18 @@ def test_resubmitting_after_a_lost_answer_creates_one_job(browser, server, files
 
 
 def test_cancel_a_long_job_from_its_page(browser, server, files):
+    context, page = sign_in(browser, server)
+    page.goto(server.url + "/#/jobs")
+    page.locator("#jobs").wait_for()
     with api_client(server) as client:
         ids = [client.post("/v1/checkpoints", files={"file": (files[n].name, files[n].read_bytes())}).json()["id"] for n in "ab"]
         data = client.post("/v1/datasets", files={"file": ("d.safetensors", files["data"].read_bytes())}).json()["id"]
         body = {"method": "ste_matching", "checkpoints": ids, "architecture": {"name": "mlp"}, "dataset": data,
                 "options": {"steps": 100_000}}
         job = client.post("/v1/jobs", json=body).json()
-        wait_for(client, job["id"], until=lambda j: j["status"] == "running", timeout_s=60)
-    context, page = sign_in(browser, server)
+        # The open jobs list shows the new job by itself, and then that it runs.
+        page.locator("#jobs tbody tr").filter(has_text=job["id"]).filter(has_text="running").wait_for(timeout=60_000)
+        assert page.locator("#jobs tbody tr").first.inner_text().startswith(job["id"])  # newest first
     # Its inputs cannot be deleted meanwhile: the API's 409, in words, beside the row.
     page.once("dialog", lambda dialog: dialog.accept())
     page.goto(server.url + "/#/files")
