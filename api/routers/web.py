@@ -10,15 +10,13 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 import web
-from api.deps import (
+from api.deps import OPEN_MODE_TENANT, SettingsDep, hash_key
+from api.sessions import (
     CSRF_HEADER,
-    OPEN_MODE_TENANT,
     SESSION_COOKIE,
     SESSION_MAX_AGE_S,
-    SettingsDep,
     check_same_origin,
     csrf_token,
-    hash_key,
     make_session_token,
     session_tenant,
 )
