@@ -219,7 +219,7 @@ function fileSection(kind) {
   }
 
   async function upload(file) {
-    const bar = h("progress", { max: file.size || 1, value: 0 });
+    const bar = h("progress", { max: file.size || 1, value: 0, "aria-label": `Upload of ${file.name}` });
     const speed = h("span", { class: "muted" }, "starting…");
     const line = h("li", {}, h("span", { class: "name" }, file.name), " ", bar, " ", speed);
     uploads.appendChild(line);
@@ -536,7 +536,7 @@ function jobView(jobId) {
   let source = null;
 
   const stage = h("p", { id: "stage" });
-  const bar = h("progress", { id: "progress", max: 1, value: 0 });
+  const bar = h("progress", { id: "progress", max: 1, value: 0, "aria-label": "Job progress" });
   const elapsed = h("span", { id: "elapsed" });
   const attempts = h("span", { id: "attempts" });
   const cancel = h("button", { type: "button", class: "danger", id: "cancel", onclick: async () => {
