@@ -13,13 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from playwright import sync_api as playwright_sync
 from safetensors.torch import save as save_safetensors
 
 from tests.conftest import S3_CREDENTIALS, Service, free_port
 from tests.data_helpers import digits, trained
 from tests.service_helpers import wait_for
-
-playwright_sync = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
