@@ -380,7 +380,10 @@ def test_second_tenant_sees_nothing_and_sign_out_ends_access(browser, server, fi
     assert not any(c["name"] == "rebasin_session" for c in context.cookies())
     assert page.evaluate("fetch('/v1/checkpoints').then(r => r.status)") == 401
     page.goto(server.url + "/#/files")
-    page.get_by_label("API key").wait_for()
+    page.get_by_label("API key").fill("not-a-key")
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("#err-api_key").filter(has_text="not valid").wait_for()
+    assert not any(c["name"] == "rebasin_session" for c in context.cookies())
     context.close()
 
 

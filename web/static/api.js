@@ -45,7 +45,8 @@ export async function api(method, path, body, extraHeaders = {}) {
   } catch (error) {
     throw new ApiError(0, { title: "Network error", detail: `The server could not be reached (${error.message}). Try again.` });
   }
-  if (response.status === 401) window.dispatchEvent(new CustomEvent("unauthorized"));
+  // A session that ended (signed out elsewhere, keys changed): the app goes back to its sign-in page.
+  if (response.status === 401 && path !== "/v1/session") window.dispatchEvent(new CustomEvent("unauthorized"));
   if (!response.ok) throw new ApiError(response.status, await problemOf(response));
   if (response.status === 204) return null;
   return response.json();

@@ -123,8 +123,8 @@ document.getElementById("sign-out").addEventListener("click", async () => {
 });
 
 window.addEventListener("unauthorized", () => {
-  if (session && !session.open_mode && location.hash !== "#/signin") {
-    loadSession().finally(() => { location.hash = "#/signin"; });
+  if (session && session.signed_in && !session.open_mode) {
+    loadSession().finally(() => { if (location.hash === "#/signin") route(); else location.hash = "#/signin"; });
   }
 });
 
