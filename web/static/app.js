@@ -533,7 +533,6 @@ function jobView(jobId) {
   const request = h("details", { class: "card" });
   main.replaceChildren(title(`Job ${jobId}`), head, live, outcome, request);
   let job = null;
-  let source = null;
 
   const stage = h("p", { id: "stage" });
   const bar = h("progress", { id: "progress", max: 1, value: 0, "aria-label": "Job progress" });
@@ -583,11 +582,14 @@ function jobView(jobId) {
     }
   }
 
+  let left = false;
+  onCleanup(() => { left = true; });
   api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`).then((first) => {
+    if (left) return;  // the page was left before the job arrived: open no stream
     render(first);
     if (["succeeded", "failed", "cancelled"].includes(first.status)) return;
     // Live updates from the server's event stream (it sends the job on every change, then "end").
-    source = new EventSource(`/v1/jobs/${encodeURIComponent(jobId)}/events`);
+    const source = new EventSource(`/v1/jobs/${encodeURIComponent(jobId)}/events`);
     const onEvent = (event) => render(JSON.parse(event.data));
     source.addEventListener("progress", onEvent);
     source.addEventListener("end", (event) => { onEvent(event); source.close(); });
