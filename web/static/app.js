@@ -315,8 +315,10 @@ function showProblem(form, problem) {
 
 function optionInput(name, spec, value) {
   if (Array.isArray(spec.enum)) {
-    const select = h("select", {}, spec.enum.map((v) => h("option", { value: v }, v)));
-    select.value = value ?? spec.default;
+    const noDefault = value === undefined && (spec.default === undefined || spec.default === null);
+    const select = h("select", {}, noDefault ? h("option", { value: "" }, "server default") : null,
+      spec.enum.map((v) => h("option", { value: v }, v)));
+    select.value = value ?? spec.default ?? "";
     return select;
   }
   const type = spec.type === "integer" || spec.type === "int" ? "int" : spec.type === "number" || spec.type === "float" ? "float" : "text";

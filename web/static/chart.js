@@ -2,7 +2,8 @@
 // Hover (or focus and press the arrow keys) to read lambda, loss and accuracy of both curves.
 
 const SVG = "http://www.w3.org/2000/svg";
-const SERIES = [["naive", "Naive"], ["aligned", "Aligned"]];
+const LABELS = { naive: "Naive", aligned: "Aligned", aligned_repair: "Aligned + REPAIR" };
+let SERIES = [];
 
 function el(name, attrs = {}, parent = null) {
   const node = document.createElementNS(SVG, name);
@@ -37,6 +38,9 @@ function panel(svg, curves, metric, top, height, width, margin) {
 }
 
 export function drawCurves(container, curves, caption) {
+  // Every curve the result holds (naive, aligned, and e.g. aligned_repair), in a fixed order.
+  SERIES = Object.keys(curves).filter((k) => k !== "lambdas" && curves[k] && curves[k].loss)
+    .sort((a, b) => Object.keys(LABELS).indexOf(a) - Object.keys(LABELS).indexOf(b)).map((k) => [k, LABELS[k] || k]);
   const width = 640, margin = 52, height = 150;
   const svg = el("svg", { viewBox: `0 0 ${width} ${2 * height + 110}`, role: "img", class: "chart", tabindex: 0,
     "aria-label": `${caption}. Focus and use the arrow keys to read each point.` });
@@ -72,8 +76,8 @@ export function drawCurves(container, curves, caption) {
       dl.setAttribute("cx", px); dl.setAttribute("cy", loss.y(curves[key].loss[index])); dl.setAttribute("visibility", "visible");
       da.setAttribute("cx", px); da.setAttribute("cy", acc.y(curves[key].accuracy[index])); da.setAttribute("visibility", "visible");
     });
-    readout.textContent = `λ = ${xs[index].toFixed(3)} · naive: loss ${fmt(curves.naive.loss[index])}, accuracy ${fmt(curves.naive.accuracy[index])}` +
-      ` · aligned: loss ${fmt(curves.aligned.loss[index])}, accuracy ${fmt(curves.aligned.accuracy[index])}`;
+    readout.textContent = `λ = ${xs[index].toFixed(3)}` +
+      SERIES.map(([key]) => ` · ${key}: loss ${fmt(curves[key].loss[index])}, accuracy ${fmt(curves[key].accuracy[index])}`).join("");
   };
   svg.addEventListener("pointermove", (event) => {
     const box = svg.getBoundingClientRect();
