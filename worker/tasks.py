@@ -1,15 +1,16 @@
 """Celery tasks and the worker's background duties."""
 
 import logging
+import os
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy import select
 
 from core.config import get_settings
 from storage.db import session_scope
 from storage.models import Job
-from worker import callbacks
+from worker import callbacks, devices
 from worker.app import celery_app
 from worker.jobs import execute_job, job_payload, requeue_lost_jobs
 
@@ -42,10 +43,11 @@ def deliver_callback(job_id: str) -> None:
     log.info("job %s: callback delivered to %s", job_id, url)
 
 
-def _sweep_stale_jobs() -> None:
+def _sweep_stale_jobs(name: str) -> None:
     settings = get_settings()
     while not _stop_sweeping.wait(max(1.0, settings.job_heartbeat_timeout_s / 2)):
         try:
+            devices.register(settings.resolved_database_url(), name, settings.worker_device)
             for job_id in requeue_lost_jobs(settings):
                 log.warning("job %s: lost by its worker or the broker; queued again", job_id)
         except Exception:
@@ -54,10 +56,23 @@ def _sweep_stale_jobs() -> None:
 
 @worker_ready.connect
 def _start_sweeper(**_) -> None:
+    settings = get_settings()
+    # `rebasin worker` resolved the device (auto -> cpu or cuda:0) into the settings before starting us.
+    devices.register(settings.resolved_database_url(), devices.worker_name(), settings.worker_device)
     # Covers a worker killed as a whole (no parent left to hand its job back to the broker).
-    threading.Thread(target=_sweep_stale_jobs, name="stale-job-sweeper", daemon=True).start()
+    threading.Thread(target=_sweep_stale_jobs, args=(devices.worker_name(),), name="stale-job-sweeper", daemon=True).start()
+
+
+@worker_process_init.connect
+def _announce_device(**_) -> None:
+    # In the pool process that runs the jobs: CUDA may be initialised here, not in the parent.
+    log.info("worker process %d runs jobs on %s", os.getpid(), devices.describe(get_settings().worker_device))
 
 
 @worker_shutdown.connect
 def _stop_sweeper(**_) -> None:
     _stop_sweeping.set()
+    try:
+        devices.unregister(get_settings().resolved_database_url(), devices.worker_name())
+    except Exception:
+        log.exception("could not remove this worker from the workers table")
