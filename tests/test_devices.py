@@ -5,10 +5,13 @@ which device ran it."""
 import subprocess
 import time
 
+import pytest
 import torch
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+import cli
+from core.config import get_settings
 from storage.models import Worker
 from tests.conftest import process_env, rebasin_command
 from tests.service_helpers import make_mlp, submit, upload, wait_for
@@ -19,17 +22,26 @@ def mlp_job(client, **body) -> dict:
     return {"checkpoints": ids, "architecture": {"name": "mlp"}} | body
 
 
-def test_worker_refuses_a_gpu_it_does_not_have_and_more_than_one_job_per_gpu(tmp_path):
+def test_worker_refuses_a_gpu_it_does_not_have_and_more_than_one_job_per_gpu(tmp_path, monkeypatch, capsys):
     missing = "cuda:99" if torch.cuda.is_available() else "cuda"  # no machine running these tests has the first
-    cases = [(["--device", missing], [repr(missing), "--device cpu"]),
-             (["--device", "cuda:0", "--concurrency", "2"], ["one job at a time per GPU", "--concurrency must be 1"])]
-    for arguments, fragments in cases:
-        done = subprocess.run(rebasin_command("worker", "--data-dir", str(tmp_path), *arguments), env=process_env({}),
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2, (arguments, done.stderr)
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("rebasin worker: "), done.stderr
-        assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    done = subprocess.run(rebasin_command("worker", "--data-dir", str(tmp_path), "--device", missing), env=process_env({}),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rebasin worker: "), done.stderr
+    assert repr(missing) in lines[0] and "--device cpu" in lines[0], lines[0]
+
+    # The same check in this process (what it sets in the environment is restored afterwards).
+    monkeypatch.setenv("REBASIN_WORKER_DEVICE", "auto")
+    monkeypatch.setenv("REBASIN_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["worker", "--device", "cuda:0", "--concurrency", "2"])
+    monkeypatch.undo()
+    get_settings.cache_clear()  # it read the patched environment
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("rebasin worker: one job at a time per GPU") and "--concurrency must be 1" in message
+    assert len(message.splitlines()) == 1
 
 
 def test_embedded_server_refuses_a_gpu_job_it_cannot_run_and_tells_the_device_used(embedded_service, test_device):
@@ -72,7 +84,6 @@ def test_production_gpu_job_waits_visibly_while_no_gpu_worker_is_connected(make_
         # The CPU worker runs CPU work meanwhile and leaves the GPU job alone.
         done = wait_for(client, submit(client, body | {"device": "cpu"})["id"], timeout_s=120)
         assert done["status"] == "succeeded" and done["device_used"] == "cpu"
-        time.sleep(1)
         still = client.get(f"/v1/jobs/{waiting['id']}").json()
         assert still["status"] == "queued" and still["device_used"] is None
         assert still["progress"]["message"] == waiting["progress"]["message"]

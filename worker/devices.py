@@ -4,6 +4,7 @@ the database (the ``workers`` table, which the API reads to tell whether a GPU j
 import logging
 import os
 import socket
+from datetime import timedelta
 
 import torch
 from sqlalchemy import delete, exists, select, update
@@ -73,10 +74,12 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def register(db_url: str, name: str, device: str) -> None:
-    """Insert or refresh this worker's row (called at start and on every sweep)."""
+def register(db_url: str, name: str, device: str, heartbeat_timeout_s: float) -> None:
+    """Insert or refresh this worker's row (called at start and on every sweep), and forget workers that
+    died without removing theirs."""
     with session_scope(db_url) as session:
         now = utcnow()
+        session.execute(delete(Worker).where(Worker.heartbeat_at < now - timedelta(seconds=10 * heartbeat_timeout_s)))
         if not session.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=now, device=device)).rowcount:
             session.add(Worker(name=name, device=device, started_at=now, heartbeat_at=now))
         session.commit()

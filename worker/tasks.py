@@ -16,6 +16,7 @@ from worker.jobs import execute_job, job_payload, requeue_lost_jobs
 
 log = logging.getLogger("rebasin.worker")
 _stop_sweeping = threading.Event()
+_sweeper: list[threading.Thread] = []
 
 
 @celery_app.task(name="rebasin.run_job")
@@ -43,11 +44,20 @@ def deliver_callback(job_id: str) -> None:
     log.info("job %s: callback delivered to %s", job_id, url)
 
 
+def _register(settings, name: str) -> None:
+    # `rebasin worker` resolved the device (auto -> cpu or cuda:0) into the settings before starting us.
+    try:
+        devices.register(settings.resolved_database_url(), name, settings.worker_device, settings.job_heartbeat_timeout_s)
+    except Exception:
+        log.exception("could not register this worker's device in the workers table")
+
+
 def _sweep_stale_jobs(name: str) -> None:
     settings = get_settings()
+    _register(settings, name)
     while not _stop_sweeping.wait(max(1.0, settings.job_heartbeat_timeout_s / 2)):
+        _register(settings, name)
         try:
-            devices.register(settings.resolved_database_url(), name, settings.worker_device)
             for job_id in requeue_lost_jobs(settings):
                 log.warning("job %s: lost by its worker or the broker; queued again", job_id)
         except Exception:
@@ -56,11 +66,9 @@ def _sweep_stale_jobs(name: str) -> None:
 
 @worker_ready.connect
 def _start_sweeper(**_) -> None:
-    settings = get_settings()
-    # `rebasin worker` resolved the device (auto -> cpu or cuda:0) into the settings before starting us.
-    devices.register(settings.resolved_database_url(), devices.worker_name(), settings.worker_device)
     # Covers a worker killed as a whole (no parent left to hand its job back to the broker).
-    threading.Thread(target=_sweep_stale_jobs, args=(devices.worker_name(),), name="stale-job-sweeper", daemon=True).start()
+    _sweeper.append(threading.Thread(target=_sweep_stale_jobs, args=(devices.worker_name(),), name="stale-job-sweeper", daemon=True))
+    _sweeper[0].start()
 
 
 @worker_process_init.connect
@@ -72,6 +80,8 @@ def _announce_device(**_) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(**_) -> None:
     _stop_sweeping.set()
+    for thread in _sweeper:
+        thread.join(timeout=30)  # so that it cannot register this worker again after we remove it
     try:
         devices.unregister(get_settings().resolved_database_url(), devices.worker_name())
     except Exception:
