@@ -75,17 +75,17 @@ def cases(quick: bool) -> list[Case]:
 
     model, spec, a, b = _pair("resnet20", {"width": 4, "norm": "layer"})
     weights = _nbytes(a) + _nbytes(b)
-    examples = 256 if quick else 10_000
+    examples = 64 if quick else 10_000
     data = _data(examples)
     out.append(Case("activation matching ResNet20-LN x4", f"{examples} examples, batch 256",
                     lambda dev: activation_matching(spec, model, a, b, data.inputs, batch_size=256, device=dev),
                     weights + data.inputs.nbytes))
-    steps, batch = (5, 32) if quick else (100, 256)
+    steps, batch = (3, 16) if quick else (100, 256)
     out.append(Case("STE matching ResNet20-LN x4", f"{steps} steps, batch {batch}",
                     lambda dev: ste_matching(spec, model, a, b, data, steps=steps, batch_size=batch, device=dev),
                     steps * (weights + batch * data.inputs[0].nbytes)))
     lambdas = [i / 24 for i in range(25)]
-    examples = 64 if quick else 10_000
+    examples = 16 if quick else 10_000
     curve_data = _data(examples, seed=1)
 
     def curve(dev):
