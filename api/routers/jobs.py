@@ -20,8 +20,8 @@ from core.schemas import JobCreate, JobOut, JobStatus, Page
 from storage.db import get_sessionmaker
 from storage.models import TERMINAL_STATUSES, Checkpoint, Dataset, Job, JobInput, utcnow
 from worker.app import enqueue_callback, enqueue_job
-from worker.devices import DeviceUnavailable, gpu_worker_connected, resolve_worker_device
 from worker.callbacks import CallbackRefused, check_callback_url
+from worker.devices import DeviceUnavailable, gpu_worker_connected, resolve_worker_device
 
 log = logging.getLogger("rebasin.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
