@@ -11,9 +11,11 @@ from scipy.optimize import linear_sum_assignment
 
 from matching.spec import PermutationSpec, identity_perms, perm_sizes
 
-try:
+try:  # lapx is a dependency; scipy stays the fallback (and the solver of ``solver="scipy"``)
     import lap as _lapx
 except ImportError:  # pragma: no cover
+    _lapx = None
+if _lapx is not None and not hasattr(_lapx, "lapjvs"):  # pragma: no cover (lapx < 0.11)
     _lapx = None
 
 
