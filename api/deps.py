@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from api.config import Settings
+from core.config import Settings
 from api.problems import Problem
 from storage.artifacts import ArtifactStore
 from storage.db import get_sessionmaker

@@ -6,9 +6,9 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.config import Settings, get_settings
+from core.config import Settings, get_settings
 from api.deps import hash_key
-from api.logs import request_id_var
+from core.logs import request_id_var
 from api.metrics import RequestMetrics, create_registry
 from api.problems import MEDIA_TYPE, install_problem_handlers
 from api.routers import architectures, files, health, jobs, uploads

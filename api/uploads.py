@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from api.config import Settings
+from core.config import Settings
 from api.problems import Problem
 from storage.artifacts import ArtifactStore, sha256_file
 from storage.ingest import IngestError, TensorFileInfo, check_dataset, inspect_upload

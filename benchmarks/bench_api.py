@@ -50,9 +50,9 @@ def start_server(data_dir: Path, extra_env: dict[str, str]) -> tuple[subprocess.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REBASIN_")} | {
         "REBASIN_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO_ROOT)} | extra_env
     if "REBASIN_DATABASE_URL" in extra_env:
-        subprocess.run([sys.executable, "-m", "api.cli", "db", "upgrade"], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "cli", "db", "upgrade"], env=env, check=True, stdout=subprocess.DEVNULL)
     server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--no-worker", "--log-level", "warning"],
+        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--no-worker", "--log-level", "warning"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

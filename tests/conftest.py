@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 def rebasin_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "api.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def process_env(extra: dict[str, str]) -> dict[str, str]:
@@ -245,7 +245,7 @@ class StorageBackend:
     env: dict[str, str]
 
     def settings(self, **overrides):
-        from api.config import Settings
+        from core.config import Settings
 
         fields = {k.removeprefix("REBASIN_").lower(): v for k, v in self.env.items()}
         return Settings(_env_file=None, **(fields | overrides))

@@ -9,7 +9,7 @@ rendering and validating offline:
   newest Kubernetes schema it ships;
 - the Dockerfile and the compose file are parsed and reviewed against the
   rules of issue 6;
-- the environment variables read by ``api.config.Settings`` are compared with
+- the environment variables read by ``core.config.Settings`` are compared with
   docs/deploy.md and with what the chart renders.
 """
 
@@ -27,7 +27,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from api.config import Settings
+from core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "rebasin"
@@ -451,7 +451,7 @@ def test_settings_are_read_from_the_real_class():
 @pytest.mark.parametrize("var", sorted(settings_env_vars()) + AWS_VARS)
 def test_every_setting_is_documented_with_its_default(var):
     rows = docs_reference_rows()
-    assert var in rows, f"{var} is read by api.config.Settings but not documented in docs/deploy.md's reference table"
+    assert var in rows, f"{var} is read by core.config.Settings but not documented in docs/deploy.md's reference table"
     default_cell, chart_cell = rows[var][0], rows[var][1]
     field = settings_env_vars().get(var)
     if field is not None:

@@ -5,8 +5,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from api.cli import prepare_database
-from api.config import Settings
+from cli.service import prepare_database
+from core.config import Settings
 from storage import db
 from storage.models import Base
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import matching
-from api.config import Settings
+from core.config import Settings
 from storage.artifacts import open_store
 from storage.db import session_scope, upgrade
 from storage.models import Checkpoint, Job, utcnow

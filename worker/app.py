@@ -2,7 +2,7 @@
 
 from celery import Celery
 
-from api.config import Settings
+from core.config import Settings
 
 celery_app = Celery("rebasin", include=["worker.tasks"])
 

@@ -20,9 +20,9 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 import matching
-from api.config import Settings
-from api.logs import job_id_var
-from api.schemas import JobOut
+from core.config import Settings
+from core.logs import job_id_var
+from core.schemas import JobOut
 from storage.artifacts import ArtifactStore, open_store, sha256_file
 from storage.db import session_scope
 from storage.models import Artifact, Checkpoint, Dataset, Job, utcnow

@@ -6,7 +6,7 @@ import threading
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy import select
 
-from api.config import get_settings
+from core.config import get_settings
 from storage.db import session_scope
 from storage.models import Job
 from worker import callbacks

@@ -11,7 +11,7 @@ from api import idempotency
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
 from api.problems import Problem, not_found
-from api.schemas import CheckpointOut, DatasetOut, Page
+from core.schemas import CheckpointOut, DatasetOut, Page
 from api.uploads import KINDS, create_resource, receive_multipart_file, staging_workdir, validate_file
 from storage.artifacts import ArtifactStore
 from storage.models import ACTIVE_STATUSES, Job, JobInput

@@ -15,7 +15,7 @@ from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
 from api.problems import Problem, not_found
 from api.routers.files import download_response
-from api.schemas import JobCreate, JobOut, JobStatus, Page
+from core.schemas import JobCreate, JobOut, JobStatus, Page
 from storage.db import get_sessionmaker
 from storage.models import TERMINAL_STATUSES, Checkpoint, Dataset, Job, JobInput, utcnow
 from worker.app import enqueue_callback, enqueue_job

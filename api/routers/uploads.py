@@ -27,10 +27,10 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.config import Settings
+from core.config import Settings
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.problems import Problem, not_found
-from api.schemas import CheckpointOut, DatasetOut
+from core.schemas import CheckpointOut, DatasetOut
 from api.uploads import CHUNK, KINDS, HashingFileWriter, create_resource, staging_workdir, too_large, validate_file
 from storage.artifacts import DIRECT_UPLOADS_PREFIX, ArtifactStore, S3Store
 from storage.housekeeping import sweep_storage
