@@ -1,15 +1,20 @@
 """Weight matching speed and quality, side by side, and barrier-evaluation overhead.
 
-    python -m benchmarks.bench_matching [--runs 3] [--cases mlp,r20x4,r20x16,r50] [--device cpu]
+    python -m benchmarks.bench_matching [--runs 3] [--cases mlp,r20x4,...] [--impls ours,plain] [--device cpu]
 
-Implementations (same pairs of independently initialised models, same machine, each case in a fresh
-subprocess so that peak memory is its own):
-- ``ours``: matching.weight_matching (LAP: scipy, lapx for n <= 128 if installed); ``ours-lapx``: lapx for all;
+Cases: pairs from build_model's default init (mlp, r20x4, r20x16, r50); realistic pairs: torchvision's init
+with random BN running statistics (tv-r50, tv-vgg16bn), and pairs trained on digits from different seeds
+(trained-r20x4, trained-vgg11; trained once, cached under benchmarks/data, which git ignores).
+Implementations (same pairs, same machine, each case in a fresh subprocess so that peak memory is its own):
+- ``ours``: matching.weight_matching with its defaults; ``ours-scipy``: its settings before issue 13 (scipy
+  LAP, stop at zero gain);
 - ``plain``: the paper's Algorithm 1 pseudocode written out below with torch + scipy, nothing cached;
 - ``pypi-rebasin``: the ``rebasin`` package from PyPI, if importable (``pip install --no-deps --target
   .venv/pypi-rebasin rebasin torchview graphviz``: our own project is also called ``rebasin``).
 Objective = sum over all float tensors of <W_A, W_B'> (B' = the aligned B), so that implementations with
 different specs compare; ``same fn`` says whether B' still computes B's function (max abs output diff).
+Columns: sweeps (passes over all permutations), s/sweep, time in LAPs, in cost-matrix updates, and the rest;
+below the table, each run-0 objective trajectory (relative gap to the final objective after each sweep).
 """
 
 from __future__ import annotations
