@@ -43,10 +43,10 @@ def test_trajectory_and_time_split_reported(mlp_pair):
 
 def test_stopping_rule_costs_under_1e_4_of_the_objective(mlp_pair):
     spec, a, b = mlp_pair
-    _, paper = matching.weight_matching(spec, a, b, seed=0, rel_tol=0.0, solver="scipy")  # the paper's rule
-    _, default = matching.weight_matching(spec, a, b, seed=0)
-    assert default["iterations"] <= paper["iterations"]
-    assert default["objective_final"] >= paper["objective_final"] * (1 - 1e-4)
+    _, paper = matching.weight_matching(spec, a, b, seed=0)  # the default is the paper's rule: zero gain
+    _, tol = matching.weight_matching(spec, a, b, seed=0, rel_tol=1e-5)
+    assert tol["iterations"] <= paper["iterations"]
+    assert tol["objective_final"] >= paper["objective_final"] * (1 - 1e-4)
     # a loose tolerance stops early, and the trajectory says how much that cost
     _, loose = matching.weight_matching(spec, a, b, seed=0, rel_tol=0.05)
     assert loose["iterations"] < paper["iterations"]
