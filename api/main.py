@@ -12,6 +12,7 @@ from core.logs import request_id_var
 from api.metrics import RequestMetrics, create_registry
 from api.problems import MEDIA_TYPE, install_problem_handlers
 from api.routers import architectures, files, health, jobs, uploads
+from api.routers.web import install_web
 from api.uploads import too_large
 from storage.artifacts import open_store
 from worker.app import configure_celery
@@ -68,7 +69,7 @@ class RequestId:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_celery(settings)
-    app = FastAPI(title="rebasin", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="rebasin", version="0.1.0", description=DESCRIPTION, docs_url=None, redoc_url=None)
     app.state.settings = settings
     # Only digests of the API keys are kept: a memory dump does not reveal them.
     app.state.tenant_by_key_digest = {hash_key(key): tenant for key, tenant in settings.tenant_keys().items()}
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestId)
     for router in (files.checkpoints, files.datasets, uploads.router, jobs.router, architectures.router, health.router):
         app.include_router(router)
+    install_web(app)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics():

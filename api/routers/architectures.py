@@ -8,8 +8,10 @@ from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 import matching
-from api.problems import Problem
+from api.deps import SessionDep, TenantDep
+from api.problems import Problem, not_found
 from matching.architectures import FAMILIES
+from storage.models import Checkpoint
 
 router = APIRouter(prefix="/v1/architectures", tags=["architectures"])
 MAX_ARCHITECTURE_PAGE = 1000
@@ -46,3 +48,15 @@ async def list_architectures(
         "total": len(names),
         "families": {f: sum(1 for a in names if a["family"] == f) for f in FAMILIES if family in (None, f)},
     }
+
+
+@router.get("/inferred-options", summary="The options that a checkpoint's tensor shapes determine for an architecture")
+def inferred_options(name: str, checkpoint: str, session: SessionDep, tenant: TenantDep):
+    row = session.get(Checkpoint, checkpoint)
+    if row is None or row.tenant != tenant:
+        raise not_found("checkpoint", checkpoint)
+    try:
+        options = matching.infer_options(name, {k: tuple(t["shape"]) for k, t in row.tensors.items()})
+    except (matching.MatchingError, KeyError, IndexError) as error:
+        raise Problem(422, "Options not inferable", f"{name}: {error}", kind="invalid-input") from None
+    return {"name": name, "checkpoint": checkpoint, "options": options}
