@@ -6,6 +6,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core import __version__
 from core.config import Settings, get_settings
 from api.deps import hash_key
 from core.logs import request_id_var
@@ -68,7 +69,7 @@ class RequestId:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_celery(settings)
-    app = FastAPI(title="rebasin", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="rebasin", version=__version__, description=DESCRIPTION)
     app.state.settings = settings
     # Only digests of the API keys are kept: a memory dump does not reveal them.
     app.state.tenant_by_key_digest = {hash_key(key): tenant for key, tenant in settings.tenant_keys().items()}

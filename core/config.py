@@ -6,6 +6,7 @@ nothing else has to be installed or running.
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,9 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(120, gt=0, description="A running job whose worker sent no heartbeat for this long is handed to another worker.")
     worker_max_memory_per_child_mb: int = Field(0, ge=0, description="Replace a worker process after a job once it holds this much memory (0 = never).")
     callback_secret: str | None = Field(None, description="HMAC-SHA256 key that signs job callbacks; callback_url is refused while unset.")
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto", description="Log lines as text or JSON; auto: text when stderr is a terminal, JSON otherwise."
+    )
     callback_allow_private: bool = Field(False, description="Allow callbacks to loopback, link-local and private addresses (off: no SSRF).")
 
     def resolved_database_url(self) -> str:

@@ -90,6 +90,7 @@ REBASIN_JOB_TIME_LIMIT_S: {{ .Values.config.jobTimeLimitS | int64 | toString | q
 REBASIN_JOB_HEARTBEAT_TIMEOUT_S: {{ .Values.config.jobHeartbeatTimeoutS | toString | quote }}
 REBASIN_WORKER_MAX_MEMORY_PER_CHILD_MB: {{ .Values.config.workerMaxMemoryPerChildMb | int64 | toString | quote }}
 REBASIN_CALLBACK_ALLOW_PRIVATE: {{ .Values.config.callbackAllowPrivate | toString | quote }}
+REBASIN_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 {{- end }}
 
 {{/* The database URL, as a container env entry (all the migrations Job needs). */}}
