@@ -1,6 +1,8 @@
 """`rebasin serve`, `rebasin worker` and `rebasin db`: running the service."""
 
+import contextlib
 import gc
+import logging
 import ipaddress
 import os
 import signal
@@ -9,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import uvicorn
 
 from core.config import Settings, get_settings
 from core.logs import configure_logging
@@ -52,6 +56,9 @@ def prepare_database(settings: Settings) -> None:
         )
 
 
+WORKER_STOP_TIMEOUT_S = 1.0
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """Bind the port before anything else starts, so that a port in use is an error, not a half-started server."""
     try:
@@ -66,8 +73,6 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
     from api.main import create_app
     from worker.app import configure_celery, enqueue_job
     from worker.jobs import unfinished_jobs
@@ -100,23 +105,37 @@ def cmd_serve(args) -> None:
     gc.set_threshold(50_000, 50, 100)
     # log_config=None: uvicorn's loggers keep ours (one format); an idle server stops at once, and
     # open connections (event streams) get 1 s to finish.
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level=args.log_level, timeout_graceful_shutdown=1))
+    server = _Server(uvicorn.Config(app, log_config=None, log_level=args.log_level, timeout_graceful_shutdown=1))
     print(f"rebasin: serving on http://{args.host}:{args.port} (API docs at /docs)", flush=True)
     try:
         server.run(sockets=[sock])
     finally:
         if worker is not None:
             _stop_worker(worker)
+    logging.shutdown()
+    os._exit(0)  # the interpreter's teardown of torch's heap takes seconds: Ctrl-C should not
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the signal that stopped it; SIGTERM would then kill us before the worker is stopped.
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def _stop_worker(worker: subprocess.Popen) -> None:
-    """Warm shutdown (SIGTERM): an idle worker stops at once; a running job is stopped and re-queued
-    at the next start, as after a crash."""
+    """Ask for a warm shutdown, which an idle worker finishes within about a second. A running job is
+    not waited for: it stays ``running`` in the database, and the next ``rebasin serve`` queues it again
+    (its holder is gone), as after a crash."""
     worker.send_signal(signal.SIGTERM)
     try:
-        worker.wait(timeout=120)
+        worker.wait(timeout=WORKER_STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        logging.getLogger("rebasin.worker").info("stopping the worker now; a running job resumes at the next start")
         os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -160,6 +179,10 @@ def cmd_worker(args) -> None:
             f"--hostname=rebasin-{os.getpid()}@%h",
         ]
     )
+    logging.getLogger("rebasin.worker").info("worker stopped")
+    logging.shutdown()
+    # Skip the interpreter's teardown of torch's heap: seconds, for nothing.
+    os._exit(0)
 
 
 def cmd_db_upgrade(args) -> None:

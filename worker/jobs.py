@@ -31,11 +31,20 @@ from worker.app import enqueue_callback, enqueue_job
 log = logging.getLogger("rebasin.worker")
 
 PROGRESS_INTERVAL_S = 1.0
+INVALID_INPUT_TITLE = "The inputs cannot be merged"  # at submission (422) and when the job runs (its error)
 
 
 def problem(kind: str, title: str, detail: str, status: int = 422) -> dict:
     """A failed job's error, in the same problem-details form as the API's errors."""
     return {"type": f"https://rebasin.dev/problems/{kind}", "title": title, "status": status, "detail": detail}
+
+
+def log_ending(job_id: str, status: str, error: dict | None = None) -> None:
+    """One line for every job's end, with the reason when it did not succeed."""
+    if error:
+        log.warning("job %s: %s: %s: %s", job_id, status, error.get("title"), error.get("detail"))
+    else:
+        log.info("job %s: %s", job_id, status)
 
 
 def artifact_key(job_id: str, name: str) -> str:
@@ -91,6 +100,7 @@ def claim_job(session: Session, job_id: str, settings: Settings) -> Job | None:
         session.commit()
         return job
     session.commit()
+    log_ending(job.id, job.status, job.error)
     _announce_end(job)
     return None
 
@@ -247,7 +257,7 @@ def _ending_of(error: BaseException, job: Job, settings: Settings) -> dict:
     if isinstance(error, matching.Cancelled):
         return {"status": "cancelled"}
     if isinstance(error, matching.MatchingError):
-        return {"status": "failed", "error": problem("invalid-input", "The inputs cannot be merged", str(error))}
+        return {"status": "failed", "error": problem("invalid-input", INVALID_INPUT_TITLE, str(error))}
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         detail = (f"The job ran out of memory on {job.request.get('device', 'auto')}. Use a device with more memory, "
                   "fewer checkpoints, or smaller evaluation data; batch_size lowers the memory of activation and STE matching.")
@@ -281,12 +291,12 @@ def execute_job(job_id: str, settings: Settings) -> None:
             # Whatever this attempt already wrote goes: a job that did not succeed has no artifacts.
             for path in Path(workdir, "out").glob("*"):
                 store.delete(artifact_key(job_id, path.name))
-            finish_job(db_url, job_id, **ending)
-            log.info("job %s: %s", job_id, ending["status"])
+            if finish_job(db_url, job_id, **ending):
+                log_ending(job_id, ending["status"], ending.get("error"))
             return
     progress = {"stage": "done", "completed": 1, "total": 1, "message": "finished"}
     if finish_job(db_url, job_id, status="succeeded", progress=progress, **output):
-        log.info("job %s: succeeded", job_id)
+        log_ending(job_id, "succeeded")
 
 
 def unfinished_jobs(db_url: str) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from storage.db import get_sessionmaker
 from storage.models import TERMINAL_STATUSES, Checkpoint, Dataset, Job, JobInput, utcnow
 from worker.app import enqueue_callback, enqueue_job
 from worker.callbacks import CallbackRefused, check_callback_url
+from worker.jobs import INVALID_INPUT_TITLE, log_ending
 
 log = logging.getLogger("rebasin.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -65,7 +66,7 @@ def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
             example_shapes=[tuple(d.tensors["inputs"]["shape"][1:]) for d in datasets],
         )
     except matching.MatchingError as error:
-        raise Problem(422, "Inputs cannot be merged", str(error), kind="invalid-input") from None
+        raise Problem(422, INVALID_INPUT_TITLE, str(error), kind="invalid-input") from None
 
     job = Job(tenant=tenant, method=body.method, request=request, status="queued")
     job.inputs = [JobInput(resource_id=c.id, position=i, role="checkpoint") for i, c in enumerate(checkpoints)]
@@ -150,6 +151,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep):
     job = get_owned_job(session, tenant, job_id)
     if job.status == "queued":
         job.status, job.finished_at = "cancelled", utcnow()
+        log_ending(job.id, "cancelled")
         if job.request.get("callback_url"):
             enqueue_callback(job.id)
     elif job.status == "running":
