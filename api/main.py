@@ -11,6 +11,7 @@ from core.config import Settings, get_settings
 from api.deps import hash_key
 from core.logs import request_id_var
 from api.metrics import RequestMetrics, create_registry
+from api.openapi import install_openapi, operation_id
 from api.problems import MEDIA_TYPE, install_problem_handlers
 from api.routers import architectures, files, health, jobs, uploads
 from api.uploads import too_large
@@ -69,13 +70,14 @@ class RequestId:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_celery(settings)
-    app = FastAPI(title="rebasin", version=__version__, description=DESCRIPTION)
+    app = FastAPI(title="rebasin", version=__version__, description=DESCRIPTION, generate_unique_id_function=operation_id)
     app.state.settings = settings
     # Only digests of the API keys are kept: a memory dump does not reveal them.
     app.state.tenant_by_key_digest = {hash_key(key): tenant for key, tenant in settings.tenant_keys().items()}
     app.state.store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url)
     registry, latency = create_registry(settings.resolved_database_url())
     install_problem_handlers(app)
+    install_openapi(app, with_keys=bool(app.state.tenant_by_key_digest))
     app.add_middleware(RequestSizeLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestMetrics, latency=latency)
     app.add_middleware(RequestId)

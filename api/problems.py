@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("rebasin.api")
 PROBLEM_BASE = "https://rebasin.dev/problems/"
@@ -38,6 +39,15 @@ def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc if part not in ("body",)) or "request"
 
 
+def allowed_methods(app, scope) -> list[str]:
+    methods = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, problem: Problem):
@@ -52,7 +62,11 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException):
         title = {404: "Not found", 405: "Method not allowed"}.get(error.status_code, "HTTP error")
-        return problem_response(Problem(error.status_code, title, str(error.detail), headers=error.headers), request)
+        headers = error.headers
+        if error.status_code == 405:
+            # Starlette names only the first route of the path; a path has one route per method.
+            headers = (headers or {}) | {"Allow": ", ".join(allowed_methods(request.app, request.scope))}
+        return problem_response(Problem(error.status_code, title, str(error.detail), headers=headers), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):
