@@ -9,7 +9,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from core.schemas import DOCUMENTED_MODELS, Problem
+from api.deps import get_tenant
+from api.problems import routes_of
+from core.schemas import DOCUMENTED_MODELS
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
@@ -46,18 +48,32 @@ def download_responses(what: str) -> dict:
     }
 
 
-def _errors_of(path: str, operation: dict, with_keys: bool) -> set[int]:
+def _needs_key(dependant) -> bool:
+    return any(d.call is get_tenant or _needs_key(d) for d in dependant.dependencies)
+
+
+def keyed_operations(routes) -> set[tuple[str, str]]:
+    """(path, method) of the operations that take an API key: those whose dependencies ask for the tenant."""
+    keyed = set()
+    for route in routes:
+        dependant = getattr(getattr(route, "original_route", route), "dependant", None)
+        if dependant is not None and _needs_key(dependant):
+            keyed |= {(route.path_format, method.lower()) for method in route.methods}
+    return keyed
+
+
+def _errors_of(path: str, operation: dict, keyed: bool) -> set[int]:
     params = operation.get("parameters", [])
     body = operation.get("requestBody", {}).get("content", {})
     codes = {500}
-    if path.startswith("/v1/") and with_keys:
+    if keyed:
         codes.add(401)
     if params or body:
         codes.add(422)
     if "{" in path:
         codes.add(404)
     if body:
-        codes.add(413)  # the size limit applies to every body
+        codes |= {400, 413}  # a body that does not parse; the size limit applies to every body
     if "multipart/form-data" in body:
         codes |= {400, 415}
     names = {p["name"].lower() for p in params}
@@ -68,7 +84,8 @@ def _errors_of(path: str, operation: dict, with_keys: bool) -> set[int]:
     return codes
 
 
-def document(schema: dict, with_keys: bool) -> dict:
+def document(schema: dict, keyed: set[tuple[str, str]]) -> dict:
+    """``keyed``: the (path, method) of operations that need an API key (none when the server has no keys)."""
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for model in DOCUMENTED_MODELS:
@@ -88,10 +105,10 @@ def document(schema: dict, with_keys: bool) -> dict:
             if op_id in seen:
                 raise RuntimeError(f"operation id {op_id!r} of {method.upper()} {path} is also {seen[op_id]}'s: rename the endpoint")
             seen[op_id] = f"{method.upper()} {path}"
-            if path.startswith("/v1/") and with_keys:
+            if (path, method) in keyed:
                 operation["security"] = [{"bearer": []}]
             responses = operation.setdefault("responses", {})
-            for code in _errors_of(path, operation, with_keys):
+            for code in _errors_of(path, operation, (path, method) in keyed):
                 responses.setdefault(str(code), {"description": WHEN.get(code, HTTPStatus(code).phrase)})
             for code, response in responses.items():
                 if code.isdigit() and int(code) >= 400:
@@ -104,7 +121,26 @@ def document(schema: dict, with_keys: bool) -> dict:
                     response.setdefault("headers", {})["Location"] = {"schema": {"type": "string"}, "description": "the new resource's path"}
             if "401" in responses:
                 responses["401"].setdefault("headers", {})["WWW-Authenticate"] = {"schema": {"type": "string"}}
+    _link_created_resources(schema["paths"])
     return schema
+
+
+def _link_created_resources(paths: dict) -> None:
+    """Links from each POST that creates a resource to the operations on ``{its path}/{id}``, so that
+    clients and testers (schemathesis' stateful phase) know where the returned id goes."""
+    for path, item in paths.items():
+        created = next((r for code, r in item.get("post", {}).get("responses", {}).items() if code in ("201", "202")), None)
+        if created is None or item["post"].get("requestBody") is None:
+            continue
+        for other, other_item in paths.items():
+            rest = other[len(path):]
+            if not (rest.startswith("/{") and rest.count("{") == 1):
+                continue
+            parameter = rest[2:rest.index("}")]
+            for method, operation in other_item.items():
+                created.setdefault("links", {})[f"{operation['operationId']}"] = {
+                    "operationId": operation["operationId"], "parameters": {parameter: "$response.body#/id"},
+                }
 
 
 def install_openapi(app: FastAPI, with_keys: bool) -> None:
@@ -112,7 +148,7 @@ def install_openapi(app: FastAPI, with_keys: bool) -> None:
         if app.openapi_schema is None:
             generated = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
                                     tags=app.openapi_tags)
-            app.openapi_schema = document(generated, with_keys)
+            app.openapi_schema = document(generated, keyed_operations(routes_of(app)) if with_keys else set())
         return app.openapi_schema
 
     app.openapi = openapi

@@ -6,7 +6,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 log = logging.getLogger("rebasin.api")
 PROBLEM_BASE = "https://rebasin.dev/problems/"
@@ -39,12 +38,21 @@ def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc if part not in ("body",)) or "request"
 
 
-def allowed_methods(app, scope) -> list[str]:
+def routes_of(app) -> list:
+    """Every route with its full path, also those of included routers (which newer FastAPI keeps nested)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        return list(app.routes)
+    return list(iter_route_contexts(app.routes))
+
+
+def allowed_methods(app, path: str) -> list[str]:
     methods = set()
-    for route in app.router.routes:
-        match, _ = route.matches(scope)
-        if match != Match.NONE and getattr(route, "methods", None):
-            methods |= route.methods
+    for route in routes_of(app):
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and route_methods and regex.match(path):
+            methods |= route_methods
     return sorted(methods)
 
 
@@ -61,11 +69,11 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException):
-        title = {404: "Not found", 405: "Method not allowed"}.get(error.status_code, "HTTP error")
+        title = {400: "Malformed body", 404: "Not found", 405: "Method not allowed"}.get(error.status_code, "HTTP error")
         headers = error.headers
         if error.status_code == 405:
             # Starlette names only the first route of the path; a path has one route per method.
-            headers = (headers or {}) | {"Allow": ", ".join(allowed_methods(request.app, request.scope))}
+            headers = (headers or {}) | {"Allow": ", ".join(allowed_methods(request.app, request.url.path))}
         return problem_response(Problem(error.status_code, title, str(error.detail), headers=headers), request)
 
     @app.exception_handler(Exception)
