@@ -73,6 +73,15 @@ class Metrics(BaseModel):
     accuracy: float
 
 
+class Barrier(BaseModel):
+    """Max over lambda of the loss (accuracy: the drop) above the line between the endpoints."""
+
+    model_config = ConfigDict(extra="allow")
+
+    naive: Metrics = Field(description="between A and B as they are")
+    aligned: Metrics = Field(description="between A and B permuted into A's basin")
+
+
 class Curves(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -100,8 +109,7 @@ class JobResult(BaseModel):
     num_checkpoints: int | None = None
     options: dict[str, Any] | None = Field(None, description="the options the method used, defaults filled in")
     matching: MatchingReport
-    barrier: dict[str, Metrics] | None = Field(None, description="naive and aligned: max over lambda of the loss "
-                                               "(accuracy: drop) above the line between the endpoints")
+    barrier: Barrier | None = None
     curves: Curves | None = None
     merged: Metrics | None = None
     evaluation: dict[str, Any] | None = None
@@ -162,13 +170,19 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        # JSON Schema's if/then/else (generators that do not know them, e.g. openapi-python-client, skip them).
         json_schema_extra={
-            "oneOf": [
-                {"required": ["architecture"], "properties": {"architecture": {"type": "object"}}},
-                {"required": ["permutation_spec"], "properties": {"permutation_spec": {"type": "object"}}},
+            "allOf": [
+                {
+                    "if": {"required": ["architecture"], "properties": {"architecture": {"type": "object"}}},
+                    "then": {"properties": {"permutation_spec": {"type": "null"}}},
+                    "else": {"required": ["permutation_spec"], "properties": {"permutation_spec": {"type": "object"}}},
+                },
+                {
+                    "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching"]}}},
+                    "then": {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}},
+                },
             ],
-            "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching"]}}},
-            "then": {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}},
         },
     )
 
