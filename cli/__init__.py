@@ -134,6 +134,8 @@ def run(argv: list[str] | None = None) -> int:
     except RebasinError as error:
         status = error.problem.get("status") or 0
         message, code = str(error), EXIT_UNREACHABLE if status >= 500 else EXIT_USAGE
+    except httpx.InvalidURL as error:
+        message, code = f"invalid server URL: {error}", EXIT_USAGE
     except httpx.TransportError as error:
         message, code = f"cannot reach the server: {_one_line(error) or type(error).__name__}", EXIT_UNREACHABLE
     except (MatchingError, ValueError) as error:  # ValueError: settings from the environment (pydantic), JSON
