@@ -155,11 +155,14 @@ def cmd_worker(args) -> None:
         os.environ["REBASIN_WORKER_DEVICE"] = args.device
     settings = _settings(args)
     configure_logging(args.log_level, settings.log_format)
+    from celery.apps import worker as celery_worker_module
     from celery.signals import setup_logging
 
     from worker.app import configure_celery
 
     setup_logging.connect(lambda **_: None, weak=False)  # a receiver: Celery leaves logging alone
+    # Celery prints its shutdown notices straight to the terminal: make them log lines like the rest.
+    celery_worker_module.safe_say = lambda message, *_: logging.getLogger("celery.apps.worker").info(message.strip())
 
     app = configure_celery(settings)
     if args.exit_with_parent:
