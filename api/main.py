@@ -14,6 +14,7 @@ from api.metrics import RequestMetrics, create_registry
 from api.openapi import install_openapi, operation_id
 from api.problems import MEDIA_TYPE, install_problem_handlers
 from api.routers import architectures, files, health, jobs, uploads
+from api.routers.web import install_web
 from api.uploads import too_large
 from storage.artifacts import open_store
 from worker.app import configure_celery
@@ -70,7 +71,8 @@ class RequestId:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_celery(settings)
-    app = FastAPI(title="rebasin", version=__version__, description=DESCRIPTION, generate_unique_id_function=operation_id)
+    app = FastAPI(title="rebasin", version=__version__, description=DESCRIPTION, docs_url=None, redoc_url=None,
+                  generate_unique_id_function=operation_id)
     app.state.settings = settings
     # Only digests of the API keys are kept: a memory dump does not reveal them.
     app.state.tenant_by_key_digest = {hash_key(key): tenant for key, tenant in settings.tenant_keys().items()}
@@ -83,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestId)
     for router in (files.checkpoints, files.datasets, uploads.router, jobs.router, architectures.router, health.router):
         app.include_router(router)
+    install_web(app)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics():

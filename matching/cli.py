@@ -108,6 +108,9 @@ def add_merge_command(subparsers) -> argparse.ArgumentParser:
                              ("--batch-size", int, "activation and STE batch size")):
         option = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, help=f"{what} (default {DEFAULTS[option]})")
+    p.add_argument("--repair", choices=["none", "reset", "repair"],
+                   help="statistics correction of the merged model (default: reset for BatchNorm networks, repair "
+                        "otherwise; needs --data or --eval-data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run_merge)
     return p
@@ -129,7 +132,8 @@ def run_merge(args) -> int:
                 spec = json.loads(args.spec.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise MatchingError(f"--spec {args.spec}: cannot read JSON ({exc})") from None
-        options = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name, None) is not None}
+        options = {name: getattr(args, name) for name in dict.fromkeys([*DEFAULTS, "repair"])
+                   if getattr(args, name, None) is not None}
         outcome = merge_checkpoints(states, method=METHOD_NAMES.get(args.method, args.method), architecture=architecture,
                                     permutation_spec=spec, dataset=args.data, eval_dataset=args.eval_data,
                                     options=options, device=args.device, progress=bar.update)
@@ -155,14 +159,25 @@ def format_report(report: dict) -> str:
     if m.get("objective_initial") is not None:
         lines.append(f"objective {m['objective_initial']:.6g} -> {m['objective_final']:.6g}")
     if "barrier" in report:
-        ev = report["evaluation"]
-        lines.append(f"barrier on {ev['split']} ({ev['num_examples']} examples, {len(report['curves']['lambdas'])} lambdas):")
-        lines.append(f"{'':10}{'loss barrier':>14}{'acc barrier':>14}{'mid loss':>11}{'mid acc':>10}")
-        mid = len(report["curves"]["lambdas"]) // 2
-        for name in ("naive", "aligned"):
-            b, c = report["barrier"][name], report["curves"][name]
-            lines.append(f"{name:10}{b['loss']:14.4f}{b['accuracy']:14.4f}{c['loss'][mid]:11.4f}{c['accuracy'][mid]:10.4f}")
-        lines.append(f"merged: loss {report['merged']['loss']:.4f}, accuracy {report['merged']['accuracy']:.4f}")
+        lines.extend(barrier_table(report))
+        lines.append(f"merged: loss {report['merged']['loss']:.4f}, accuracy {report['merged']['accuracy']:.4f}"
+                     + (f" (repair: {report['repair']['mode']})" if "repair" in report else ""))
     else:
         lines.append("no evaluation data: no barrier report")
     return "\n".join(lines)
+
+
+def barrier_table(report: dict) -> list[str]:
+    """The barrier table of a report: one row per curve (naive, aligned, aligned_repair) and split."""
+    lines = []
+    for suffix in ("", "_train"):
+        if f"barrier{suffix}" not in report:
+            continue
+        ev, curves = report[f"evaluation{suffix}"], report[f"curves{suffix}"]
+        lines.append(f"barrier on {ev['split']} ({ev['num_examples']} examples, {len(curves['lambdas'])} lambdas):")
+        lines.append(f"{'':16}{'loss barrier':>14}{'acc barrier':>14}{'mid loss':>11}{'mid acc':>10}")
+        mid = len(curves["lambdas"]) // 2
+        for name, b in report[f"barrier{suffix}"].items():
+            c = curves[name]
+            lines.append(f"{name:16}{b['loss']:14.4f}{b['accuracy']:14.4f}{c['loss'][mid]:11.4f}{c['accuracy'][mid]:10.4f}")
+    return lines
