@@ -20,6 +20,7 @@ BINARY = {"type": "string", "format": "binary"}
 WHEN = {
     400: "Bad request: a malformed body, page token or Idempotency-Key",
     401: "No valid API key",
+    403: "A browser session's request without its CSRF token, or from another origin",
     404: "Not found (or another tenant's)",
     409: "Conflict with the resource's state",
     410: "Gone",
@@ -62,6 +63,10 @@ def keyed_operations(routes) -> set[tuple[str, str]]:
     return keyed
 
 
+def operation_method_changes_state(operation: dict) -> bool:
+    return operation.get("x-method", "get") not in ("get", "head", "options")
+
+
 def _errors_of(path: str, operation: dict, keyed: bool) -> set[int]:
     params = operation.get("parameters", [])
     body = operation.get("requestBody", {}).get("content", {})
@@ -72,6 +77,8 @@ def _errors_of(path: str, operation: dict, keyed: bool) -> set[int]:
         codes.add(422)
     if "{" in path:
         codes.add(404)
+    if path.startswith("/v1/") and operation_method_changes_state(operation):
+        codes.add(403)  # a browser session's request without its CSRF token, or from another origin
     if body:
         codes |= {400, 413}  # a body that does not parse; the size limit applies to every body
     if "multipart/form-data" in body:
@@ -108,6 +115,7 @@ def document(schema: dict, keyed: set[tuple[str, str]]) -> dict:
             if (path, method) in keyed:
                 operation["security"] = [{"bearer": []}]
             responses = operation.setdefault("responses", {})
+            operation["x-method"] = method
             for code in _errors_of(path, operation, (path, method) in keyed):
                 responses.setdefault(str(code), {"description": WHEN.get(code, HTTPStatus(code).phrase)})
             for code, response in responses.items():
@@ -119,6 +127,7 @@ def document(schema: dict, keyed: set[tuple[str, str]]) -> dict:
                         response["description"] = WHEN[422]
                 elif code in ("201",) or (code == "202" and method == "post" and operation.get("requestBody")):
                     response.setdefault("headers", {})["Location"] = {"schema": {"type": "string"}, "description": "the new resource's path"}
+            operation.pop("x-method")
             if "401" in responses:
                 responses["401"].setdefault("headers", {})["WWW-Authenticate"] = {"schema": {"type": "string"}}
     _link_created_resources(schema["paths"])
