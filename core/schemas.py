@@ -203,7 +203,9 @@ class JobCreate(BaseModel):
     dataset: str | None = Field(None, description="dataset id; required by activation_matching and ste_matching")
     eval_dataset: str | None = Field(None, description="dataset id for the barrier report (held-out split if it has one)")
     options: JobOptions = Field(default_factory=JobOptions)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description=(
+        "auto: the worker's device; cpu; cuda or cuda:N: a GPU worker (each runs on its own GPU). Refused when "
+        "the embedded server's machine has no such GPU; with a broker, the job waits for a GPU worker."))
     callback_url: HttpUrl | None = None
 
     @model_validator(mode="after")
@@ -253,6 +255,7 @@ class JobOut(BaseModel):
         description="why a failed job failed; null otherwise"
     )
     attempts: int
+    device_used: str | None = Field(None, description="The device the job ran on (cpu, cuda:0), once a worker has taken it.")
     request: dict[str, Any]
 
 

@@ -11,25 +11,32 @@ from scipy.optimize import linear_sum_assignment
 
 from matching.spec import PermutationSpec, identity_perms, perm_sizes
 
-try:  # optional, not a dependency: lapx (Jonker-Volgenant) wins only on small matrices here
+try:  # lapx is a dependency; scipy stays the fallback (and the solver of ``solver="scipy"``)
     import lap as _lapx
 except ImportError:  # pragma: no cover
     _lapx = None
+if _lapx is not None and not hasattr(_lapx, "lapjvs"):  # pragma: no cover (lapx < 0.11)
+    _lapx = None
 
-# Measured on this project's 2-core CI machine (benchmarks/README.md), on the cost matrices of real matching
-# runs: lapx is ~25% faster up to n=128 and slower from n=256 on (ResNet-50: scipy 2.8 s vs lapx 3.6 s for
-# all LAPs of a run), so "auto" uses lapx only for small matrices, and scipy is always the fallback.
-LAPX_MAX_SIZE = 128
+
+# Stopping rule: the paper's (stop at zero gain) by default. Measured (benchmarks/README.md): rel_tol=1e-5 saves
+# 3 of 20 sweeps on torchvision-init ResNet-50 for 1.2e-5 of the objective, but on a trained VGG11 it stopped
+# after 15 of 35 sweeps and gave up 1.2e-4, whose tail gains ~1e-5 per sweep for 20 sweeps.
+REL_TOL = 0.0
 
 
 def solve_lap(cost: torch.Tensor, solver: str = "auto") -> torch.Tensor:
-    """argmax_perm sum_i cost[i, perm[i]] as an index tensor (on cost's device)."""
-    c = cost.detach().to("cpu", torch.float64).numpy()
-    use_lapx = solver == "lapx" or (solver == "auto" and len(c) <= LAPX_MAX_SIZE)
-    if use_lapx and _lapx is not None:
-        _, cols, _ = _lapx.lapjv(-c, extend_cost=False)
+    """argmax_perm sum_i cost[i, perm[i]] as an index tensor (on cost's device).
+
+    "auto" is lapx's ``lapjvs`` (Jonker-Volgenant, float32 kernel) when lapx is installed, else scipy. Measured on
+    the cost matrices of real matching runs (benchmarks/README.md): same optima, and 3-6x faster than scipy from
+    n=512 on (torchvision-initialised ResNet-50, n=2048: ~1 s vs 5-10 s).
+    """
+    if solver in ("auto", "lapx") and _lapx is not None:
+        cols, _ = _lapx.lapjvs(-cost.detach().to("cpu", torch.float32).numpy(), extend_cost=False, return_cost=False,
+                               jvx_like=False)
     else:
-        _, cols = linear_sum_assignment(c, maximize=True)
+        _, cols = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy(), maximize=True)
     return torch.as_tensor(np.asarray(cols, dtype=np.int64), device=cost.device)
 
 
@@ -63,12 +70,13 @@ def _three_axis(tensor: torch.Tensor, axis: int, other_axis: int) -> torch.Tenso
 
 def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_iter: int = 100, seed: int = 0,
                     init_perms: dict | None = None, device: str | torch.device = "cpu", solver: str = "auto",
-                    rel_tol: float = 0.0, tick: Callable[[int, int, str], None] | None = None) -> tuple[dict, dict]:
+                    rel_tol: float = REL_TOL, tick: Callable[[int, int, str], None] | None = None) -> tuple[dict, dict]:
     """Coordinate descent over permutations maximising sum <W_A, pi(W_B)> (Algorithm 1).
 
-    Returns ({perm name: index tensor on cpu}, {objective_initial, objective_final, iterations, seconds}).
+    Returns ({perm name: index tensor on cpu}, {objective_initial, objective_final, iterations, seconds,
+    trajectory (objective before the first and after each pass), seconds_lap, seconds_cost_updates}).
     Stops after a pass over all permutations (in a random order from ``seed``) that raised the objective by
-    no more than ``rel_tol`` relative to it, or after ``max_iter`` passes.
+    no more than ``rel_tol`` relative to it (the paper: 0), or after ``max_iter`` passes.
 
     Nothing is recomputed whose inputs did not change: a permutation whose neighbours (permutations sharing
     a tensor with it) did not move since it was last solved is not solved again (same cost, same optimum);
@@ -126,6 +134,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
 
     cache: dict[str, tuple[torch.Tensor, dict]] = {}  # p -> (cost matrix, neighbour perms it was built with)
     current = objective_initial = objective(spec, perms, a, b)
+    trajectory = [objective_initial]
+    seconds_lap = seconds_cost = 0.0
     gen = torch.Generator().manual_seed(seed)
     names = sorted(sizes)
     iterations = 0
@@ -136,9 +146,12 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             p = names[i]
             if p in cache and all(cache[p][1][q] is perms[q] for q in neighbours[p]):
                 continue  # nothing it depends on moved: same cost, same optimum
+            t0 = time.perf_counter()
             cost = update_cost(p, *cache[p]) if p in cache else full_cost(p)
             cache[p] = (cost, {q: perms[q] for q in neighbours[p]})
+            t1 = time.perf_counter()
             new = solve_lap(cost, solver)
+            seconds_cost, seconds_lap = seconds_cost + t1 - t0, seconds_lap + time.perf_counter() - t1
             old_value = cost.gather(1, perms[p][:, None]).sum().item()
             new_value = cost.gather(1, new[:, None]).sum().item()
             # the objective changes by exactly this: every term involving p is in its cost matrix. Like the
@@ -149,8 +162,10 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             if tick is not None:
                 tick(iteration, max_iter, f"iteration {iteration + 1}: {p}")
         current += gain
+        trajectory.append(current)
         if gain <= rel_tol * max(abs(current), 1e-12):
             break
     info = {"objective_initial": objective_initial, "objective_final": objective(spec, perms, a, b),
-            "iterations": iterations, "seconds": time.perf_counter() - start}
+            "iterations": iterations, "seconds": time.perf_counter() - start, "trajectory": trajectory,
+            "seconds_lap": seconds_lap, "seconds_cost_updates": seconds_cost}
     return {p: v.cpu() for p, v in perms.items()}, info

@@ -1,0 +1,53 @@
+"""Weight matching's LAP solver, stopping rule and reported trajectory (speed itself: benchmarks/bench_matching.py)."""
+
+import pytest
+import torch
+
+import matching
+from matching.weight_matching import solve_lap
+
+
+@pytest.mark.parametrize("n", [5, 64, 300])
+def test_lapx_and_scipy_reach_the_same_optimum(n):
+    cost = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+    rows = torch.arange(n)
+    values = {}
+    for solver in ("lapx", "scipy"):
+        perm = solve_lap(cost, solver)
+        assert torch.equal(perm.sort().values, rows)  # a permutation
+        values[solver] = cost[rows, perm].double().sum().item()
+    assert values["lapx"] == pytest.approx(values["scipy"], rel=1e-6)
+    assert values["lapx"] > cost.diagonal().double().sum().item()  # it maximises
+
+
+@pytest.fixture(scope="module")
+def mlp_pair():
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(matching.build_model("mlp", sizes=[16, 96, 96, 96, 10]))
+    spec = matching.infer_spec(models[0], torch.randn(2, 16))
+    return spec, models[0].state_dict(), models[1].state_dict()
+
+
+def test_trajectory_and_time_split_reported(mlp_pair):
+    spec, a, b = mlp_pair
+    _, info = matching.weight_matching(spec, a, b, seed=0)
+    trajectory = info["trajectory"]
+    assert len(trajectory) == info["iterations"] + 1
+    assert trajectory[0] == info["objective_initial"]
+    assert all(later >= earlier for earlier, later in zip(trajectory, trajectory[1:]))
+    assert trajectory[-1] == pytest.approx(info["objective_final"], rel=1e-5)
+    assert 0 < info["seconds_lap"] + info["seconds_cost_updates"] <= info["seconds"]
+
+
+def test_stopping_rule_costs_under_1e_4_of_the_objective(mlp_pair):
+    spec, a, b = mlp_pair
+    _, paper = matching.weight_matching(spec, a, b, seed=0)  # the default is the paper's rule: zero gain
+    _, tol = matching.weight_matching(spec, a, b, seed=0, rel_tol=1e-5)
+    assert tol["iterations"] <= paper["iterations"]
+    assert tol["objective_final"] >= paper["objective_final"] * (1 - 1e-4)
+    # a loose tolerance stops early, and the trajectory says how much that cost
+    _, loose = matching.weight_matching(spec, a, b, seed=0, rel_tol=0.05)
+    assert loose["iterations"] < paper["iterations"]
+    assert loose["objective_final"] < paper["objective_final"]
