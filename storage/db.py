@@ -11,9 +11,16 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# What the driver raises when the database cannot be reached (down, restarting, network cut):
+# worth waiting out, unlike a bad query.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+# Seconds to wait for a TCP connection to PostgreSQL: an unreachable server fails fast instead of
+# holding a request (or a worker) for the kernel's TCP timeout.
+CONNECT_TIMEOUT_S = 5
 
 
 @lru_cache
@@ -34,7 +41,9 @@ def get_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if parsed.get_backend_name() == "postgresql" else {}
+    # pool_pre_ping: a connection that died with a database restart is replaced, not handed out.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10, connect_args=connect_args)
 
 
 @lru_cache

@@ -44,17 +44,19 @@ def deliver_callback(job_id: str) -> None:
 
 def _sweep_stale_jobs() -> None:
     settings = get_settings()
-    while not _stop_sweeping.wait(max(1.0, settings.job_heartbeat_timeout_s / 2)):
+    while not _stop_sweeping.wait(settings.job_sweep_interval_s):
         try:
             for job_id in requeue_lost_jobs(settings):
                 log.warning("job %s: lost by its worker or the broker; queued again", job_id)
-        except Exception:
-            log.exception("stale-job sweep failed")
+        except Exception as error:
+            # A database or broker outage: the next sweep, once it is back, does the work.
+            log.warning("stale-job sweep failed: %s: %s", type(error).__name__, error)
 
 
 @worker_ready.connect
 def _start_sweeper(**_) -> None:
-    # Covers a worker killed as a whole (no parent left to hand its job back to the broker).
+    # Covers a worker killed as a whole (no parent left to hand its job back to the broker), and
+    # a broker that lost its messages. Every worker sweeps: the work is idempotent.
     threading.Thread(target=_sweep_stale_jobs, name="stale-job-sweeper", daemon=True).start()
 
 
