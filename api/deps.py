@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from core.config import Settings
 from api.problems import Problem
+from api.quotas import check_request_rate
 from storage.artifacts import ArtifactStore
 from storage.db import get_sessionmaker
 
@@ -39,6 +40,12 @@ def hash_key(key: str) -> str:
 
 
 async def get_tenant(request: Request) -> str:
+    tenant = _authenticated_tenant(request)
+    check_request_rate(request.app.state.rate_limiter, tenant)
+    return tenant
+
+
+def _authenticated_tenant(request: Request) -> str:
     tenants = request.app.state.tenant_by_key_digest
     if not tenants:
         return OPEN_MODE_TENANT

@@ -4,6 +4,7 @@ Every state change is a short transaction guarded by the job's current
 status, so a redelivered or cancelled job finishes exactly once.
 """
 
+import errno
 import logging
 import os
 import socket
@@ -36,6 +37,8 @@ log = logging.getLogger("rebasin.worker")
 PROGRESS_INTERVAL_S = 1.0
 # How long a worker waits for an unreachable database before it gives up on a step (the sweep recovers).
 DATABASE_PATIENCE_S = 300.0
+# No space left, disk quota exceeded, file size limit: all mean the scratch disk cannot take the job.
+OUT_OF_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 T = TypeVar("T")
 
 
@@ -316,6 +319,11 @@ def _ending_of(error: BaseException, job: Job, settings: Settings) -> dict:
         detail = (f"The job ran out of memory on {job.request.get('device', 'auto')}. Use a device with more memory, "
                   "fewer checkpoints, or smaller evaluation data; batch_size lowers the memory of activation and STE matching.")
         return {"status": "failed", "error": problem("out-of-memory", "Out of memory", detail, 507)}
+    if isinstance(error, OSError) and error.errno in OUT_OF_DISK_ERRNOS:
+        detail = (f"The worker ran out of disk space while writing {error.filename or 'its scratch files'} "
+                  f"({os.strerror(error.errno)}). The job's scratch files were removed; submit it again. Operators: "
+                  f"free space in or enlarge the worker's scratch directory ({tempfile.gettempdir()}, set by TMPDIR).")
+        return {"status": "failed", "error": problem("out-of-disk", "Out of disk space", detail, 507)}
     if isinstance(error, SoftTimeLimitExceeded):
         detail = f"The job ran longer than the limit of {settings.job_time_limit_s} s (REBASIN_JOB_TIME_LIMIT_S)."
         return {"status": "failed", "error": problem("time-limit", "The job took too long", detail)}
@@ -350,7 +358,7 @@ def _hand_back(db_url: str, job_id: str) -> None:
 def run_claimed_job(job: Job, settings: Settings) -> None:
     db_url, job_id = settings.resolved_database_url(), job.id
     job_id_var.set(job_id)
-    store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url)
+    store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url, settings.s3_max_attempts)
     log.info("job %s: attempt %d started", job_id, job.attempts)
     heartbeat_interval_s = max(0.5, settings.job_heartbeat_timeout_s / 4)
     with JobMonitor(db_url, job_id, heartbeat_interval_s) as monitor, tempfile.TemporaryDirectory(prefix=f"rebasin-{job_id}-") as workdir:

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 import matching
-from api import idempotency
+from api import idempotency, quotas
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
 from api.problems import Problem, not_found
@@ -43,6 +43,7 @@ def _owned(session, model, tenant: str, ids: list[str], noun: str) -> list:
 
 
 def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
+    quotas.check_active_jobs(session, tenant, settings)
     checkpoints = _owned(session, Checkpoint, tenant, body.checkpoints, "checkpoint")
     dataset_roles = {role: i for role, i in (("dataset", body.dataset), ("eval_dataset", body.eval_dataset)) if i}
     datasets = _owned(session, Dataset, tenant, list(dataset_roles.values()), "dataset")
