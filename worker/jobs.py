@@ -7,6 +7,7 @@ status, so a redelivered or cancelled job finishes exactly once.
 import errno
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -309,6 +310,13 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
     return {"result": outcome.report, "artifacts": records}
 
 
+def _out_of_disk(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in OUT_OF_DISK_ERRNOS
+    # Libraries with native writers (safetensors) report the OS error only in their message.
+    return any(f"(os error {code})" in str(error) for code in OUT_OF_DISK_ERRNOS)
+
+
 def _ending_of(error: BaseException, job: Job, settings: Settings) -> dict:
     """How a job that raised ends: its final status and, for a failure, a problem the user can act on."""
     if isinstance(error, matching.Cancelled):
@@ -319,9 +327,9 @@ def _ending_of(error: BaseException, job: Job, settings: Settings) -> dict:
         detail = (f"The job ran out of memory on {job.request.get('device', 'auto')}. Use a device with more memory, "
                   "fewer checkpoints, or smaller evaluation data; batch_size lowers the memory of activation and STE matching.")
         return {"status": "failed", "error": problem("out-of-memory", "Out of memory", detail, 507)}
-    if isinstance(error, OSError) and error.errno in OUT_OF_DISK_ERRNOS:
-        detail = (f"The worker ran out of disk space while writing {error.filename or 'its scratch files'} "
-                  f"({os.strerror(error.errno)}). The job's scratch files were removed; submit it again. Operators: "
+    if _out_of_disk(error):
+        detail = (f"The worker ran out of disk space while writing {getattr(error, 'filename', None) or 'its scratch files'} "
+                  f"({error}). The job's scratch files were removed; submit it again. Operators: "
                   f"free space in or enlarge the worker's scratch directory ({tempfile.gettempdir()}, set by TMPDIR).")
         return {"status": "failed", "error": problem("out-of-disk", "Out of disk space", detail, 507)}
     if isinstance(error, SoftTimeLimitExceeded):
@@ -348,6 +356,11 @@ def execute_job(job_id: str, settings: Settings) -> None:
     run_claimed_job(job, settings)
 
 
+def _delete_outputs(store: ArtifactStore, job_id: str, workdir: Path | None) -> None:
+    for path in Path(workdir or "/nonexistent", "out").glob("*"):
+        store.delete(artifact_key(job_id, path.name))
+
+
 def _hand_back(db_url: str, job_id: str) -> None:
     with session_scope(db_url) as session:
         job = session.get(Job, job_id)
@@ -361,16 +374,18 @@ def run_claimed_job(job: Job, settings: Settings) -> None:
     store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url, settings.s3_max_attempts)
     log.info("job %s: attempt %d started", job_id, job.attempts)
     heartbeat_interval_s = max(0.5, settings.job_heartbeat_timeout_s / 4)
-    with JobMonitor(db_url, job_id, heartbeat_interval_s) as monitor, tempfile.TemporaryDirectory(prefix=f"rebasin-{job_id}-") as workdir:
+    with JobMonitor(db_url, job_id, heartbeat_interval_s) as monitor:
+        workdir = None
         try:
-            output = run_merge(job, store, monitor, Path(workdir), settings)
+            # Inside the try: a full scratch disk may refuse even the directory.
+            workdir = Path(tempfile.mkdtemp(prefix=f"rebasin-{job_id}-"))
+            output = run_merge(job, store, monitor, workdir, settings)
             if monitor.should_cancel(fresh=True):
                 raise matching.Cancelled()
         except DATABASE_UNAVAILABLE:
             # The outage outlasted our patience mid-job: the job runs again once the database is back.
             log.warning("job %s: database unreachable; handing the job back", job_id)
-            for path in Path(workdir, "out").glob("*"):
-                store.delete(artifact_key(job_id, path.name))
+            _delete_outputs(store, job_id, workdir)
             while_database_down(lambda: _hand_back(db_url, job_id), f"job {job_id}: handing back", give_up_after_s=3600)
             return
         except Exception as error:
@@ -378,11 +393,13 @@ def run_claimed_job(job: Job, settings: Settings) -> None:
             if ending.get("error", {}).get("status") == 500:
                 log.exception("job %s: crashed", job_id)
             # Whatever this attempt already wrote goes: a job that did not succeed has no artifacts.
-            for path in Path(workdir, "out").glob("*"):
-                store.delete(artifact_key(job_id, path.name))
+            _delete_outputs(store, job_id, workdir)
             finish_job(db_url, job_id, **ending)
             log.info("job %s: %s", job_id, ending["status"])
             return
+        finally:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
     progress = {"stage": "done", "completed": 1, "total": 1, "message": "finished"}
     if finish_job(db_url, job_id, status="succeeded", progress=progress, **output):
         log.info("job %s: succeeded", job_id)

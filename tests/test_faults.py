@@ -1,0 +1,278 @@
+"""Faults of the production stack, injected through processes the test owns.
+
+One stack for the module: PostgreSQL behind a TCP proxy we can cut, a Redis of our own that we kill,
+moto S3 behind a proxy that can answer 503 SlowDown, ``rebasin serve`` (API only) and two ``rebasin
+worker`` processes whose scratch disks are small tmpfs mounts. Heartbeat and sweep intervals are
+shortened so that recovery takes seconds. Every scenario ends with every accepted job finished exactly
+once; the long versions (N >= 20) are in benchmarks/faults.py.
+"""
+
+import secrets
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from safetensors.torch import save as save_safetensors
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from storage.models import Job
+from tests.conftest import S3_CREDENTIALS, Service, process_env, rebasin_command, require_env
+from tests.fault_tools import (RedisProcess, S3FaultProxy, TcpProxy, fill_disk, free_disk, have_tmpfs_namespaces, pause,
+                               resume, spawn_worker_with_scratch)
+from tests.service_helpers import TERMINAL, make_mlp
+
+SIZES = [16, 32, 32, 4]
+TENANT_KEYS = {"a": "key-a", "b": "key-b", "c": "key-c", "d": "key-d", "e": "key-e"}
+ARTIFACTS = {"aligned.safetensors", "merged.safetensors", "permutation.json", "report.json"}
+
+
+@dataclass
+class Stack:
+    service: Service
+    workers: list[subprocess.Popen]
+    scratch: list[Path]
+    redis: RedisProcess
+    postgres: TcpProxy
+    s3: S3FaultProxy
+    db_url: str  # straight to PostgreSQL, for the test's own checks
+    bucket: str
+    moto: str
+    checkpoints: dict[str, list[str]]
+
+    def client(self, tenant: str = "a") -> httpx.Client:
+        return self.service.client(headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"})
+
+    def jobs(self) -> list[Job]:
+        with Session(create_engine(self.db_url)) as session:
+            return list(session.scalars(select(Job)))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, moto_endpoint):
+    if not have_tmpfs_namespaces():
+        pytest.skip("needs root and unshare for the workers' tmpfs scratch disks")
+    root = tmp_path_factory.mktemp("faults")
+    admin_url = make_url(require_env("REBASIN_TEST_POSTGRES_URL"))
+    name = f"rebasin_faults_{secrets.token_hex(4)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    postgres = TcpProxy(admin_url.port or 5432, admin_url.host or "127.0.0.1")
+    redis = RedisProcess(root)
+    redis.start()
+    bucket = f"faults-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    s3 = S3FaultProxy(moto_endpoint)
+    env = S3_CREDENTIALS | {
+        "REBASIN_DATABASE_URL": admin_url.set(host="127.0.0.1", port=postgres.port, database=name).render_as_string(hide_password=False),
+        "REBASIN_BROKER_URL": redis.url,
+        "REBASIN_ARTIFACT_URI": f"s3://{bucket}/rebasin",
+        "REBASIN_S3_ENDPOINT_URL": s3.url,
+        "REBASIN_DATA_DIR": str(root / "data"),
+        "REBASIN_API_KEYS": ",".join(f"{t}:{k}" for t, k in TENANT_KEYS.items()),
+        "REBASIN_JOB_HEARTBEAT_TIMEOUT_S": "4",
+        "REBASIN_JOB_SWEEP_INTERVAL_S": "1",
+        "REBASIN_TENANT_MAX_ACTIVE_JOBS": "1000",
+        "REBASIN_TENANT_REQUESTS_PER_S": "0",
+    }
+    subprocess.run(rebasin_command("db", "upgrade"), env=process_env(env), check=True, cwd=root, timeout=120)
+    service = Service(env=env, log_dir=root)
+    scratch = [root / f"scratch-{i}" for i in range(2)]
+    workers = [spawn_worker_with_scratch(service, path, size="16m") for path in scratch]
+    service.start_server()
+    built = Stack(service, workers, scratch, redis, postgres, s3, admin_url.set(database=name).render_as_string(hide_password=False),
+                  bucket, moto_endpoint, {})
+    for tenant in "ab":
+        with built.client(tenant) as client:
+            built.checkpoints[tenant] = [upload(client, seed) for seed in (0, 1)]
+    wait_until_workers_ready(built)
+    yield built
+    service.stop()
+    redis.kill()
+    s3.close()
+    postgres.close()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def upload(client: httpx.Client, seed: int) -> str:
+    response = client.post("/v1/checkpoints", files={"file": ("m.safetensors", save_safetensors(make_mlp(seed, SIZES).state_dict()))})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def submit(stack: Stack, count: int, tenant: str = "a") -> list[str]:
+    body = {"method": "weight_matching", "checkpoints": stack.checkpoints[tenant], "architecture": {"name": "mlp"}}
+    with stack.client(tenant) as client:
+        ids = []
+        for _ in range(count):
+            response = client.post("/v1/jobs", json=body)
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["id"])
+        return ids
+
+
+def wait_all(stack: Stack, ids: list[str], tenant: str = "a", timeout_s: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    with stack.client(tenant) as client:
+        while True:
+            jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+            if all(job.get("status") in TERMINAL for job in jobs) or time.monotonic() > deadline:
+                return jobs
+            time.sleep(0.3)
+
+
+def wait_until_workers_ready(stack: Stack) -> None:
+    wait_all(stack, submit(stack, 2), timeout_s=180)
+
+
+def assert_exactly_once(jobs: list[dict], stack: Stack) -> None:
+    """Every job succeeded, with one set of artifacts, each listed object present in S3 and nothing else."""
+    assert [job["status"] for job in jobs] == ["succeeded"] * len(jobs), [(j["id"], j["status"], j.get("error")) for j in jobs]
+    s3 = boto3.client("s3", endpoint_url=stack.moto)
+    for job in jobs:
+        names = sorted(a["name"] for a in job["artifacts"])
+        assert names == sorted(ARTIFACTS), names
+        stored = s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"rebasin/jobs/{job['id']}/").get("Contents", [])
+        assert sorted(item["Key"].rsplit("/", 1)[1] for item in stored) == names
+
+
+def test_redis_restarted_empty_loses_no_job(stack):
+    for worker in stack.workers:
+        pause(worker)
+    ids = submit(stack, 6)
+    stack.redis.restart_empty()  # every message of the six jobs is gone
+    for worker in stack.workers:
+        resume(worker)
+    started = time.monotonic()
+    jobs = wait_all(stack, ids, timeout_s=90)
+    recovered_s = time.monotonic() - started
+    assert_exactly_once(jobs, stack)
+    assert [job["attempts"] for job in jobs] == [1] * len(jobs)  # re-sent messages did not run anything twice
+    assert recovered_s < 60, recovered_s
+
+
+def test_database_outage_answers_503_and_workers_resume(stack):
+    ids = submit(stack, 6)
+    stack.postgres.cut()
+    try:
+        with stack.client() as client:
+            for response in (client.get(f"/v1/jobs/{ids[0]}"), client.get("/v1/jobs"), client.post("/v1/jobs", json={
+                "method": "weight_matching", "checkpoints": stack.checkpoints["a"], "architecture": {"name": "mlp"}})):
+                assert response.status_code == 503, response.text
+                assert response.headers["content-type"] == "application/problem+json"
+                assert int(response.headers["retry-after"]) > 0
+                assert response.json()["type"].endswith("database-unavailable")
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error")
+            assert client.get("/healthz").status_code == 200  # alive: Kubernetes must not restart the pod
+        time.sleep(5)
+    finally:
+        stack.postgres.restore()
+    assert_exactly_once(wait_all(stack, ids, timeout_s=120), stack)
+    with stack.client() as client:
+        assert client.get("/readyz").status_code == 200
+
+
+def test_s3_slowdown_is_retried_and_nothing_is_half_visible(stack):
+    refused_before = stack.s3.refused
+    outcome = {}
+    with stack.client() as client:
+        stack.s3.failing.set()
+        try:
+            ids = submit(stack, 6)
+            thread = threading.Thread(target=lambda: outcome.setdefault("id", upload(client, 7)))
+            thread.start()
+            time.sleep(5)
+        finally:
+            stack.s3.failing.clear()
+        thread.join(60)
+    assert outcome.get("id", "").startswith("ckpt_")  # the upload during the outage went through, retried
+    assert stack.s3.refused > refused_before
+    assert_exactly_once(wait_all(stack, ids, timeout_s=120), stack)
+
+
+def test_full_scratch_disk_fails_the_job_clearly_and_the_worker_keeps_serving(stack):
+    fillers = [fill_disk(worker, path) for worker, path in zip(stack.workers, stack.scratch)]
+    try:
+        jobs = wait_all(stack, submit(stack, 2), timeout_s=90)
+        for job in jobs:
+            assert job["status"] == "failed", job
+            assert job["error"]["type"].endswith("out-of-disk") and job["error"]["status"] == 507
+            assert "TMPDIR" in job["error"]["detail"] and job["artifacts"] == []
+    finally:
+        for filler in fillers:
+            free_disk(filler)
+    assert_exactly_once(wait_all(stack, submit(stack, 4)), stack)
+
+
+def test_quotas_answer_429_and_usage_tells_the_tenant(stack):
+    limited = Service(env=stack.service.env | {
+        "REBASIN_TENANT_MAX_ACTIVE_JOBS": "2", "REBASIN_TENANT_MAX_STORED_BYTES": "60000",
+        "REBASIN_TENANT_REQUESTS_PER_S": "2", "REBASIN_TENANT_REQUEST_BURST": "10"}, log_dir=stack.service.log_dir)
+    limited.start_server()
+    try:
+        def client(tenant):
+            return limited.client(headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"})
+
+        with client("c") as c:  # stored bytes: one checkpoint (~6 kB) of room... and a second is refused
+            first = c.post("/v1/checkpoints", files={"file": ("m.safetensors", save_safetensors(make_mlp(0, [16, 64, 4]).state_dict()))})
+            assert first.status_code == 201
+            big = save_safetensors(make_mlp(1, [16, 512, 4]).state_dict())
+            refused = c.post("/v1/checkpoints", files={"file": ("m.safetensors", big)})
+            assert refused.status_code == 429 and refused.headers["content-type"] == "application/problem+json"
+            assert int(refused.headers["retry-after"]) > 0 and refused.json()["type"].endswith("quota-stored-bytes")
+            usage = c.get("/v1/usage").json()
+            assert usage["tenant"] == "c" and usage["quotas"]["stored_bytes"] == 60000
+            assert usage["usage"]["stored_bytes"] == first.json()["size_bytes"]
+
+        for worker in stack.workers:
+            pause(worker)  # the jobs stay queued
+        try:
+            with client("d") as d:
+                ids = [d.post("/v1/checkpoints", files={"file": ("m.safetensors", save_safetensors(make_mlp(s, SIZES).state_dict()))}).json()["id"] for s in (0, 1)]
+                body = {"method": "weight_matching", "checkpoints": ids, "architecture": {"name": "mlp"}}
+                assert [d.post("/v1/jobs", json=body).status_code for _ in range(2)] == [202, 202]
+                third = d.post("/v1/jobs", json=body)
+                assert third.status_code == 429 and third.json()["type"].endswith("quota-active-jobs")
+                assert int(third.headers["retry-after"]) > 0
+                usage = d.get("/v1/usage").json()
+                assert usage["usage"]["queued_jobs"] == 2 and usage["usage"]["active_jobs"] == 2
+                assert usage["quotas"]["active_jobs"] == 2
+        finally:
+            for worker in stack.workers:
+                resume(worker)
+
+        with client("e") as e:  # request rate: a burst of 10, then 2 a second
+            codes = [e.get("/v1/jobs").status_code for _ in range(14)]
+            assert codes[:10] == [200] * 10 and 429 in codes[10:]
+            limited_response = e.get("/v1/jobs")
+            assert limited_response.status_code == 429 and limited_response.json()["type"].endswith("quota-request-rate")
+            time.sleep(float(limited_response.headers["retry-after"]))
+            assert e.get("/v1/jobs").status_code == 200
+    finally:
+        limited.stop()
+        limited.processes.clear()
+
+
+def test_a_flooding_tenant_delays_another_by_at_most_one_job_per_worker(stack):
+    flood = submit(stack, 200, tenant="a")
+    [single] = submit(stack, 1, tenant="b")
+    [job_b] = wait_all(stack, [single], tenant="b", timeout_s=120)
+    assert job_b["status"] == "succeeded", job_b
+    jobs = {job.id: job for job in stack.jobs()}
+    b = jobs[single]
+    overtaking = [i for i in flood if jobs[i].started_at is not None and b.created_at < jobs[i].started_at < b.started_at]
+    assert len(overtaking) <= len(stack.workers), len(overtaking)
+    assert sum(jobs[i].status == "queued" for i in flood) >= 100  # tenant a's flood was still waiting
+    with stack.client("a") as client:  # leave the workers idle for whatever runs next
+        for job_id in flood:
+            client.post(f"/v1/jobs/{job_id}/cancel")
