@@ -81,6 +81,7 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # idle connections (a pool's) stay open as long as they would directly
             with self.lock:
                 self.connections |= {client, upstream}
             for source, sink in ((client, upstream), (upstream, client)):
