@@ -74,7 +74,7 @@ def check_request_rate(limiter: RequestRateLimiter, tenant: str) -> None:
         )
 
 
-def _limit(value: int | float) -> int | float | None:
+def _limit(value: float) -> int | float | None:
     return value if value > 0 else None
 
 

@@ -4,17 +4,38 @@ small tmpfs we may fill. Shared by tests/test_faults.py and benchmarks/faults.py
 
 import http.client
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tests.conftest import Service, free_port, process_env, rebasin_command
+import boto3
+import httpx
+from safetensors.torch import save as save_safetensors
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from storage.models import Job
+from tests.conftest import (
+    S3_CREDENTIALS,
+    Service,
+    free_port,
+    process_env,
+    rebasin_command,
+)
+from tests.service_helpers import TERMINAL, make_mlp
+
+SIZES = [16, 32, 32, 4]
+TENANT_KEYS = {t: f"key-{t}" for t in "abcdefgh"}
+ARTIFACTS = {"aligned.safetensors", "merged.safetensors", "permutation.json", "report.json"}
 
 
 def wait_for_port(port: int, timeout_s: float = 20) -> None:
@@ -240,3 +261,128 @@ def resume(process: subprocess.Popen) -> None:
 
 def have_tmpfs_namespaces() -> bool:
     return shutil.which("unshare") is not None and os.geteuid() == 0
+
+
+@dataclass
+class Stack:
+    """PostgreSQL (own database, behind a proxy), own Redis, moto S3 (behind a proxy), the API and two workers."""
+
+    service: Service
+    workers: list[subprocess.Popen]
+    scratch: list[Path]
+    redis: RedisProcess
+    postgres: TcpProxy
+    s3: S3FaultProxy
+    db_url: str  # straight to PostgreSQL, for checks from outside
+    bucket: str
+    moto: str
+    cleanup: list = field(default_factory=list)
+    checkpoints: dict[str, list[str]] = field(default_factory=dict)
+
+    def client(self, tenant: str = "a") -> httpx.Client:
+        return self.service.client(headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"})
+
+    def jobs(self) -> list[Job]:
+        engine = create_engine(self.db_url)
+        try:
+            with Session(engine) as session:
+                return list(session.scalars(select(Job)))
+        finally:
+            engine.dispose()
+
+    def restart_worker(self, index: int) -> None:
+        """Warm shutdown (the running job finishes first), then a fresh worker on the same scratch."""
+        old = self.workers[index]
+        old.terminate()
+        old.wait(timeout=120)
+        self.workers[index] = spawn_worker_with_scratch(self.service, self.scratch[index], size="16m")
+
+    def restart_api(self) -> None:
+        server = next(p for p in self.service.processes if "serve" in p.args and p.poll() is None)
+        server.terminate()
+        server.wait(timeout=60)
+        self.service.start_server()  # the old process stays listed: log names keep counting up
+
+    def close(self) -> None:
+        self.service.stop()
+        for action in reversed(self.cleanup):
+            action()
+
+
+def build_stack(root: Path, admin_url: str, moto_endpoint: str, extra_env: dict[str, str]) -> Stack:
+    admin_url = make_url(admin_url)
+    name = f"rebasin_faults_{secrets.token_hex(4)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop_database():
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    postgres = TcpProxy(admin_url.port or 5432, admin_url.host or "127.0.0.1")
+    redis = RedisProcess(root)
+    redis.start()
+    bucket = f"faults-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=moto_endpoint, **s3_credentials()).create_bucket(Bucket=bucket)
+    s3 = S3FaultProxy(moto_endpoint)
+    env = S3_CREDENTIALS | {
+        "REBASIN_DATABASE_URL": admin_url.set(host="127.0.0.1", port=postgres.port, database=name).render_as_string(hide_password=False),
+        "REBASIN_BROKER_URL": redis.url,
+        "REBASIN_ARTIFACT_URI": f"s3://{bucket}/rebasin",
+        "REBASIN_S3_ENDPOINT_URL": s3.url,
+        "REBASIN_DATA_DIR": str(root / "data"),
+        "REBASIN_API_KEYS": ",".join(f"{t}:{k}" for t, k in TENANT_KEYS.items()),
+    } | extra_env
+    subprocess.run(rebasin_command("db", "upgrade"), env=process_env(env), check=True, cwd=root, timeout=120)
+    service = Service(env=env, log_dir=root)
+    scratch = [root / f"scratch-{i}" for i in range(2)]
+    workers = [spawn_worker_with_scratch(service, path, size="16m") for path in scratch]
+    stack = Stack(service, workers, scratch, redis, postgres, s3, admin_url.set(database=name).render_as_string(hide_password=False),
+                  bucket, moto_endpoint, cleanup=[drop_database, postgres.close, s3.close, redis.kill])
+    try:
+        service.start_server()
+        for tenant in TENANT_KEYS:
+            with stack.client(tenant) as client:
+                stack.checkpoints[tenant] = [upload(client, seed) for seed in (0, 1)]
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def s3_credentials() -> dict[str, str]:
+    return {"aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"]}
+
+
+def upload(client: httpx.Client, seed: int) -> str:
+    response = client.post("/v1/checkpoints", files={"file": ("m.safetensors", save_safetensors(make_mlp(seed, SIZES).state_dict()))})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def job_body(stack: Stack, tenant: str) -> dict:
+    return {"method": "weight_matching", "checkpoints": stack.checkpoints[tenant], "architecture": {"name": "mlp"}}
+
+
+def submit(stack: Stack, count: int, tenant: str = "a") -> list[str]:
+    with stack.client(tenant) as client:
+        ids = []
+        for _ in range(count):
+            response = client.post("/v1/jobs", json=job_body(stack, tenant))
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["id"])
+        return ids
+
+
+def wait_all(stack: Stack, ids: list[str], tenant: str = "a", timeout_s: float = 120) -> list[dict]:
+    """The jobs once all have ended, or as they are at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    with stack.client(tenant) as client:
+        while True:
+            jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+            if all(job.get("status") in TERMINAL for job in jobs) or time.monotonic() > deadline:
+                return jobs
+            time.sleep(0.3)

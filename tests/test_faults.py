@@ -7,127 +7,49 @@ shortened so that recovery takes seconds. Every scenario ends with every accepte
 once; the long versions (N >= 20) are in benchmarks/faults.py.
 """
 
-import secrets
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import boto3
-import httpx
 import pytest
 from safetensors.torch import save as save_safetensors
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
 
-from storage.models import Job
-from tests.conftest import S3_CREDENTIALS, Service, process_env, rebasin_command, require_env
-from tests.fault_tools import (RedisProcess, S3FaultProxy, TcpProxy, fill_disk, free_disk, have_tmpfs_namespaces, pause,
-                               resume, spawn_worker_with_scratch)
-from tests.service_helpers import TERMINAL, make_mlp
-
-SIZES = [16, 32, 32, 4]
-TENANT_KEYS = {"a": "key-a", "b": "key-b", "c": "key-c", "d": "key-d", "e": "key-e"}
-ARTIFACTS = {"aligned.safetensors", "merged.safetensors", "permutation.json", "report.json"}
-
-
-@dataclass
-class Stack:
-    service: Service
-    workers: list[subprocess.Popen]
-    scratch: list[Path]
-    redis: RedisProcess
-    postgres: TcpProxy
-    s3: S3FaultProxy
-    db_url: str  # straight to PostgreSQL, for the test's own checks
-    bucket: str
-    moto: str
-    checkpoints: dict[str, list[str]]
-
-    def client(self, tenant: str = "a") -> httpx.Client:
-        return self.service.client(headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"})
-
-    def jobs(self) -> list[Job]:
-        with Session(create_engine(self.db_url)) as session:
-            return list(session.scalars(select(Job)))
+from tests.conftest import Service, require_env
+from tests.fault_tools import (
+    ARTIFACTS,
+    SIZES,
+    TENANT_KEYS,
+    Stack,
+    build_stack,
+    fill_disk,
+    free_disk,
+    have_tmpfs_namespaces,
+    job_body,
+    pause,
+    resume,
+    s3_credentials,
+    submit,
+    upload,
+    wait_all,
+)
+from tests.service_helpers import make_mlp
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, moto_endpoint):
     if not have_tmpfs_namespaces():
         pytest.skip("needs root and unshare for the workers' tmpfs scratch disks")
-    root = tmp_path_factory.mktemp("faults")
-    admin_url = make_url(require_env("REBASIN_TEST_POSTGRES_URL"))
-    name = f"rebasin_faults_{secrets.token_hex(4)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    postgres = TcpProxy(admin_url.port or 5432, admin_url.host or "127.0.0.1")
-    redis = RedisProcess(root)
-    redis.start()
-    bucket = f"faults-{secrets.token_hex(4)}"
-    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
-    s3 = S3FaultProxy(moto_endpoint)
-    env = S3_CREDENTIALS | {
-        "REBASIN_DATABASE_URL": admin_url.set(host="127.0.0.1", port=postgres.port, database=name).render_as_string(hide_password=False),
-        "REBASIN_BROKER_URL": redis.url,
-        "REBASIN_ARTIFACT_URI": f"s3://{bucket}/rebasin",
-        "REBASIN_S3_ENDPOINT_URL": s3.url,
-        "REBASIN_DATA_DIR": str(root / "data"),
-        "REBASIN_API_KEYS": ",".join(f"{t}:{k}" for t, k in TENANT_KEYS.items()),
+    built = build_stack(tmp_path_factory.mktemp("faults"), require_env("REBASIN_TEST_POSTGRES_URL"), moto_endpoint, {
         "REBASIN_JOB_HEARTBEAT_TIMEOUT_S": "4",
         "REBASIN_JOB_SWEEP_INTERVAL_S": "1",
         "REBASIN_TENANT_MAX_ACTIVE_JOBS": "1000",
         "REBASIN_TENANT_REQUESTS_PER_S": "0",
-    }
-    subprocess.run(rebasin_command("db", "upgrade"), env=process_env(env), check=True, cwd=root, timeout=120)
-    service = Service(env=env, log_dir=root)
-    scratch = [root / f"scratch-{i}" for i in range(2)]
-    workers = [spawn_worker_with_scratch(service, path, size="16m") for path in scratch]
-    service.start_server()
-    built = Stack(service, workers, scratch, redis, postgres, s3, admin_url.set(database=name).render_as_string(hide_password=False),
-                  bucket, moto_endpoint, {})
-    for tenant in "ab":
-        with built.client(tenant) as client:
-            built.checkpoints[tenant] = [upload(client, seed) for seed in (0, 1)]
-    wait_until_workers_ready(built)
-    yield built
-    service.stop()
-    redis.kill()
-    s3.close()
-    postgres.close()
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def upload(client: httpx.Client, seed: int) -> str:
-    response = client.post("/v1/checkpoints", files={"file": ("m.safetensors", save_safetensors(make_mlp(seed, SIZES).state_dict()))})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def submit(stack: Stack, count: int, tenant: str = "a") -> list[str]:
-    body = {"method": "weight_matching", "checkpoints": stack.checkpoints[tenant], "architecture": {"name": "mlp"}}
-    with stack.client(tenant) as client:
-        ids = []
-        for _ in range(count):
-            response = client.post("/v1/jobs", json=body)
-            assert response.status_code == 202, response.text
-            ids.append(response.json()["id"])
-        return ids
-
-
-def wait_all(stack: Stack, ids: list[str], tenant: str = "a", timeout_s: float = 120) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    with stack.client(tenant) as client:
-        while True:
-            jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
-            if all(job.get("status") in TERMINAL for job in jobs) or time.monotonic() > deadline:
-                return jobs
-            time.sleep(0.3)
+    })
+    try:
+        wait_until_workers_ready(built)
+        yield built
+    finally:
+        built.close()
 
 
 def wait_until_workers_ready(stack: Stack) -> None:
@@ -137,7 +59,7 @@ def wait_until_workers_ready(stack: Stack) -> None:
 def assert_exactly_once(jobs: list[dict], stack: Stack) -> None:
     """Every job succeeded, with one set of artifacts, each listed object present in S3 and nothing else."""
     assert [job["status"] for job in jobs] == ["succeeded"] * len(jobs), [(j["id"], j["status"], j.get("error")) for j in jobs]
-    s3 = boto3.client("s3", endpoint_url=stack.moto)
+    s3 = boto3.client("s3", endpoint_url=stack.moto, **s3_credentials())
     for job in jobs:
         names = sorted(a["name"] for a in job["artifacts"])
         assert names == sorted(ARTIFACTS), names
@@ -165,8 +87,7 @@ def test_database_outage_answers_503_and_workers_resume(stack):
     stack.postgres.cut()
     try:
         with stack.client() as client:
-            for response in (client.get(f"/v1/jobs/{ids[0]}"), client.get("/v1/jobs"), client.post("/v1/jobs", json={
-                "method": "weight_matching", "checkpoints": stack.checkpoints["a"], "architecture": {"name": "mlp"}})):
+            for response in (client.get(f"/v1/jobs/{ids[0]}"), client.get("/v1/jobs"), client.post("/v1/jobs", json=job_body(stack, "a"))):
                 assert response.status_code == 503, response.text
                 assert response.headers["content-type"] == "application/problem+json"
                 assert int(response.headers["retry-after"]) > 0
@@ -224,6 +145,7 @@ def test_quotas_answer_429_and_usage_tells_the_tenant(stack):
             return limited.client(headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"})
 
         with client("c") as c:  # stored bytes: 60 kB; a 5 kB checkpoint fits, an 86 kB one not
+            stored_before = c.get("/v1/usage").json()["usage"]["stored_bytes"]
             first = c.post("/v1/checkpoints", files={"file": ("m.safetensors", save_safetensors(make_mlp(0, [16, 64, 4]).state_dict()))})
             assert first.status_code == 201
             big = save_safetensors(make_mlp(1, [16, 1024, 4]).state_dict())  # ~86 kB
@@ -232,7 +154,7 @@ def test_quotas_answer_429_and_usage_tells_the_tenant(stack):
             assert int(refused.headers["retry-after"]) > 0 and refused.json()["type"].endswith("quota-stored-bytes")
             usage = c.get("/v1/usage").json()
             assert usage["tenant"] == "c" and usage["quotas"]["stored_bytes"] == 60000
-            assert usage["usage"]["stored_bytes"] == first.json()["size_bytes"]
+            assert usage["usage"]["stored_bytes"] == stored_before + first.json()["size_bytes"]
 
         for worker in stack.workers:
             pause(worker)  # the jobs stay queued
