@@ -257,6 +257,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--load-seconds", type=float, default=60)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--logs", type=Path, help="keep the processes' logs in this directory (default: removed)")
     args = parser.parse_args()
     if not have_tmpfs_namespaces():
         sys.exit("faults.py: needs root and unshare (the workers' scratch disks are tmpfs mounts in their own namespaces)")
@@ -268,8 +269,10 @@ def main() -> int:
     moto.start()
     endpoint = f"http://127.0.0.1:{port}"
     rows = []
-    with tempfile.TemporaryDirectory(prefix="rebasin-faults-") as root:
-        stack = build_stack(Path(root), args.postgres, endpoint, {})
+    with tempfile.TemporaryDirectory(prefix="rebasin-faults-") as scratch:
+        root = args.logs or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        stack = build_stack(root, args.postgres, endpoint, {})
         try:
             warm = submit(stack, 2)
             wait_ended(stack, warm, time.monotonic())
