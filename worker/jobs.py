@@ -150,15 +150,17 @@ def claim_next_job(settings: Settings, queue: str) -> Job | None:
     return None
 
 
-def finish_job(db_url: str, job_id: str, **values) -> bool:
-    """Move a running job to its final state; False if it was no longer running."""
+def finish_job(db_url: str, job_id: str, holder: str | None = None, **values) -> bool:
+    """Move a running job to its final state; False if it was no longer running (or, with ``holder``,
+    no longer held by that process: it was handed to another worker meanwhile)."""
 
     def finish() -> bool:
         with session_scope(db_url) as session:
             artifacts = values.get("artifacts", [])
             fields = {k: v for k, v in values.items() if k != "artifacts"}
+            held = Job.claimed_by == holder if holder is not None else Job.id.is_not(None)
             updated = session.execute(
-                update(Job).where(Job.id == job_id, Job.status == "running").values(finished_at=utcnow(), **fields)
+                update(Job).where(Job.id == job_id, Job.status == "running", held).values(finished_at=utcnow(), **fields)
             ).rowcount
             if updated and artifacts:
                 session.add_all(Artifact(job_id=job_id, **artifact) for artifact in artifacts)
@@ -170,14 +172,16 @@ def finish_job(db_url: str, job_id: str, **values) -> bool:
     return while_database_down(finish, f"job {job_id}: finishing")
 
 
-def requeue_lost_jobs(settings: Settings) -> list[str]:
+def requeue_lost_jobs(settings: Settings, release_stale: bool = True) -> list[str]:
     """Queue again the jobs the broker lost: running ones whose worker is gone (no heartbeat for
     job_heartbeat_timeout_s, or a dead process on this host), and queued ones without a broker
-    message (Redis restarted empty, a crash between commit and send)."""
+    message (Redis restarted empty, a crash between commit and send). ``release_stale=False`` spares
+    jobs whose heartbeats are merely late (the database was away: their holders could not beat)."""
     released = []
     with session_scope(settings.resolved_database_url()) as session:
         for job in session.scalars(select(Job).where(Job.status == "running")).all():
-            if not _holder_alive(job, settings.job_heartbeat_timeout_s) and _release(session, job):
+            alive = _holder_alive(job, settings.job_heartbeat_timeout_s if release_stale else 1e9)
+            if not alive and _release(session, job):
                 released.append(job.id)
         session.commit()
         return released + [i for i in send_missing_messages(session) if i not in released]
@@ -208,6 +212,8 @@ class JobMonitor:
                 with session_scope(self.db_url) as session:
                     session.execute(update(Job).where(Job.id == self.job_id, Job.status == "running").values(heartbeat_at=utcnow()))
                     session.commit()
+            except DATABASE_UNAVAILABLE as error:
+                log.warning("job %s: heartbeat not recorded, database unreachable (%s)", self.job_id, type(error.orig or error).__name__)
             except Exception:
                 log.exception("job %s: heartbeat failed", self.job_id)
 
@@ -361,6 +367,14 @@ def _delete_outputs(store: ArtifactStore, job_id: str, workdir: Path | None) -> 
         store.delete(artifact_key(job_id, path.name))
 
 
+def _holds(db_url: str, job: Job) -> bool:
+    def read() -> bool:
+        with session_scope(db_url) as session:
+            return session.scalar(select(Job.claimed_by).where(Job.id == job.id, Job.status == "running")) == job.claimed_by
+
+    return while_database_down(read, f"job {job.id}: checking ownership")
+
+
 def _hand_back(db_url: str, job_id: str) -> None:
     with session_scope(db_url) as session:
         job = session.get(Job, job_id)
@@ -385,23 +399,26 @@ def run_claimed_job(job: Job, settings: Settings) -> None:
         except DATABASE_UNAVAILABLE:
             # The outage outlasted our patience mid-job: the job runs again once the database is back.
             log.warning("job %s: database unreachable; handing the job back", job_id)
-            _delete_outputs(store, job_id, workdir)
-            while_database_down(lambda: _hand_back(db_url, job_id), f"job {job_id}: handing back", give_up_after_s=3600)
+            if while_database_down(lambda: _holds(db_url, job), f"job {job_id}: handing back", give_up_after_s=3600):
+                _delete_outputs(store, job_id, workdir)
+                while_database_down(lambda: _hand_back(db_url, job_id), f"job {job_id}: handing back", give_up_after_s=3600)
             return
         except Exception as error:
             ending = _ending_of(error, job, settings)
             if ending.get("error", {}).get("status") == 500:
                 log.exception("job %s: crashed", job_id)
-            # Whatever this attempt already wrote goes: a job that did not succeed has no artifacts.
-            _delete_outputs(store, job_id, workdir)
-            finish_job(db_url, job_id, **ending)
+            # Whatever this attempt already wrote goes: a job that did not succeed has no artifacts. Unless the
+            # job was handed to another worker meanwhile: the keys are shared, the outputs may be its.
+            if _holds(db_url, job):
+                _delete_outputs(store, job_id, workdir)
+            finish_job(db_url, job_id, holder=job.claimed_by, **ending)
             log.info("job %s: %s", job_id, ending["status"])
             return
         finally:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
     progress = {"stage": "done", "completed": 1, "total": 1, "message": "finished"}
-    if finish_job(db_url, job_id, status="succeeded", progress=progress, **output):
+    if finish_job(db_url, job_id, holder=job.claimed_by, status="succeeded", progress=progress, **output):
         log.info("job %s: succeeded", job_id)
 
 

@@ -2,12 +2,13 @@
 
 import logging
 import threading
+import time
 
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy import select
 
 from core.config import get_settings
-from storage.db import session_scope
+from storage.db import DATABASE_UNAVAILABLE, session_scope
 from storage.models import Job
 from worker import callbacks
 from worker.app import celery_app
@@ -44,13 +45,22 @@ def deliver_callback(job_id: str) -> None:
 
 def _sweep_stale_jobs() -> None:
     settings = get_settings()
+    database_back_at = time.monotonic()
     while not _stop_sweeping.wait(settings.job_sweep_interval_s):
+        # After an outage every holder's heartbeat is late; give them a heartbeat timeout to beat again
+        # before their jobs count as lost (else a job would run twice).
+        release_stale = time.monotonic() - database_back_at >= settings.job_heartbeat_timeout_s
         try:
-            for job_id in requeue_lost_jobs(settings):
+            for job_id in requeue_lost_jobs(settings, release_stale=release_stale):
                 log.warning("job %s: lost by its worker or the broker; queued again", job_id)
+        except DATABASE_UNAVAILABLE as error:
+            database_back_at = float("inf")
+            log.warning("stale-job sweep: database unreachable (%s)", type(error.orig or error).__name__)
         except Exception as error:
-            # A database or broker outage: the next sweep, once it is back, does the work.
+            # A broker outage: the next sweep, once it is back, does the work.
             log.warning("stale-job sweep failed: %s: %s", type(error).__name__, error)
+        else:
+            database_back_at = min(database_back_at, time.monotonic())
 
 
 @worker_ready.connect
