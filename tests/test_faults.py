@@ -44,7 +44,7 @@ def stack(tmp_path_factory, moto_endpoint):
         "REBASIN_JOB_SWEEP_INTERVAL_S": "1",
         "REBASIN_TENANT_MAX_ACTIVE_JOBS": "1000",
         "REBASIN_TENANT_REQUESTS_PER_S": "0",
-    })
+    }, tenants="ab")
     try:
         wait_until_workers_ready(built)
         yield built
