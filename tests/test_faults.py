@@ -195,3 +195,27 @@ def test_a_flooding_tenant_delays_another_by_at_most_one_job_per_worker(stack):
     overtaking = [i for i in flood if jobs[i].started_at is not None and b.created_at < jobs[i].started_at < b.started_at]
     assert len(overtaking) <= len(stack.workers), len(overtaking)
     assert sum(jobs[i].status == "queued" for i in flood) >= 100  # tenant a's flood was still waiting
+
+
+def test_concurrent_spec_inference_in_one_process():
+    """Overload found by benchmarks/faults.py: simultaneous first submissions traced models in parallel
+    threads of the API process, which broke torch.fx for the rest of the process (every job a 500)."""
+    import matching
+    from matching.architectures import example_input
+    from matching.infer import infer_spec
+
+    errors = []
+
+    def infer(width: int) -> None:
+        try:
+            model = matching.build_model("mlp", sizes=[8, width, 4])
+            infer_spec(model, example_input("mlp", model))
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=infer, args=(8 + i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
