@@ -70,10 +70,6 @@ class RedisProcess:
             self.process.kill()
             self.process.wait()
 
-    def restart_empty(self) -> None:
-        self.kill()
-        self.start()
-
 
 class TcpProxy:
     """Forwards a local port to a target; ``cut()`` drops every connection and refuses new ones

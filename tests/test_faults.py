@@ -71,7 +71,12 @@ def test_redis_restarted_empty_loses_no_job(stack):
     for worker in stack.workers:
         pause(worker)
     ids = submit(stack, 6)
-    stack.redis.restart_empty()  # every message of the six jobs is gone
+    stack.redis.kill()  # every message of the six jobs is gone
+    with stack.client() as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("error")
+        assert client.get("/healthz").status_code == 200
+    stack.redis.start()  # empty
     for worker in stack.workers:
         resume(worker)
     started = time.monotonic()
