@@ -95,7 +95,7 @@ def tally(stack: Stack, name: str, ids: list[str], recovery_s: float | None, not
     jobs = {job.id: job for job in stack.jobs()}
     logged = succeeded_in_logs(stack)
     s3 = boto3.client("s3", endpoint_url=stack.moto, **s3_credentials())
-    once = failed = lost = duplicated = stuck = 0
+    once = failed = lost = duplicated = stuck = unlogged = 0
     failures = Counter()
     for job_id in ids:
         job = jobs.get(job_id)
@@ -108,13 +108,17 @@ def tally(stack: Stack, name: str, ids: list[str], recovery_s: float | None, not
         if job.status == "succeeded":
             stored = s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"rebasin/jobs/{job_id}/").get("Contents", [])
             names = sorted(a.name for a in job.artifacts)
-            if names == sorted(ARTIFACTS) and sorted(o["Key"].rsplit("/", 1)[1] for o in stored) == names and logged[job_id] == 1:
+            consistent = names == sorted(ARTIFACTS) and sorted(o["Key"].rsplit("/", 1)[1] for o in stored) == names
+            if consistent and logged[job_id] <= 1:
                 once += 1
+                unlogged += logged[job_id] == 0
             else:
                 duplicated += 1
         else:
             failed += 1
             failures[(job.error or {}).get("type", job.status).rsplit("/", 1)[-1]] += 1
+    if unlogged:
+        notes = "; ".join(filter(None, [notes, f"{unlogged} succeeded without a worker log line"]))
     if failures:
         notes = "; ".join(filter(None, [notes, "failed: " + ", ".join(f"{n}x {k}" for k, n in failures.items())]))
     return Row(name, len(ids), once, failed, lost, duplicated, stuck, recovery_s, notes)

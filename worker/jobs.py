@@ -162,12 +162,16 @@ def finish_job(db_url: str, job_id: str, holder: str | None = None, **values) ->
             updated = session.execute(
                 update(Job).where(Job.id == job_id, Job.status == "running", held).values(finished_at=utcnow(), **fields)
             ).rowcount
-            if updated and artifacts:
+            if not updated:
+                # Our own earlier try may have committed before its connection broke (the reply was lost).
+                current = session.get(Job, job_id)
+                if not (current and holder is not None and current.claimed_by == holder and current.status == fields.get("status")):
+                    return False
+            else:
                 session.add_all(Artifact(job_id=job_id, **artifact) for artifact in artifacts)
-            session.commit()
-            if updated:
-                _announce_end(session.get(Job, job_id))
-            return bool(updated)
+                session.commit()
+            _announce_end(session.get(Job, job_id))
+            return True
 
     return while_database_down(finish, f"job {job_id}: finishing")
 
