@@ -191,7 +191,15 @@ def test_quotas_answer_429_and_usage_tells_the_tenant(stack):
 
 
 def test_a_flooding_tenant_delays_another_by_at_most_one_job_per_worker(stack):
-    flood = submit(stack, 200, tenant="a")
+    for worker in stack.workers:
+        pause(worker)  # tenant a queues 200 jobs at once (and the test does not wait for the workers' CPU)
+    try:
+        flood = submit(stack, 200, tenant="a")
+    finally:
+        for worker in stack.workers:
+            resume(worker)
+    while sum(job.status != "queued" for job in stack.jobs() if job.tenant == "a" and job.id in flood) < 2:
+        time.sleep(0.2)  # both workers busy with tenant a's jobs
     [single] = submit(stack, 1, tenant="b")
     [job_b] = wait_all(stack, [single], tenant="b", timeout_s=120)
     assert job_b["status"] == "succeeded", job_b
