@@ -30,7 +30,7 @@ from core.schemas import JobOut
 from storage.artifacts import ArtifactStore, open_store, sha256_file
 from storage.db import DATABASE_UNAVAILABLE, session_scope
 from storage.models import Artifact, Checkpoint, Dataset, Job, utcnow
-from worker.app import enqueue_callback, queue_for
+from worker.app import enqueue_callback, enqueue_job, queue_for
 from worker.dispatch import next_job_id, send_missing_messages
 
 log = logging.getLogger("rebasin.worker")
@@ -40,6 +40,8 @@ PROGRESS_INTERVAL_S = 1.0
 DATABASE_PATIENCE_S = 300.0
 # No space left, disk quota exceeded, file size limit: all mean the scratch disk cannot take the job.
 OUT_OF_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# After its scratch disk ran out, a worker waits this long before it takes another job.
+OUT_OF_DISK_PAUSE_S = 10.0
 T = TypeVar("T")
 
 
@@ -338,8 +340,9 @@ def _ending_of(error: BaseException, job: Job, settings: Settings) -> dict:
                   "fewer checkpoints, or smaller evaluation data; batch_size lowers the memory of activation and STE matching.")
         return {"status": "failed", "error": problem("out-of-memory", "Out of memory", detail, 507)}
     if _out_of_disk(error):
-        detail = (f"The worker ran out of disk space while writing {getattr(error, 'filename', None) or 'its scratch files'} "
-                  f"({error}). The job's scratch files were removed; submit it again. Operators: "
+        detail = (f"The job ran out of disk space in each of its {job.attempts} attempts, while writing "
+                  f"{getattr(error, 'filename', None) or 'its scratch files'} ({error}). Its scratch files were removed; "
+                  "submit it again later. Operators: "
                   f"free space in or enlarge the worker's scratch directory ({tempfile.gettempdir()}, set by TMPDIR).")
         return {"status": "failed", "error": problem("out-of-disk", "Out of disk space", detail, 507)}
     if isinstance(error, SoftTimeLimitExceeded):
@@ -387,6 +390,12 @@ def _hand_back(db_url: str, job_id: str) -> None:
 
 
 def run_claimed_job(job: Job, settings: Settings) -> None:
+    if _run_claimed_job(job, settings) == "out-of-disk":
+        # Step aside for a while, so that a worker with room takes the job (and the next ones).
+        time.sleep(OUT_OF_DISK_PAUSE_S)
+
+
+def _run_claimed_job(job: Job, settings: Settings) -> str:
     db_url, job_id = settings.resolved_database_url(), job.id
     job_id_var.set(job_id)
     store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url, settings.s3_max_attempts)
@@ -406,8 +415,15 @@ def run_claimed_job(job: Job, settings: Settings) -> None:
             if while_database_down(lambda: _holds(db_url, job), f"job {job_id}: handing back", give_up_after_s=3600):
                 _delete_outputs(store, job_id, workdir)
                 while_database_down(lambda: _hand_back(db_url, job_id), f"job {job_id}: handing back", give_up_after_s=3600)
-            return
+            return "handed back"
         except Exception as error:
+            if _out_of_disk(error) and job.attempts < settings.job_max_attempts:
+                log.warning("job %s: out of disk space in %s (%s); handing the job to another worker", job_id, tempfile.gettempdir(), error)
+                if _holds(db_url, job):
+                    _delete_outputs(store, job_id, workdir)
+                    while_database_down(lambda: _hand_back(db_url, job_id), f"job {job_id}: handing back")
+                    enqueue_job(job_id, job.request.get("device") or "auto")
+                return "out-of-disk"
             ending = _ending_of(error, job, settings)
             if ending.get("error", {}).get("status") == 500:
                 log.exception("job %s: crashed", job_id)
@@ -417,13 +433,14 @@ def run_claimed_job(job: Job, settings: Settings) -> None:
                 _delete_outputs(store, job_id, workdir)
             finish_job(db_url, job_id, holder=job.claimed_by, **ending)
             log.info("job %s: %s", job_id, ending["status"])
-            return
+            return ending["status"]
         finally:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
     progress = {"stage": "done", "completed": 1, "total": 1, "message": "finished"}
     if finish_job(db_url, job_id, holder=job.claimed_by, status="succeeded", progress=progress, **output):
         log.info("job %s: succeeded", job_id)
+    return "succeeded"
 
 
 def unfinished_jobs(db_url: str) -> list[tuple[str, str]]:
