@@ -37,13 +37,23 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import boto3  # noqa: E402
-import httpx  # noqa: E402
+import boto3
+import httpx
 
-from tests.conftest import S3_CREDENTIALS, free_port  # noqa: E402
-from tests.fault_tools import (ARTIFACTS, TENANT_KEYS, Stack, build_stack, fill_disk, free_disk,  # noqa: E402
-                               have_tmpfs_namespaces, job_body, s3_credentials, submit)
-from tests.service_helpers import TERMINAL  # noqa: E402
+from tests.conftest import S3_CREDENTIALS, free_port
+from tests.fault_tools import (
+    ARTIFACTS,
+    TENANT_KEYS,
+    Stack,
+    build_stack,
+    fill_disk,
+    free_disk,
+    have_tmpfs_namespaces,
+    job_body,
+    s3_credentials,
+    submit,
+)
+from tests.service_helpers import TERMINAL
 
 STUCK_AFTER_S = 180
 
