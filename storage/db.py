@@ -1,5 +1,6 @@
 """Engine, sessions and schema migrations (Alembic, configured in code: no alembic.ini needed)."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -23,8 +24,27 @@ DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
 CONNECT_TIMEOUT_S = 5
 
 
+_engines: list[Engine] = []
+
+
+def _forget_connections_in_child() -> None:
+    # A forked process (Celery's pool) must not use the parent's pooled connections or pool locks,
+    # which another thread of the parent (the stale-job sweeper) may be holding at the moment of the fork.
+    for engine in _engines:
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_connections_in_child)
+
+
 @lru_cache
 def get_engine(url: str) -> Engine:
+    engine = _create_engine(url)
+    _engines.append(engine)
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:
