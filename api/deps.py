@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings
 from api.problems import Problem
 from api.quotas import check_request_rate
+from api.sessions import check_csrf, check_same_origin, session_tenant
 from storage.artifacts import ArtifactStore
 from storage.db import get_sessionmaker
 
@@ -47,13 +48,19 @@ async def get_tenant(request: Request) -> str:
 
 def _authenticated_tenant(request: Request) -> str:
     tenants = request.app.state.tenant_by_key_digest
-    if not tenants:
-        return OPEN_MODE_TENANT
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and presented.strip():
+        if not tenants:
+            return OPEN_MODE_TENANT
         tenant = tenants.get(hash_key(presented.strip()))
         if tenant is not None:
             return tenant
+    elif not tenants:
+        check_same_origin(request)
+        return OPEN_MODE_TENANT
+    elif (tenant := session_tenant(request)) is not None:
+        check_csrf(request)
+        return tenant
     raise Problem(
         401, "Unauthorized", "Send a valid API key as 'Authorization: Bearer <key>'.", headers={"WWW-Authenticate": "Bearer"}
     )

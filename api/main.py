@@ -14,6 +14,7 @@ from api.problems import MEDIA_TYPE, install_problem_handlers
 from api.availability import install_outage_handlers
 from api.quotas import RequestRateLimiter
 from api.routers import architectures, files, health, jobs, uploads, usage
+from api.routers.web import install_web
 from api.uploads import too_large
 from storage.artifacts import open_store
 from worker.app import configure_celery
@@ -70,7 +71,7 @@ class RequestId:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_celery(settings)
-    app = FastAPI(title="rebasin", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="rebasin", version="0.1.0", description=DESCRIPTION, docs_url=None, redoc_url=None)
     app.state.settings = settings
     # Only digests of the API keys are kept: a memory dump does not reveal them.
     app.state.tenant_by_key_digest = {hash_key(key): tenant for key, tenant in settings.tenant_keys().items()}
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestId)
     for router in (files.checkpoints, files.datasets, uploads.router, jobs.router, architectures.router, health.router, usage.router):
         app.include_router(router)
+    install_web(app)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics():

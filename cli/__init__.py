@@ -74,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     from api.client import RebasinError
     from matching import MatchingError
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args)  # `rebasin merge` returns its exit code (2: bad input)
     except (RebasinError, MatchingError) as error:
         sys.exit(f"rebasin: {error}")
     except KeyboardInterrupt:

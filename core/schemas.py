@@ -47,6 +47,13 @@ class JobOptions(BaseModel):
     steps: int | None = Field(None, ge=1, le=100_000, description="STE: optimisation steps.")
     learning_rate: float | None = Field(None, gt=0, description="STE: learning rate.")
     batch_size: int | None = Field(None, ge=1, le=65_536, description="STE and activation matching: batch size.")
+    repair: Literal["none", "reset", "repair"] | None = Field(
+        None, description="What corrects the merged model's activation statistics, in merged.safetensors and in the "
+        "extra 'aligned_repair' curve: 'none' (plain interpolation), 'reset' (BatchNorm statistics re-estimated), "
+        "'repair' (REPAIR, Jordan et al. 2023: every permuted layer's channels rescaled to the interpolated "
+        "statistics of the endpoints, folded into the weights; after a BN reset in BatchNorm networks). Computed on "
+        "the 'dataset' (else the 'eval_dataset'). Left out: 'reset' for BatchNorm networks, 'repair' otherwise, "
+        "'none' without data.")
 
 
 class JobCreate(BaseModel):
@@ -68,6 +75,9 @@ class JobCreate(BaseModel):
             raise ValueError("give exactly one of 'architecture' and 'permutation_spec'")
         if self.method != "weight_matching" and self.dataset is None:
             raise ValueError(f"{self.method} needs a 'dataset' (activations are computed on it)")
+        if self.options.repair in ("reset", "repair") and self.dataset is None and self.eval_dataset is None:
+            raise ValueError(f"repair={self.options.repair!r} computes statistics on data: give a 'dataset' "
+                             "(or an 'eval_dataset')")
         if len(set(self.checkpoints)) != len(self.checkpoints):
             raise ValueError("'checkpoints' lists the same checkpoint twice")
         return self

@@ -9,9 +9,19 @@ merge_checkpoints(states, method=..., architecture=... | permutation_spec=..., d
   (``report["evaluation"]["split"]`` says which). BN models get their statistics re-estimated ("BN reset")
   at every lambda and in merged.safetensors, on the dataset's training inputs (else the evaluation inputs;
   at most 2048 examples). With a bare permutation_spec there is no model: weight matching only, data ignored.
-- Barrier (Definition 2.2): max over lambda of L(lambda) - ((1 - lambda) L(0) + lambda L(1)).
+- Barrier (Definition 2.2): max over lambda of L(lambda) - ((1 - lambda) L(0) + lambda L(1)), on the held-out
+  split (``barrier``, ``curves``) and on the training split (``barrier_train``, ``curves_train``: the dataset's
+  inputs, else the eval dataset's ``inputs`` when it also has an eval split; at most 10000 examples, evenly
+  strided; ``evaluation_train`` names the split).
+- Option ``repair`` (matching.repair): "none" (plain interpolation), "reset" (BN statistics re-estimated),
+  "repair" (REPAIR, Jordan et al. 2023: per-channel rescaling to the interpolated endpoint statistics, folded
+  into weights and biases; in BN networks it is the reset). Left out: "reset" for BN networks, "repair"
+  otherwise, "none" without data. Statistics come from the dataset's training inputs, else the evaluation
+  data (``report["repair"]["data"]``); "reset"/"repair" without any data are refused. It shapes
+  merged.safetensors and adds the ``aligned_repair`` curve; ``naive``/``aligned`` keep their meaning (BN
+  models: reset at every lambda when there is data).
 - Options: seed, max_iter, lambdas (number of points, default 25), merge_lambda (0.5), steps (STE, 200),
-  learning_rate (STE, 1e-3), batch_size (activation/STE, 256).
+  learning_rate (STE, 1e-3), batch_size (activation/STE, 256), repair.
 """
 
 from matching.architectures import build_model, infer_options, list_architectures

@@ -81,6 +81,9 @@ def add_merge_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="STE steps")
     p.add_argument("--learning-rate", type=float, help="STE learning rate")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--repair", choices=["none", "reset", "repair"],
+                   help="statistics correction of the merged model (default: reset for BatchNorm networks, repair "
+                        "otherwise; needs --data or --eval-data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=run_merge)
     return p
@@ -115,7 +118,7 @@ def run_merge(args) -> int:
             except (OSError, json.JSONDecodeError) as exc:
                 raise MatchingError(f"--spec {args.spec}: cannot read JSON ({exc})") from None
         options = {name: getattr(args, name) for name in ("seed", "max_iter", "lambdas", "merge_lambda", "steps",
-                                                            "learning_rate", "batch_size") if getattr(args, name) is not None}
+                                                            "learning_rate", "batch_size", "repair") if getattr(args, name) is not None}
         outcome = merge_checkpoints(states, method=METHOD_NAMES.get(args.method, args.method), architecture=architecture,
                                     permutation_spec=spec, dataset=args.data, eval_dataset=args.eval_data,
                                     options=options, device=args.device, progress=progress)
@@ -138,14 +141,25 @@ def format_report(report: dict) -> str:
     if m.get("objective_initial") is not None:
         lines.append(f"objective {m['objective_initial']:.6g} -> {m['objective_final']:.6g}")
     if "barrier" in report:
-        ev = report["evaluation"]
-        lines.append(f"barrier on {ev['split']} ({ev['num_examples']} examples, {len(report['curves']['lambdas'])} lambdas):")
-        lines.append(f"{'':10}{'loss barrier':>14}{'acc barrier':>14}{'mid loss':>11}{'mid acc':>10}")
-        mid = len(report["curves"]["lambdas"]) // 2
-        for name in ("naive", "aligned"):
-            b, c = report["barrier"][name], report["curves"][name]
-            lines.append(f"{name:10}{b['loss']:14.4f}{b['accuracy']:14.4f}{c['loss'][mid]:11.4f}{c['accuracy'][mid]:10.4f}")
-        lines.append(f"merged: loss {report['merged']['loss']:.4f}, accuracy {report['merged']['accuracy']:.4f}")
+        lines.extend(barrier_table(report))
+        lines.append(f"merged: loss {report['merged']['loss']:.4f}, accuracy {report['merged']['accuracy']:.4f}"
+                     + (f" (repair: {report['repair']['mode']})" if "repair" in report else ""))
     else:
         lines.append("no evaluation data: no barrier report")
     return "\n".join(lines)
+
+
+def barrier_table(report: dict) -> list[str]:
+    """The barrier table of a report: one row per curve (naive, aligned, aligned_repair) and split."""
+    lines = []
+    for suffix in ("", "_train"):
+        if f"barrier{suffix}" not in report:
+            continue
+        ev, curves = report[f"evaluation{suffix}"], report[f"curves{suffix}"]
+        lines.append(f"barrier on {ev['split']} ({ev['num_examples']} examples, {len(curves['lambdas'])} lambdas):")
+        lines.append(f"{'':16}{'loss barrier':>14}{'acc barrier':>14}{'mid loss':>11}{'mid acc':>10}")
+        mid = len(curves["lambdas"]) // 2
+        for name, b in report[f"barrier{suffix}"].items():
+            c = curves[name]
+            lines.append(f"{name:16}{b['loss']:14.4f}{b['accuracy']:14.4f}{c['loss'][mid]:11.4f}{c['accuracy'][mid]:10.4f}")
+    return lines

@@ -74,8 +74,7 @@ def reset_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 50
     """Re-estimate BN running statistics on ``inputs`` (an exact average over the batches, not an EMA).
     At most ``max_examples`` (evenly strided) are used: a few thousand estimate per-channel statistics
     well, and this runs at every lambda of a curve."""
-    if len(inputs) > max_examples:
-        inputs = inputs[torch.linspace(0, len(inputs) - 1, max_examples).long()]
+    inputs, _ = subsample(inputs, max_examples=max_examples)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -104,21 +103,40 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     return {"loss": loss / len(inputs), "accuracy": correct / len(inputs)}
 
 
-def interpolation_curve(model: nn.Module, state_a: dict, state_b: dict, lambdas: list[float], inputs, targets,
-                        bn_inputs=None, tick=None) -> dict:
-    """Loss and accuracy at each lambda; BN models get their statistics re-estimated at each point."""
+def interpolation_curves(model: nn.Module, state_a: dict, state_b: dict, lambdas: list[float], splits: dict,
+                         bn_inputs=None, repair=None, tick=None) -> dict:
+    """{split name: {"loss": [...], "accuracy": [...]}} along the line from A to B, each point evaluated on every
+    split of ``splits`` ({name: (inputs, targets)}). BN models get their statistics re-estimated at each point
+    (on ``bn_inputs``); with ``repair`` (a ``matching.repair.Repair`` of this pair) each point is then repaired."""
     reset = bn_inputs is not None and has_batchnorm(model)
-    losses, accuracies = [], []
+    curves = {name: {"loss": [], "accuracy": []} for name in splits}
     for i, lam in enumerate(lambdas):
         model.load_state_dict(interpolate(state_a, state_b, lam))
         if reset:
             reset_batchnorm(model, bn_inputs)
-        result = evaluate(model, inputs, targets)
-        losses.append(result["loss"])
-        accuracies.append(result["accuracy"])
+        if repair is not None:
+            repair.apply(model, [1 - lam, lam])
+        for name, (inputs, targets) in splits.items():
+            result = evaluate(model, inputs, targets)
+            curves[name]["loss"].append(result["loss"])
+            curves[name]["accuracy"].append(result["accuracy"])
         if tick is not None:
             tick(i + 1, len(lambdas), f"lambda={lam:.3f} loss={result['loss']:.4f}")
-    return {"loss": losses, "accuracy": accuracies}
+    return curves
+
+
+def interpolation_curve(model: nn.Module, state_a: dict, state_b: dict, lambdas: list[float], inputs, targets,
+                        bn_inputs=None, tick=None) -> dict:
+    """Loss and accuracy at each lambda on one split; BN models get their statistics re-estimated at each point."""
+    return interpolation_curves(model, state_a, state_b, lambdas, {"": (inputs, targets)}, bn_inputs, tick=tick)[""]
+
+
+def subsample(inputs: torch.Tensor, targets: torch.Tensor | None = None, max_examples: int = 2048):
+    """At most ``max_examples`` examples, evenly strided (deterministic)."""
+    if len(inputs) > max_examples:
+        index = torch.linspace(0, len(inputs) - 1, max_examples).long()
+        return inputs[index], None if targets is None else targets[index]
+    return inputs, targets
 
 
 def barrier(values: list[float], lambdas: list[float], higher_is_better: bool = False) -> float:

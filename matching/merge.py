@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 
 from matching.architectures import build_model, example_input, infer_options
 from matching.errors import Cancelled, MatchingError
-from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curve,
-                               load_dataset, reset_batchnorm)
+from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
+                               load_dataset, reset_batchnorm, subsample)
+from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
 from matching.weight_matching import weight_matching
@@ -25,6 +26,10 @@ OPTION_TYPES = {"seed": int, "max_iter": int, "lambdas": int, "merge_lambda": fl
                 "learning_rate": float, "batch_size": int}
 DEFAULTS = {"seed": 0, "max_iter": 100, "lambdas": 25, "merge_lambda": 0.5, "steps": 200, "learning_rate": 1e-3,
             "batch_size": 256}
+# "none": plain interpolation; "reset": BatchNorm statistics re-estimated on the data; "repair": REPAIR (after the
+# reset, in BN networks). Left out: chosen per architecture (repair_default).
+REPAIR_MODES = ("none", "reset", "repair")
+TRAIN_EVAL_MAX_EXAMPLES = 10_000
 
 
 @dataclass
@@ -38,10 +43,14 @@ class MergeOutcome:
 
 def _options(options: dict | None) -> dict:
     options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTION_TYPES))
+    unknown = sorted(set(options) - set(OPTION_TYPES) - {"repair"})
     if unknown:
-        raise MatchingError(f"unknown job option(s) {unknown}; allowed: {sorted(OPTION_TYPES)}")
-    out = dict(DEFAULTS)
+        raise MatchingError(f"unknown job option(s) {unknown}; allowed: {sorted([*OPTION_TYPES, 'repair'])}")
+    repair = options.pop("repair", None)
+    if repair is not None and repair not in REPAIR_MODES:
+        raise MatchingError(f"option 'repair' must be one of {list(REPAIR_MODES)} (or left out: chosen per architecture), "
+                            f"got {repair!r}")
+    out = {**DEFAULTS, "repair": repair}
     for name, value in options.items():
         kind = OPTION_TYPES[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
@@ -91,10 +100,11 @@ def _model_and_spec(architecture, shapes) -> tuple[torch.nn.Module, PermutationS
 
 def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, architecture: dict | None = None,
                  permutation_spec: dict | None = None, options: dict | None = None, has_dataset: bool = False,
-                 example_shapes: list[tuple[int, ...]] = ()) -> None:
+                 has_eval_dataset: bool = False, example_shapes: list[tuple[int, ...]] = ()) -> None:
     """Cheap validation from checkpoint shapes (and the per-example input shapes of the datasets) only;
     raises MatchingError with an actionable message."""
-    model, _, _, arch_options = _check(shapes, method, architecture, permutation_spec, options, has_dataset)
+    model, _, _, arch_options = _check(shapes, method, architecture, permutation_spec, options, has_dataset,
+                                       has_eval_dataset)
     for example_shape in example_shapes if model is not None else ():
         check_example_shape(architecture["name"], arch_options, tuple(example_shape))
 
@@ -110,7 +120,7 @@ def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int,
                                 f"{name!r} with options {arch_options} cannot take ({str(error).splitlines()[0][:200]})") from None
 
 
-def _check(shapes, method, architecture, permutation_spec, options, has_dataset):
+def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False):
     if method not in METHODS:
         raise MatchingError(f"unknown method {method!r}; use one of {list(METHODS)}")
     opts = _options(options)
@@ -132,7 +142,13 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset)
             raise MatchingError(f"checkpoints 0 and {i} differ in shape: {k} is {list(first[k])} vs {list(other[k])}")
     if method != "weight_matching" and not has_dataset:
         raise MatchingError(f"{method} needs a dataset (the 'dataset' field / --data)")
+    if opts["repair"] in ("reset", "repair") and not (has_dataset or has_eval_dataset):
+        raise MatchingError(f"repair={opts['repair']!r} computes statistics on data: give a 'dataset' (or an "
+                            "'eval_dataset', whose 'inputs' are then used)")
     if permutation_spec is not None:
+        if opts["repair"] in ("reset", "repair"):
+            raise MatchingError(f"repair={opts['repair']!r} needs a model to run data through; give an architecture "
+                                "instead of a bare permutation_spec")
         if method != "weight_matching":
             raise MatchingError(f"{method} needs a model to run data through; with a bare permutation_spec only weight_matching is possible (give an architecture instead)")
         spec = spec_from_json(permutation_spec)
@@ -230,7 +246,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     tick("validate", 0, 1, "checking inputs")
     shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in states]
     model, spec, opts, arch_options = _check(shapes, method, architecture, permutation_spec, options,
-                                             dataset is not None)
+                                             dataset is not None, eval_dataset is not None)
     _check_finite(states)
     dev = _resolve_device(device)
     dtypes = {k: v.dtype for k, v in states[0].items()}
@@ -245,7 +261,14 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     elif train is not None or held_out is not None:
         train = held_out = None  # a bare spec has no model to evaluate: data is ignored (documented)
     eval_inputs, eval_targets, eval_split = _eval_split(train, held_out)
-    bn_inputs = train.inputs if train is not None else eval_inputs  # data for BN reset
+    # Data for BN reset and REPAIR statistics: the dataset's training inputs, else the eval dataset's `inputs` (its
+    # training split when it also has an eval split, else the evaluation data itself).
+    bn_inputs, bn_split = None, None
+    if train is not None:
+        bn_inputs, bn_split = train.inputs.float(), "dataset:train"
+    elif held_out is not None:
+        bn_inputs = held_out.inputs.float()
+        bn_split = "eval_dataset:train" if held_out.eval_inputs is not None else "eval_dataset"
     tick("validate", 1, 1, "inputs ok")
 
     report: dict = {"method": method, "num_checkpoints": len(states), "options": opts}
@@ -255,6 +278,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
         perms, match_info = _align_pair(method, spec, model, states[0], states[1], train, opts, dev, tick)
         aligned = [apply_permutation(spec, perms, states[1])]
         merged = interpolate(states[0], aligned[0], opts["merge_lambda"])
+        endpoints, weights = [states[0], aligned[0]], [1 - opts["merge_lambda"], opts["merge_lambda"]]
         permutation = {**spec_to_json(spec), "permutations": {p: v.tolist() for p, v in perms.items()}}
     else:
         from matching.merge_many import merge_many
@@ -262,25 +286,62 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
         aligned = [apply_permutation(spec, p, s) for p, s in zip(all_perms, states)]
         merged = {k: (torch.stack([a[k].float() for a in aligned]).mean(0) if v.is_floating_point() else v)
                   for k, v in states[0].items()}
+        endpoints, weights = aligned, [1 / len(aligned)] * len(aligned)
         permutation = {**spec_to_json(spec), "permutations": [{p: v.tolist() for p, v in perms.items()}
                                                               for perms in all_perms]}
     report["matching"] = match_info
 
+    mode, chosen = (opts["repair"], "option") if opts["repair"] is not None else (repair_default(model, bn_inputs), "default")
     bn_reset = False
-    if model is not None and has_batchnorm(model) and bn_inputs is not None:
+    if model is not None and bn_inputs is not None and mode != "none":
+        repairer = Repair(model, spec, endpoints, bn_inputs) if mode == "repair" else None
         model.load_state_dict(merged)
-        reset_batchnorm(model, bn_inputs.to(torch.float32))
-        merged = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        bn_reset = True
+        if has_batchnorm(model):
+            reset_batchnorm(model, bn_inputs)
+            bn_reset = True
+        if repairer is not None:
+            repairer.apply(model, weights)
+            tick("repair", 1, 1, f"repaired {len(repairer.points)} layers")
+        merged = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     report["merged_bn_reset"] = bn_reset
+    report["repair"] = {"mode": mode, "chosen_by": chosen, "data": bn_split if mode != "none" else None,
+                        "layers": repair_points(model, spec) if mode == "repair" else [],
+                        "definition": REPAIR_DEFINITION}
 
     if model is not None and eval_inputs is not None:
-        report.update(_evaluation(model, states, aligned, merged, opts, eval_inputs.float(), eval_targets, eval_split,
-                                  None if bn_inputs is None else bn_inputs.float(), tick))
+        train_split = _train_split(train, held_out)
+        report.update(_evaluation(model, spec, states, aligned, merged, opts, (eval_inputs.float(), eval_targets, eval_split),
+                                  train_split, bn_inputs, mode == "repair", tick))
     report["seconds_total"] = time.perf_counter() - started
     cast = lambda s: {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in s.items() if k in dtypes}
     return MergeOutcome(merged=cast(merged), aligned=[cast(a) for a in aligned], permutation=permutation,
                         report=report)
+
+
+REPAIR_DEFINITION = ("none: the plain interpolation; reset: BatchNorm running statistics re-estimated on the data; "
+                     "repair: REPAIR (Jordan et al., ICLR 2023), every permuted layer's output channels rescaled to the "
+                     "interpolated mean and std of the endpoints' (after a BN reset), folded into weights and biases")
+
+
+def repair_default(model, bn_inputs) -> str:
+    """Per architecture, by measurement (benchmarks/reproduce.py, docs/reproduction.md): BatchNorm networks
+    "reset", networks without BatchNorm "repair"; "none" without data to compute statistics on."""
+    if model is None or bn_inputs is None:
+        return "none"
+    return "reset" if has_batchnorm(model) else "repair"
+
+
+def _train_split(train: Dataset | None, held_out: Dataset | None):
+    """The training split for the train-split barrier: the dataset's inputs, else the eval dataset's training
+    split when it has a separate held-out one; at most TRAIN_EVAL_MAX_EXAMPLES examples, evenly strided."""
+    if train is not None:
+        data, name = train, "dataset:train"
+    elif held_out is not None and held_out.eval_inputs is not None:
+        data, name = held_out, "eval_dataset:train"
+    else:
+        return None
+    inputs, targets = subsample(data.inputs.float(), data.targets, TRAIN_EVAL_MAX_EXAMPLES)
+    return inputs, targets, name, len(data.inputs)
 
 
 def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, init_perms=None):
@@ -298,26 +359,50 @@ def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, i
                         tick=lambda i, n, msg: tick("ste_matching", i, n, msg))
 
 
-def _evaluation(model, states, aligned, merged, opts, inputs, targets, split, bn_inputs, tick) -> dict:
-    """Curves for the naive pair (A, B) and the aligned pair (A, pi(B)); MergeMany: inputs 0 and 1, and every
-    input and the merged model on its own."""
+def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_split, bn_inputs, repair, tick) -> dict:
+    """Curves for the naive pair (A, B), the aligned pair (A, pi(B)) and, with REPAIR, the aligned pair repaired at
+    every point; on the held-out split (``barrier``, ``curves``) and the training split (``barrier_train``,
+    ``curves_train``). MergeMany: between inputs 0 and 1, and every input and the merged model on its own."""
     lambdas = [i / (opts["lambdas"] - 1) for i in range(opts["lambdas"])]
     a, b = states[0], states[1]
     aligned_a, aligned_b = (a, aligned[0]) if len(states) == 2 else (aligned[0], aligned[1])
-    naive = interpolation_curve(model, a, b, lambdas, inputs, targets, bn_inputs,
-                                tick=lambda i, n, m: tick("evaluate_naive", i, n, m))
-    good = interpolation_curve(model, aligned_a, aligned_b, lambdas, inputs, targets, bn_inputs,
-                               tick=lambda i, n, m: tick("evaluate_aligned", i, n, m))
+    inputs, targets, split = held_out
+    splits = {"held_out": (inputs, targets)}
+    if train_split is not None and train_split[2] != split:
+        splits["train"] = train_split[:2]
+    curves = {
+        "naive": interpolation_curves(model, a, b, lambdas, splits, bn_inputs,
+                                      tick=lambda i, n, m: tick("evaluate_naive", i, n, m)),
+        "aligned": interpolation_curves(model, aligned_a, aligned_b, lambdas, splits, bn_inputs,
+                                        tick=lambda i, n, m: tick("evaluate_aligned", i, n, m)),
+    }
+    if repair:
+        repairer = Repair(model, spec, [aligned_a, aligned_b], bn_inputs)
+        curves["aligned_repair"] = interpolation_curves(model, aligned_a, aligned_b, lambdas, splits, bn_inputs,
+                                                        repair=repairer,
+                                                        tick=lambda i, n, m: tick("evaluate_aligned_repair", i, n, m))
+
+    def on(split_key):
+        return ({name: {"loss": barrier(c[split_key]["loss"], lambdas),
+                        "accuracy": barrier(c[split_key]["accuracy"], lambdas, True)} for name, c in curves.items()},
+                {"lambdas": lambdas, **{name: c[split_key] for name, c in curves.items()}})
+
+    bn_reset = bn_inputs is not None and has_batchnorm(model)
     out = {
-        "evaluation": {"split": split, "num_examples": len(inputs), "bn_reset": bn_inputs is not None and has_batchnorm(model),
+        "evaluation": {"split": split, "num_examples": len(inputs), "bn_reset": bn_reset, "repair": repair,
                        "barrier_definition": "max over lambda of L(lambda) - ((1-lambda) L(0) + lambda L(1)); "
                                              "accuracy: the largest drop below the line between the endpoints"},
-        "barrier": {name: {"loss": barrier(c["loss"], lambdas), "accuracy": barrier(c["accuracy"], lambdas, True)}
-                    for name, c in (("naive", naive), ("aligned", good))},
-        "curves": {"lambdas": lambdas, "naive": naive, "aligned": good},
     }
+    out["barrier"], out["curves"] = on("held_out")
+    if train_split is not None:
+        train_key = "train" if "train" in splits else "held_out"
+        out["evaluation_train"] = {"split": train_split[2], "num_examples": len(train_split[0]),
+                                   "num_examples_in_split": train_split[3], "bn_reset": bn_reset, "repair": repair}
+        out["barrier_train"], out["curves_train"] = on(train_key)
     model.load_state_dict(merged)
     out["merged"] = evaluate(model, inputs, targets)
+    if "train" in splits:
+        out["merged_train"] = evaluate(model, *splits["train"])
     if len(states) > 2:
         inputs_eval = []
         for s in states:
@@ -371,7 +456,9 @@ def plot_barrier(report: dict, path: Path) -> None:
     curves = report["curves"]
     fig = Figure(figsize=(9, 3.6))
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
-        for name, style in (("naive", "--"), ("aligned", "-")):
+        for name, style in (("naive", "--"), ("aligned", "-"), ("aligned_repair", "-.")):
+            if name not in curves:
+                continue
             b = report["barrier"][name][metric]
             ax.plot(curves["lambdas"], curves[name][metric], style, marker=".", label=f"{name} (barrier {b:.3g})")
         ax.set_xlabel("lambda (0 = model A, 1 = model B)")

@@ -84,6 +84,8 @@ def test_bad_inputs_are_4xx_with_a_reason(embedded_service, models):
             ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "method": "activation_matching"}, "dataset"),
             ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "method": "ste_matching"}, "dataset"),
             ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "options": {"temperature": 1}}, "temperature"),
+            ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "options": {"repair": "repair"}}, "statistics on data"),
+            ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "options": {"repair": "always"}}, "repair"),
             ({"checkpoints": [a, b], "architecture": {"name": "mlp"}, "permutation_spec": {"axes_to_perm": {}}}, "exactly one"),
         ]
         for body, reason in cases:

@@ -94,7 +94,7 @@ def test_bn_reset_improves_merged_resnet20(tmp_path):
 
 def test_report_barrier_matches_independent_recomputation(mlp_pair, data_file, tmp_path):
     outcome = matching.merge_checkpoints(mlp_pair, architecture={"name": "mlp"}, dataset=data_file,
-                                         options={"lambdas": 11})
+                                         options={"lambdas": 11, "repair": "none"})
     matching.write_artifacts(outcome, tmp_path)
     assert (tmp_path / "barrier.png").stat().st_size > 1000
     report = json.loads((tmp_path / "report.json").read_text())

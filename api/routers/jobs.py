@@ -63,6 +63,7 @@ def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
             permutation_spec=body.permutation_spec,
             options=request["options"],
             has_dataset=body.dataset is not None,
+            has_eval_dataset=body.eval_dataset is not None,
             example_shapes=[tuple(d.tensors["inputs"]["shape"][1:]) for d in datasets],
         )
     except matching.MatchingError as error:

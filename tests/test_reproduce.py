@@ -1,0 +1,28 @@
+"""`python benchmarks/reproduce.py --quick` (the CI mode of the reproduction suite) runs and writes its report."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reproduce_quick_writes_report_plots_and_verdicts(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    claims = [line for line in report.splitlines() if line.startswith("| ") and line.rstrip().endswith("** |")]
+    assert len(claims) >= 8 and all("**agrees**" in c or "**disagrees**" in c for c in claims)
+    for section in ("Matching methods", "Width", "Training time", "VGG11 and ResNet20", "MergeMany"):
+        assert f"## {section}" in report
+    for png in ("methods.png", "width.png", "epochs.png", "conv.png"):
+        assert (tmp_path / png).stat().st_size > 5000 and f"({png})" in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    barriers = results["methods"]["barriers"]
+    assert all(math.isfinite(v) for rows in barriers.values() for split in rows.values() for v in split)
+    # Alignment removes most of an MLP's barrier: if the library broke, this would not hold.
+    assert barriers["weight"]["held_out"][0] < 0.5 * barriers["naive"]["held_out"][0]
+    assert set(results["conv"]) == {"VGG11-BN", "VGG11-LN", "ResNet20-BN", "ResNet20-LN"}
