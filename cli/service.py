@@ -2,6 +2,7 @@
 
 import gc
 import ipaddress
+import logging
 import os
 import signal
 import subprocess
@@ -111,13 +112,33 @@ def cmd_worker(args) -> None:
         os.environ["REBASIN_WORKER_DEVICE"] = args.device
     settings = _settings(args)
     configure_logging(args.log_level)
+    from worker.devices import DeviceUnavailable, resolve_worker_device
+
+    def usage_error(message: str) -> None:
+        print(f"rebasin worker: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    def one_job_per_gpu(device: str) -> None:
+        if device.startswith("cuda") and args.concurrency != 1:
+            usage_error(f"one job at a time per GPU: --concurrency must be 1 on {device} "
+                        "(run one worker per GPU, each with its own --device cuda:N)")
+
+    one_job_per_gpu(settings.worker_device)
+    try:
+        device = resolve_worker_device(settings.worker_device)
+    except DeviceUnavailable as error:
+        usage_error(f"{error}; start it with --device cpu, or on a machine with that GPU")
+    one_job_per_gpu(device)  # auto found a GPU
+    # The resolved device (auto -> cpu or cuda:0) is what the pool processes and the workers table see.
+    os.environ["REBASIN_WORKER_DEVICE"] = device
+    settings = _settings(args)
     from worker.app import configure_celery
 
     app = configure_celery(settings)
     if args.exit_with_parent:
         _exit_with_parent(args.exit_with_parent)
-    device = settings.worker_device.split(":")[0]
-    queues = args.queues or {"cpu": "default,cpu", "cuda": "default,gpu"}.get(device, "default")
+    logging.getLogger("rebasin.worker").info("worker starting on device %s", device)
+    queues = args.queues or {"cpu": "default,cpu", "cuda": "default,gpu"}[device.split(":")[0]]
     app.worker_main(
         [
             "worker",

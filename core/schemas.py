@@ -66,7 +66,9 @@ class JobCreate(BaseModel):
     dataset: str | None = None
     eval_dataset: str | None = None
     options: JobOptions = Field(default_factory=JobOptions)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description=(
+        "auto: the worker's device; cpu; cuda or cuda:N: a GPU worker (each runs on its own GPU). Refused when "
+        "the embedded server's machine has no such GPU; with a broker, the job waits for a GPU worker."))
     callback_url: HttpUrl | None = None
 
     @model_validator(mode="after")
@@ -112,6 +114,7 @@ class JobOut(BaseModel):
     artifacts: list[ArtifactOut]
     error: dict[str, Any] | None
     attempts: int
+    device_used: str | None = Field(None, description="The device the job ran on (cpu, cuda:0), once a worker has taken it.")
     request: dict[str, Any]
 
 

@@ -93,14 +93,16 @@ def reset_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 50
 def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1000) -> dict:
     model.eval()
     device = next(model.parameters()).device
-    loss, correct = 0.0, 0
+    # Summed on the device and read once: a read per batch would wait for the GPU at every batch.
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(inputs), batch_size):
         x = inputs[start:start + batch_size].to(device)
         y = targets[start:start + batch_size].to(device)
         logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return {"loss": loss / len(inputs), "accuracy": correct / len(inputs)}
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return {"loss": loss.item() / len(inputs), "accuracy": correct.item() / len(inputs)}
 
 
 def interpolation_curves(model: nn.Module, state_a: dict, state_b: dict, lambdas: list[float], splits: dict,

@@ -206,6 +206,11 @@ def _full_state(model, state):
     return full
 
 
+def _to_device(dataset: Dataset, dev: torch.device) -> Dataset:
+    move = lambda t: None if t is None else t.to(dev)
+    return Dataset(move(dataset.inputs), move(dataset.targets), move(dataset.eval_inputs), move(dataset.eval_targets))
+
+
 def _eval_split(dataset: Dataset | None, eval_dataset: Dataset | None):
     """Held-out data when there is one: eval_dataset's eval split, else its inputs; else the dataset's eval
     split; else the training inputs (reported as such)."""
@@ -252,9 +257,13 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     dtypes = {k: v.dtype for k, v in states[0].items()}
     train = load_dataset(dataset) if dataset is not None else None
     held_out = load_dataset(eval_dataset) if eval_dataset is not None else None
+    # Every stage works on the job's device: the checkpoints and the evaluation data cross to it once, here,
+    # and the results come back once, at the end.
+    states = [{k: v.to(dev) for k, v in s.items()} for s in states]
+    train, held_out = (d if d is None else _to_device(d, dev) for d in (train, held_out))
     if model is not None:
-        states = [_full_state(model, s) for s in states]
         model = model.to(dev)
+        states = [_full_state(model, s) for s in states]
         for data, name in ((train, "dataset"), (held_out, "eval_dataset")):
             if data is not None:
                 _check_data_fits(model, data, name, dev)
@@ -302,7 +311,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
         if repairer is not None:
             repairer.apply(model, weights)
             tick("repair", 1, 1, f"repaired {len(repairer.points)} layers")
-        merged = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        merged = {k: v.detach().clone() for k, v in model.state_dict().items()}
     report["merged_bn_reset"] = bn_reset
     report["repair"] = {"mode": mode, "chosen_by": chosen, "data": bn_split if mode != "none" else None,
                         "layers": repair_points(model, spec) if mode == "repair" else [],

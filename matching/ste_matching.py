@@ -55,12 +55,12 @@ def ste_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b
     perms, wm_info = weight_matching(spec, a, b, max_iter=max_iter, seed=seed, device=device)
     best_perms, best_loss = perms, selection_loss(perms)
     initial_loss = best_loss
-    order = torch.randperm(len(inputs), generator=gen)
+    order = torch.randperm(len(inputs), generator=gen).to(device)
     cursor = 0
     check_every = max(1, steps // 25)
     for step in range(steps):
         if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(inputs), generator=gen), 0
+            order, cursor = torch.randperm(len(inputs), generator=gen).to(device), 0
         batch = order[cursor:cursor + batch_size]
         cursor += batch_size
         if step > 0:

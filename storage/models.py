@@ -123,6 +123,8 @@ class Job(Base):
     # job is taken over only when that process is gone.
     claimed_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    # The device the job ran on ("cpu", "cuda:0"), set by the worker once it has resolved it.
+    device_used: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     inputs: Mapped[list["JobInput"]] = relationship(cascade="all, delete-orphan")
     artifacts: Mapped[list["Artifact"]] = relationship(
@@ -164,6 +166,18 @@ class IdempotencyRecord(Base):
     response: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     location: Mapped[str | None] = mapped_column(String(512), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class Worker(Base):
+    """A running worker process and its device, refreshed while it lives: the API reads it to tell
+    whether any connected worker can run a job that asks for a GPU."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid of the worker's main process
+    device: Mapped[str] = mapped_column(String(64))  # "cpu" or "cuda:N"
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")

@@ -111,6 +111,18 @@ class Service:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
 
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """The device matching and job tests run on: REBASIN_TEST_DEVICE (cpu, cuda, cuda:N), cpu by default.
+    Asking for a GPU that is not there fails: a GPU run must never pass by quietly running on the CPU."""
+    import torch
+
+    device = os.environ.get("REBASIN_TEST_DEVICE", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"REBASIN_TEST_DEVICE={device} but torch sees no CUDA device")
+    return device
+
+
 @pytest.fixture
 def postgres_url():
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""

@@ -34,9 +34,9 @@ def mlp_pair():
     ("activation_matching", {}),
     ("ste_matching", {"steps": 30, "learning_rate": 1e-3, "batch_size": 128}),
 ])
-def test_each_method_cuts_the_held_out_barrier(method, options, mlp_pair, data_file):
+def test_each_method_cuts_the_held_out_barrier(method, options, mlp_pair, data_file, test_device):
     outcome = matching.merge_checkpoints(mlp_pair, method=method, architecture={"name": "mlp"}, dataset=data_file,
-                                         options={"seed": 0, **options})
+                                         options={"seed": 0, **options}, device=test_device)
     report = outcome.report
     naive, aligned = report["barrier"]["naive"]["loss"], report["barrier"]["aligned"]["loss"]
     MEASURED[method] = (naive, aligned)
@@ -57,9 +57,9 @@ def test_each_method_cuts_the_held_out_barrier(method, options, mlp_pair, data_f
         assert (net_b(x) - net_aligned(x)).abs().max().item() <= 1e-4
 
 
-def test_merge_many_not_worse_than_its_inputs(data_file):
+def test_merge_many_not_worse_than_its_inputs(data_file, test_device):
     states = [trained("mlp", seed, **MLP_TRAINING, **MLP) for seed in (0, 1, 2)]
-    outcome = matching.merge_checkpoints(states, architecture={"name": "mlp"}, dataset=data_file)
+    outcome = matching.merge_checkpoints(states, architecture={"name": "mlp"}, dataset=data_file, device=test_device)
     many = outcome.report["merge_many"]
     mean_input_loss = sum(r["loss"] for r in many["inputs"]) / len(states)
     print(f"\nMergeMany: mean input loss {mean_input_loss:.4f}, merged {many['merged']['loss']:.4f}, "
@@ -70,12 +70,12 @@ def test_merge_many_not_worse_than_its_inputs(data_file):
     assert len(outcome.permutation["permutations"]) == 3
 
 
-def test_bn_reset_improves_merged_resnet20(tmp_path):
+def test_bn_reset_improves_merged_resnet20(tmp_path, test_device):
     data = write_digits(tmp_path / "digits_images.safetensors", image=True)
     options = {"width": 1, "norm": "batch", "num_classes": 10, "in_channels": 1}
     states = [trained("resnet20", seed, epochs=3, lr=0.05, image=True, **options) for seed in (0, 1)]
     outcome = matching.merge_checkpoints(states, architecture={"name": "resnet20"}, dataset=data,
-                                         options={"lambdas": 3})
+                                         options={"lambdas": 3}, device=test_device)
     assert outcome.report["merged_bn_reset"] is True
     _, _, x, y = digits(image=True)
     model = matching.build_model("resnet20", **options).eval()
@@ -92,9 +92,9 @@ def test_bn_reset_improves_merged_resnet20(tmp_path):
     assert with_reset >= without_reset + 0.1
 
 
-def test_report_barrier_matches_independent_recomputation(mlp_pair, data_file, tmp_path):
+def test_report_barrier_matches_independent_recomputation(mlp_pair, data_file, tmp_path, test_device):
     outcome = matching.merge_checkpoints(mlp_pair, architecture={"name": "mlp"}, dataset=data_file,
-                                         options={"lambdas": 11, "repair": "none"})
+                                         options={"lambdas": 11, "repair": "none"}, device=test_device)
     matching.write_artifacts(outcome, tmp_path)
     assert (tmp_path / "barrier.png").stat().st_size > 1000
     report = json.loads((tmp_path / "report.json").read_text())
@@ -119,13 +119,13 @@ def test_report_barrier_matches_independent_recomputation(mlp_pair, data_file, t
     assert all(torch.allclose(merged[k], 0.5 * (mlp_pair[0][k] + aligned[k]), atol=1e-6) for k in merged)
 
 
-def test_cli_merge(mlp_pair, data_file, tmp_path):
+def test_cli_merge(mlp_pair, data_file, tmp_path, test_device):
     save_file(mlp_pair[0], str(tmp_path / "a.safetensors"))
     torch.save(mlp_pair[1], tmp_path / "b.pt")
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "matching", "merge", str(tmp_path / "a.safetensors"),
                              str(tmp_path / "b.pt"), "--out", str(out), "--arch", "mlp", "--data", str(data_file),
-                             "--method", "weight", "--seed", "1", "--lambdas", "5", "--device", "cpu"],
+                             "--method", "weight", "--seed", "1", "--lambdas", "5", "--device", test_device],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "naive" in result.stdout and "aligned" in result.stdout and "barrier" in result.stdout

@@ -63,23 +63,37 @@ def final(settings: Settings, job_id: str) -> Job:
         (ZeroDivisionError("bug"), "internal", 500),
     ],
 )
-def test_a_failure_inside_matching_fails_only_that_job(settings, tmp_path, monkeypatch, raised, kind, status):
-    job_id = make_job(settings, tmp_path)
+def test_a_failure_inside_matching_fails_only_that_job(settings, tmp_path, monkeypatch, raised, kind, status, test_device):
+    job_id = make_job(settings, tmp_path, device=test_device)
+    released_after = []
 
-    def explode(*args, **kwargs):
+    def explode(*args, device, **kwargs):
+        held = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # what the job held when it failed
         raise raised
 
+    def release():
+        released_after.append(final(settings, job_id).status)
+        real_release()
+
+    real_release = jobs.devices.release
     monkeypatch.setattr(matching, "merge_checkpoints", explode)
+    monkeypatch.setattr(jobs.devices, "release", release)
     jobs.execute_job(job_id, settings)
     job = final(settings, job_id)
     assert job.status == "failed" and job.error["type"].endswith(kind) and job.error["status"] == status
     assert job.artifacts == [] and job.finished_at is not None
+    assert job.device_used.split(":")[0] == test_device.split(":")[0]
+    # The device is handed back once the job has ended, with nothing of the failed job cached on it.
+    assert released_after == ["failed"]
+    if test_device.startswith("cuda"):
+        assert torch.cuda.memory_reserved() < 64 * 2**20
 
     monkeypatch.undo()
     monkeypatch.setattr(jobs, "enqueue_callback", lambda job_id: None)
-    next_job = make_job(settings, tmp_path)
+    next_job = make_job(settings, tmp_path, device=test_device)
     jobs.execute_job(next_job, settings)
     assert final(settings, next_job).status == "succeeded"
+    assert final(settings, next_job).device_used.split(":")[0] == test_device.split(":")[0]
 
 
 def test_lost_jobs_are_queued_again_once(settings, tmp_path, monkeypatch):

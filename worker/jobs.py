@@ -30,6 +30,7 @@ from core.schemas import JobOut
 from storage.artifacts import ArtifactStore, open_store, sha256_file
 from storage.db import DATABASE_UNAVAILABLE, session_scope
 from storage.models import Artifact, Checkpoint, Dataset, Job, utcnow
+from worker import devices
 from worker.app import enqueue_callback, enqueue_job, queue_for
 from worker.dispatch import next_job_id, send_missing_messages
 
@@ -295,7 +296,10 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
     def dataset_path(dataset_id: str | None) -> Path | None:
         return _download(store, datasets[dataset_id].object_key, workdir) if dataset_id else None
 
-    device = request.get("device") or "auto"
+    device = devices.job_device(request.get("device") or "auto", settings.worker_device)
+    with session_scope(settings.resolved_database_url()) as session:
+        session.execute(update(Job).where(Job.id == job.id).values(device_used=device))
+        session.commit()
     outcome = matching.merge_checkpoints(
         states,
         method=request["method"],
@@ -304,7 +308,7 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
         dataset=dataset_path(request.get("dataset")),
         eval_dataset=dataset_path(request.get("eval_dataset")),
         options=request.get("options") or {},
-        device=settings.worker_device if device == "auto" else device,
+        device=device,
         progress=monitor.progress,
         should_cancel=monitor.should_cancel,
     )
@@ -352,7 +356,7 @@ def _ending_of(error: BaseException, job: Job, settings: Settings) -> dict:
     return {"status": "failed", "error": problem("internal", "The job failed unexpectedly", detail, 500)}
 
 
-def execute_job(job_id: str, settings: Settings) -> None:
+def _execute_job(job_id: str, settings: Settings) -> None:
     """Run the job the database picks next in the queue of ``job_id`` (the job a broker message named):
     usually that job, but another tenant's when that tenant has waited longer."""
     db_url = settings.resolved_database_url()
@@ -441,6 +445,15 @@ def _run_claimed_job(job: Job, settings: Settings) -> str:
     if finish_job(db_url, job_id, holder=job.claimed_by, status="succeeded", progress=progress, **output):
         log.info("job %s: succeeded", job_id)
     return "succeeded"
+
+
+def execute_job(job_id: str, settings: Settings) -> None:
+    try:
+        _execute_job(job_id, settings)
+    finally:
+        # After the job's frames and its exception's traceback (which hold its tensors) are gone: the
+        # memory it cached goes back to the GPU, and the next job (say, after an OOM) starts with all of it.
+        devices.release()
 
 
 def unfinished_jobs(db_url: str) -> list[tuple[str, str]]:

@@ -2,6 +2,7 @@ import asyncio
 import json
 import logging
 import time
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -20,6 +21,7 @@ from storage.db import get_sessionmaker
 from storage.models import TERMINAL_STATUSES, Checkpoint, Dataset, Job, JobInput, utcnow
 from worker.app import enqueue_callback, enqueue_job
 from worker.callbacks import CallbackRefused, check_callback_url
+from worker.devices import DeviceUnavailable, gpu_worker_connected, resolve_worker_device
 
 log = logging.getLogger("rebasin.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -40,6 +42,24 @@ def _owned(session, model, tenant: str, ids: list[str], noun: str) -> list:
     if missing:
         raise Problem(422, "Unknown input", f"No {noun} with id {missing[0]!r}.", kind="unknown-input")
     return [rows[i] for i in ids]
+
+
+def _waiting_for_gpu(device: str, session, settings) -> str | None:
+    """A job asking for a GPU: on the embedded server (whose worker runs on this machine) refused when the
+    machine has none; with a broker, accepted, and the message it waits with when no GPU worker is connected."""
+    if not device.startswith("cuda"):
+        return None
+    if settings.broker_url is None:
+        try:
+            resolve_worker_device(device)
+        except DeviceUnavailable as error:
+            raise Problem(422, "No GPU for this job", f"This server runs jobs on its own machine: {error}. "
+                          "Ask for device 'auto' or 'cpu'.", kind="no-gpu") from None
+        return None
+    if gpu_worker_connected(session, utcnow() - timedelta(seconds=settings.job_heartbeat_timeout_s)):
+        return None
+    return (f"waiting for a GPU worker: none is connected (the job asks for {device}); it starts once "
+            "one is (`rebasin worker --device cuda:N`), or cancel it and ask for 'auto' or 'cpu'")
 
 
 def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
@@ -69,13 +89,14 @@ def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
     except matching.MatchingError as error:
         raise Problem(422, "Inputs cannot be merged", str(error), kind="invalid-input") from None
 
+    no_gpu_yet = _waiting_for_gpu(body.device, session, settings)
     job = Job(tenant=tenant, method=body.method, request=request, status="queued")
     job.inputs = [JobInput(resource_id=c.id, position=i, role="checkpoint") for i, c in enumerate(checkpoints)]
     # Positions go on after the checkpoints: one dataset may serve as both roles.
     job.inputs += [
         JobInput(resource_id=i, position=len(checkpoints) + n, role=role) for n, (role, i) in enumerate(dataset_roles.items())
     ]
-    job.progress = {"stage": "queued", "completed": 0, "total": 0, "message": "waiting for a worker"}
+    job.progress = {"stage": "queued", "completed": 0, "total": 0, "message": no_gpu_yet or "waiting for a worker"}
     session.add(job)
     session.commit()
     try:
