@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 

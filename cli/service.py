@@ -4,7 +4,6 @@ import contextlib
 import gc
 import logging
 import ipaddress
-import logging
 import os
 import signal
 import socket

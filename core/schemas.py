@@ -262,3 +262,27 @@ class JobOut(BaseModel):
 class Page(BaseModel, Generic[Item]):
     items: list[Item]
     next_page_token: str | None = None
+
+
+class Quotas(BaseModel):
+    """A tenant's limits; null = unlimited."""
+
+    active_jobs: int | None = Field(description="queued plus running jobs at once (REBASIN_TENANT_MAX_ACTIVE_JOBS)")
+    stored_bytes: int | None = Field(description="bytes of uploaded checkpoints and datasets (REBASIN_TENANT_MAX_STORED_BYTES)")
+    requests_per_s: float | None = Field(description="sustained API requests per second (REBASIN_TENANT_REQUESTS_PER_S)")
+    request_burst: int | None = Field(description="requests that may come at once (REBASIN_TENANT_REQUEST_BURST)")
+
+
+class Usage(BaseModel):
+    queued_jobs: int
+    running_jobs: int
+    active_jobs: int = Field(description="queued plus running: what the active_jobs quota counts")
+    stored_bytes: int = Field(description="uploaded checkpoints and datasets, identical files counted once")
+    artifact_bytes: int = Field(description="outputs of the tenant's jobs (not limited)")
+    requests_available: int | None = Field(description="requests that may be sent right now without a 429")
+
+
+class UsageOut(BaseModel):
+    tenant: str
+    quotas: Quotas
+    usage: Usage

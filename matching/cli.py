@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 from matching.checkpoints import load_checkpoint
 from matching.errors import Cancelled, MatchingError

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import threading
 
 import torch
 import torch.fx
@@ -37,9 +38,15 @@ _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn
 _ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 
 
+# torch.fx tracing patches module-global state: two threads tracing at once (an API process answering
+# concurrent job submissions) corrupt it for good, and every later trace in the process fails.
+_TRACE_LOCK = threading.Lock()
+
+
 def _trace(model: nn.Module, example_input: torch.Tensor):
     """Label every graph value; return (graph module, node -> (label, channel_dim), param axes, find, activations)."""
-    gm = torch.fx.symbolic_trace(model)
+    with _TRACE_LOCK:
+        gm = torch.fx.symbolic_trace(model)
     ShapeProp(gm).propagate(example_input)
     parent: dict[str, str] = {FIXED: FIXED}
     order: dict[str, int] = {FIXED: -1}

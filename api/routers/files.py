@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import exists, select
 from starlette.concurrency import run_in_threadpool
 
-from api import idempotency
+from api import idempotency, quotas
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
 from api.idempotency import MAX_KEY_LENGTH
@@ -18,6 +18,10 @@ from api.uploads import KINDS, create_resource, receive_multipart_file, staging_
 from storage.artifacts import ArtifactStore
 from storage.models import ACTIVE_STATUSES, Job, JobInput
 from storage.objects import delete_referencing_row
+
+
+# Bytes of a multipart body that are not the file (boundaries, part headers): not charged to the quota.
+MULTIPART_SLACK = 16 * 1024
 
 
 def download_response(store: ArtifactStore, key: str, filename: str) -> Response:
@@ -74,6 +78,9 @@ def make_router(kind_name: str, schema) -> APIRouter:
         request: Request, response: Response, session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep
     ):
         key = request.headers.get("idempotency-key")
+        length = request.headers.get("content-length", "")
+        announced = int(length) - MULTIPART_SLACK if length.isdigit() else 0
+        await run_in_threadpool(quotas.check_storage, session, tenant, settings, announced)
         with staging_workdir(store, settings) as workdir:
             received, name = await receive_multipart_file(request, workdir / "upload", settings.max_upload_bytes)
             if key is not None:

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 import matching
-from api import idempotency
+from api import idempotency, quotas
 from api.idempotency import MAX_KEY_LENGTH
 from api.openapi import download_responses, problems
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
@@ -70,6 +70,7 @@ def _waiting_for_gpu(device: str, session, settings) -> str | None:
 
 
 def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
+    quotas.check_active_jobs(session, tenant, settings)
     checkpoints = _owned(session, Checkpoint, tenant, body.checkpoints, "checkpoint")
     dataset_roles = {role: i for role, i in (("dataset", body.dataset), ("eval_dataset", body.eval_dataset)) if i}
     datasets = _owned(session, Dataset, tenant, list(dataset_roles.values()), "dataset")

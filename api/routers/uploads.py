@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from core.config import Settings
+from api import quotas
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.openapi import problems
 from api.problems import Problem, not_found
@@ -176,6 +177,7 @@ def create_upload(
     s3 = _s3(store)
     if body.size_bytes > settings.max_upload_bytes:
         raise too_large(settings.max_upload_bytes)
+    quotas.check_storage(session, tenant, settings, body.size_bytes)
     part_size = body.part_size_bytes or settings.direct_upload_part_bytes
     if math.ceil(body.size_bytes / part_size) > MAX_PARTS:
         if body.part_size_bytes is not None:
