@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from core.config import Settings
 from api.problems import Problem
+from api.quotas import check_request_rate
 from api.sessions import check_csrf, check_same_origin, session_tenant
 from storage.artifacts import ArtifactStore
 from storage.db import get_sessionmaker
@@ -40,6 +41,12 @@ def hash_key(key: str) -> str:
 
 
 async def get_tenant(request: Request) -> str:
+    tenant = _authenticated_tenant(request)
+    check_request_rate(request.app.state.rate_limiter, tenant)
+    return tenant
+
+
+def _authenticated_tenant(request: Request) -> str:
     tenants = request.app.state.tenant_by_key_digest
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and presented.strip():

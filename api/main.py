@@ -6,12 +6,16 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core import __version__
 from core.config import Settings, get_settings
 from api.deps import hash_key
 from core.logs import request_id_var
 from api.metrics import RequestMetrics, create_registry
+from api.openapi import install_openapi, operation_id
 from api.problems import MEDIA_TYPE, install_problem_handlers
-from api.routers import architectures, files, health, jobs, uploads
+from api.availability import install_outage_handlers
+from api.quotas import RequestRateLimiter
+from api.routers import architectures, files, health, jobs, uploads, usage
 from api.routers.web import install_web
 from api.uploads import too_large
 from storage.artifacts import open_store
@@ -69,17 +73,21 @@ class RequestId:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_celery(settings)
-    app = FastAPI(title="rebasin", version="0.1.0", description=DESCRIPTION, docs_url=None, redoc_url=None)
+    app = FastAPI(title="rebasin", version=__version__, description=DESCRIPTION, docs_url=None, redoc_url=None,
+                  generate_unique_id_function=operation_id)
     app.state.settings = settings
     # Only digests of the API keys are kept: a memory dump does not reveal them.
     app.state.tenant_by_key_digest = {hash_key(key): tenant for key, tenant in settings.tenant_keys().items()}
-    app.state.store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url)
+    app.state.store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url, settings.s3_max_attempts)
+    app.state.rate_limiter = RequestRateLimiter(settings.tenant_requests_per_s, settings.tenant_request_burst)
     registry, latency = create_registry(settings.resolved_database_url())
     install_problem_handlers(app)
+    install_openapi(app, with_keys=bool(app.state.tenant_by_key_digest))
+    install_outage_handlers(app)
     app.add_middleware(RequestSizeLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestMetrics, latency=latency)
     app.add_middleware(RequestId)
-    for router in (files.checkpoints, files.datasets, uploads.router, jobs.router, architectures.router, health.router):
+    for router in (files.checkpoints, files.datasets, uploads.router, jobs.router, architectures.router, health.router, usage.router):
         app.include_router(router)
     install_web(app)
 

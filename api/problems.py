@@ -38,6 +38,24 @@ def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc if part not in ("body",)) or "request"
 
 
+def routes_of(app) -> list:
+    """Every route with its full path, also those of included routers (which newer FastAPI keeps nested)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        return list(app.routes)
+    return list(iter_route_contexts(app.routes))
+
+
+def allowed_methods(app, path: str) -> list[str]:
+    methods = set()
+    for route in routes_of(app):
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and route_methods and regex.match(path):
+            methods |= route_methods
+    return sorted(methods)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, problem: Problem):
@@ -51,8 +69,12 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException):
-        title = {404: "Not found", 405: "Method not allowed"}.get(error.status_code, "HTTP error")
-        return problem_response(Problem(error.status_code, title, str(error.detail), headers=error.headers), request)
+        title = {400: "Malformed body", 404: "Not found", 405: "Method not allowed"}.get(error.status_code, "HTTP error")
+        headers = error.headers
+        if error.status_code == 405:
+            # Starlette names only the first route of the path; a path has one route per method.
+            headers = (headers or {}) | {"Allow": ", ".join(allowed_methods(request.app, request.url.path))}
+        return problem_response(Problem(error.status_code, title, str(error.detail), headers=headers), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception):

@@ -48,7 +48,9 @@ def free_port() -> int:
 def start_server(data_dir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REBASIN_")} | {
-        "REBASIN_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO_ROOT)} | extra_env
+        "REBASIN_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO_ROOT),
+        # The benchmark is the server's throughput, not one tenant's quotas.
+        "REBASIN_TENANT_REQUESTS_PER_S": "0", "REBASIN_TENANT_MAX_ACTIVE_JOBS": "0"} | extra_env
     if "REBASIN_DATABASE_URL" in extra_env:
         subprocess.run([sys.executable, "-m", "cli", "db", "upgrade"], env=env, check=True, stdout=subprocess.DEVNULL)
     server = subprocess.Popen(

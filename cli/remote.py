@@ -1,51 +1,79 @@
 """`rebasin submit`, `wait` and `download`: a client of a running server."""
 
 import json
-import sys
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from matching.cli import METHOD_NAMES, parse_key_values
+from cli.errors import JobFailed, Unreachable, UsageError
+from matching.cli import METHOD_NAMES, StageBar, format_report, parse_key_values
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
-def _show_progress(bar):
-    def update(job: dict) -> None:
+@contextmanager
+def connect(args):
+    """A client of the server named by --server or REBASIN_SERVER; a connection failure is exit 3."""
+    import httpx
+
+    from api.client import Client
+
+    server = args.server or os.environ.get("REBASIN_SERVER") or DEFAULT_SERVER
+    try:
+        # Few retries: a pipeline learns of a dead server in seconds (exit 3) and can retry itself.
+        with Client(server, args.api_key, retries=2) as client:
+            yield client
+    except httpx.TransportError as error:
+        raise Unreachable(f"cannot reach {server}: {' '.join(str(error).split()) or type(error).__name__}") from None
+
+
+def _wait(client, job_id: str, as_json: bool) -> dict:
+    """Progress while the job runs; then its barrier table (or the job as JSON) on stdout, or the
+    reason it failed (one line on stderr, exit 1)."""
+    bar = StageBar()
+
+    def show(job: dict) -> None:
         progress = job.get("progress") or {}
-        bar.total = progress.get("total") or None
-        bar.n = progress.get("completed", 0)
-        bar.set_description(f"{job['status']}: {progress.get('stage', '')}")
-        bar.refresh()
+        bar.update(progress.get("stage") or job["status"], progress.get("completed", 0), progress.get("total", 0),
+                   progress.get("message", ""))
 
-    return update
-
-
-def _wait(client, job_id: str) -> dict:
-    from tqdm import tqdm
-
-    with tqdm(desc="queued", unit="step", disable=None) as bar:
-        job = client.wait(job_id, on_update=_show_progress(bar))
+    try:
+        job = client.wait(job_id, on_update=show)
+    finally:
+        bar.close()
+    if as_json:
+        print(json.dumps(job, indent=2))
+    elif job["status"] == "succeeded":
+        print(format_report(job["result"]))
     if job["status"] != "succeeded":
-        print(f"rebasin: job {job_id} {job['status']}: {(job.get('error') or {}).get('detail', '')}", file=sys.stderr)
-    else:
-        print(json.dumps(job["result"], indent=2))
+        error = job.get("error") or {}
+        reason = ": ".join(filter(None, (error.get("title"), error.get("detail"))))
+        raise JobFailed(f"job {job_id} {job['status']}" + (f": {reason}" if reason else ""))
     return job
 
 
-def cmd_submit(args) -> None:
-    from api.client import Client
+def _read_spec(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"--spec {path}: cannot read JSON ({error})") from None
 
-    with Client(args.server, args.api_key) as client:
+
+def cmd_submit(args) -> None:
+    body_options = parse_key_values(args.option, "--option") | ({"seed": args.seed} if args.seed is not None else {})
+    with connect(args) as client:
         def resolve(value: str | None, upload) -> str | None:
             # Local files are uploaded; anything else is taken as the id of an upload on the server.
             return upload(value)["id"] if value and Path(value).is_file() else value
 
         body = {
-            "method": METHOD_NAMES[args.method],
+            "method": METHOD_NAMES.get(args.method, args.method),
             "checkpoints": [resolve(c, client.upload_checkpoint) for c in args.checkpoints],
-            "options": parse_key_values(args.option, "--option") | ({"seed": args.seed} if args.seed is not None else {}),
+            "options": body_options,
             "device": args.device,
         }
         if args.spec:
-            body["permutation_spec"] = json.loads(Path(args.spec).read_text())
+            body["permutation_spec"] = _read_spec(args.spec)
         else:
             body["architecture"] = {"name": args.arch, "options": parse_key_values(args.arch_option, "--arch-option")}
         for field, value in (("dataset", args.data), ("eval_dataset", args.eval_data)):
@@ -54,25 +82,25 @@ def cmd_submit(args) -> None:
         if args.callback_url:
             body["callback_url"] = args.callback_url
         job = client.submit(body)
-        print(job["id"])
+        print(job["id"], flush=True)
         if args.wait or args.out:
-            job = _wait(client, job["id"])
-            if job["status"] == "succeeded" and args.out:
+            job = _wait(client, job["id"], args.json)
+            if args.out:
                 for path in client.download(job["id"], args.out):
                     print(path)
-            sys.exit(0 if job["status"] == "succeeded" else 1)
 
 
 def cmd_wait(args) -> None:
-    from api.client import Client
-
-    with Client(args.server, args.api_key) as client:
-        sys.exit(0 if _wait(client, args.job_id)["status"] == "succeeded" else 1)
+    with connect(args) as client:
+        _wait(client, args.job_id, args.json)
 
 
 def cmd_download(args) -> None:
-    from api.client import Client
-
-    with Client(args.server, args.api_key) as client:
+    with connect(args) as client:
+        job = client.get_job(args.job_id)
+        if job["status"] in ("failed", "cancelled"):
+            raise JobFailed(f"job {args.job_id} {job['status']}: it has no artifacts")
+        if job["status"] != "succeeded":
+            raise UsageError(f"job {args.job_id} is {job['status']}: no artifacts yet (run rebasin wait first)")
         for path in client.download(args.job_id, args.out):
             print(path)

@@ -1,17 +1,22 @@
 """`rebasin serve`, `rebasin worker` and `rebasin db`: running the service."""
 
+import contextlib
 import gc
-import ipaddress
 import logging
+import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
+import uvicorn
+
 from core.config import Settings, get_settings
 from core.logs import configure_logging
+from cli.errors import UsageError
 
 
 def _settings(args) -> Settings:
@@ -22,7 +27,7 @@ def _settings(args) -> Settings:
     try:
         settings.tenant_keys()
     except ValueError as error:
-        sys.exit(f"rebasin: {error}")
+        raise UsageError(str(error)) from None
     return settings
 
 
@@ -45,26 +50,41 @@ def prepare_database(settings: Settings) -> None:
         return
     current, head = db.schema_status(url)
     if current != head:
-        sys.exit(
-            f"rebasin: the database schema is at revision {current or 'none'}, this version needs {head}: "
+        raise UsageError(
+            f"the database schema is at revision {current or 'none'}, this version needs {head}: "
             "run `rebasin db upgrade` first."
         )
 
 
-def cmd_serve(args) -> None:
-    import uvicorn
+WORKER_STOP_TIMEOUT_S = 1.0
 
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the port before anything else starts, so that a port in use is an error, not a half-started server."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args) -> None:
     from api.main import create_app
     from worker.app import configure_celery, enqueue_job
     from worker.jobs import unfinished_jobs
 
     settings = _settings(args)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, settings.log_format)
     if not settings.tenant_keys() and not _is_loopback(args.host):
-        sys.exit(
-            f"rebasin: refusing to serve on {args.host} without API keys; set REBASIN_API_KEYS "
+        raise UsageError(
+            f"refusing to serve on {args.host} without API keys; set REBASIN_API_KEYS "
             "(tenant:key pairs) or bind a loopback address."
         )
+    sock = _listen(args.host, args.port)
     prepare_database(settings)
     worker = None
     embedded_broker = settings.broker_url is None
@@ -73,7 +93,7 @@ def cmd_serve(args) -> None:
         # The filesystem queue forgets a message once taken: re-queue what a dead process left unfinished.
         for job_id, device in unfinished_jobs(settings.resolved_database_url()):
             enqueue_job(job_id, device)
-        worker_command = ["worker", "--concurrency", "1", "--exit-with-parent", str(os.getpid())]
+        worker_command = ["worker", "--concurrency", "1", "--log-level", args.log_level, "--exit-with-parent", str(os.getpid())]
         # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the worker in order
         # (a signal straight to its pool processes can leave the pool deadlocked).
         worker = subprocess.Popen([sys.executable, "-m", "cli", *worker_command], env=os.environ.copy(), start_new_session=True)
@@ -83,16 +103,39 @@ def cmd_serve(args) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    # log_config=None: uvicorn's loggers keep ours (one format); an idle server stops at once, and
+    # open connections (event streams) get 1 s to finish.
+    server = _Server(uvicorn.Config(app, log_config=None, log_level=args.log_level, timeout_graceful_shutdown=1))
     print(f"rebasin: serving on http://{args.host}:{args.port} (API docs at /docs)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run(sockets=[sock])
     finally:
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)  # warm shutdown: a running job is finished first
-            try:
-                worker.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+            _stop_worker(worker)
+    logging.shutdown()
+    os._exit(0)  # the interpreter's teardown of torch's heap takes seconds: Ctrl-C should not
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the signal that stopped it; SIGTERM would then kill us before the worker is stopped.
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
+def _stop_worker(worker: subprocess.Popen) -> None:
+    """Ask for a warm shutdown, which an idle worker finishes within about a second. A running job is
+    not waited for: it stays ``running`` in the database, and the next ``rebasin serve`` queues it again
+    (its holder is gone), as after a crash."""
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=WORKER_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        logging.getLogger("rebasin.worker").info("stopping the worker now; a running job resumes at the next start")
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -111,7 +154,10 @@ def cmd_worker(args) -> None:
     if args.device:
         os.environ["REBASIN_WORKER_DEVICE"] = args.device
     settings = _settings(args)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, settings.log_format)
+    from celery.apps import worker as celery_worker_module
+    from celery.signals import setup_logging
+
     from worker.devices import DeviceUnavailable, resolve_worker_device
 
     def usage_error(message: str) -> None:
@@ -134,6 +180,10 @@ def cmd_worker(args) -> None:
     settings = _settings(args)
     from worker.app import configure_celery
 
+    setup_logging.connect(lambda **_: None, weak=False)  # a receiver: Celery leaves logging alone
+    # Celery prints its shutdown notices straight to the terminal: make them log lines like the rest.
+    celery_worker_module.safe_say = lambda message, *_: logging.getLogger("celery.apps.worker").info(message.strip())
+
     app = configure_celery(settings)
     if args.exit_with_parent:
         _exit_with_parent(args.exit_with_parent)
@@ -141,6 +191,7 @@ def cmd_worker(args) -> None:
     queues = args.queues or {"cpu": "default,cpu", "cuda": "default,gpu"}[device.split(":")[0]]
     app.worker_main(
         [
+            "--quiet",  # no banner
             "worker",
             f"--queues={queues}",
             f"--concurrency={args.concurrency}",
@@ -151,6 +202,10 @@ def cmd_worker(args) -> None:
             f"--hostname=rebasin-{os.getpid()}@%h",
         ]
     )
+    logging.getLogger("rebasin.worker").info("worker stopped")
+    logging.shutdown()
+    # Skip the interpreter's teardown of torch's heap: seconds, for nothing.
+    os._exit(0)
 
 
 def cmd_db_upgrade(args) -> None:

@@ -6,6 +6,7 @@ nothing else has to be installed or running.
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,9 +41,37 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1, description="Deliveries of a job before it fails for good (a worker that dies counts).")
     worker_device: str = Field("auto", description="Default device for jobs that ask for 'auto': auto, cpu or cuda:N.")
     job_time_limit_s: int = Field(6 * 3600, ge=60, description="A job running longer than this fails (soft limit; hard kill 60 s later).")
-    job_heartbeat_timeout_s: float = Field(120, gt=0, description="A running job whose worker sent no heartbeat for this long is handed to another worker.")
+    job_heartbeat_timeout_s: float = Field(30, gt=0, description="A running job whose worker sent no heartbeat for this long is handed to another worker.")
+    job_sweep_interval_s: float = Field(
+        10,
+        gt=0,
+        description="Seconds between two sweeps by every worker for lost jobs: running jobs of dead workers, and "
+        "queued jobs the broker has no message for (e.g. Redis restarted empty), which are sent again.",
+    )
+    tenant_max_active_jobs: int = Field(
+        100, ge=0, description="Jobs a tenant may have queued or running at once; more answer 429 (0 = unlimited)."
+    )
+    tenant_max_stored_bytes: int = Field(
+        100 * 1024**3,
+        ge=0,
+        description="Bytes of checkpoints and datasets a tenant may store (identical files counted once); an upload "
+        "past it answers 429 (0 = unlimited).",
+    )
+    tenant_requests_per_s: float = Field(
+        50, ge=0, description="Sustained API requests a second per tenant and API process; faster answers 429 (0 = unlimited)."
+    )
+    tenant_request_burst: int = Field(200, ge=1, description="Requests a tenant may send at once before the rate limit applies.")
+    s3_max_attempts: int = Field(
+        10,
+        ge=1,
+        description="Attempts of each S3 request (botocore standard retry mode: exponential backoff with jitter, "
+        "up to 20 s apart) before an error; rides out S3 answering 500/503/SlowDown for about a minute.",
+    )
     worker_max_memory_per_child_mb: int = Field(0, ge=0, description="Replace a worker process after a job once it holds this much memory (0 = never).")
     callback_secret: str | None = Field(None, description="HMAC-SHA256 key that signs job callbacks; callback_url is refused while unset.")
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto", description="Log lines as text or JSON; auto: text when stderr is a terminal, JSON otherwise."
+    )
     callback_allow_private: bool = Field(False, description="Allow callbacks to loopback, link-local and private addresses (off: no SSRF).")
 
     def resolved_database_url(self) -> str:

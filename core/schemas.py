@@ -1,13 +1,128 @@
 """Request and response bodies of the HTTP API (kept apart from the ORM models)."""
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, WithJsonSchema, model_validator
 
 Method = Literal["weight_matching", "activation_matching", "ste_matching"]
 Item = TypeVar("Item")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+PROBLEM_BASE = "https://rebasin.dev/problems/"
+# Every problem type the service answers with (the API's errors and failed jobs' errors), and when.
+PROBLEM_TYPES = {
+    "validation": "the request does not match the schema; `errors` lists each field",
+    "unauthorized": "no valid API key (`Authorization: Bearer <key>`)",
+    "not-found": "no such resource for this tenant, or no such path",
+    "method-not-allowed": "the path exists, the method does not (the `Allow` header lists those that do)",
+    "invalid-file": "an upload that is not a valid checkpoint or dataset file",
+    "malformed-body": "a multipart body that cannot be parsed",
+    "upload-too-large": "a body over REBASIN_MAX_UPLOAD_BYTES",
+    "unsupported-media-type": "an upload not sent as multipart/form-data",
+    "upload-interrupted": "the client disconnected before the upload was complete",
+    "unknown-input": "a job names a checkpoint or dataset that does not exist",
+    "invalid-input": "inputs that cannot be merged: shapes, architecture, options, dataset (a job's error too)",
+    "callbacks-off": "callback_url given while the server has no callback secret",
+    "callback-refused": "a callback_url the server will not call",
+    "not-cancellable": "cancel of a job that has already ended",
+    "in-use": "delete of a checkpoint or dataset that a queued or running job uses",
+    "page-token": "a page_token this server did not hand out",
+    "invalid-idempotency-key": "an Idempotency-Key that is empty or too long",
+    "idempotency-key-reused": "an Idempotency-Key used before for a different request",
+    "idempotency-in-progress": "the first request with this Idempotency-Key is still being answered",
+    "direct-uploads-unavailable": "direct uploads on a server without S3",
+    "upload-not-pending": "a direct upload that is no longer pending",
+    "upload-expired": "a direct upload past its expiry",
+    "parts-rejected": "S3 refused to assemble a direct upload's parts",
+    "worker-lost": "a job whose worker process died on every attempt (a job's error)",
+    "out-of-memory": "a job that ran out of memory (a job's error)",
+    "time-limit": "a job that ran past REBASIN_JOB_TIME_LIMIT_S (a job's error)",
+    "internal": "a fault of the server (a bug): the request may be retried",
+}
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="dotted path of the field, e.g. options.max_iter")
+    message: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: every error the API answers, and a failed job's ``error``."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+
+    type: str = Field(
+        description=f"`{PROBLEM_BASE}<kind>`; kinds: "
+        + "; ".join(f"`{kind}`: {when}" for kind, when in PROBLEM_TYPES.items())
+        + ". More may be added; clients should treat an unknown kind by its status.",
+        examples=[PROBLEM_BASE + "not-found"],
+    )
+    title: str = Field(description="short and fixed per type")
+    status: int = Field(ge=100, le=599, description="the HTTP status code")
+    detail: str = Field(description="what went wrong, in words a user can act on")
+    instance: str | None = Field(None, description="the path of the request")
+    errors: list[FieldError] | None = Field(None, description="validation: one entry per invalid field")
+
+
+class Metrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loss: float
+    accuracy: float
+
+
+class Barrier(BaseModel):
+    """Max over lambda of the loss (accuracy: the drop) above the line between the endpoints."""
+
+    model_config = ConfigDict(extra="allow")
+
+    naive: Metrics = Field(description="between A and B as they are")
+    aligned: Metrics = Field(description="between A and B permuted into A's basin")
+
+
+class Curves(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    lambdas: list[float]
+    naive: dict[str, list[float]] = Field(description="loss and accuracy at each lambda")
+    aligned: dict[str, list[float]] = Field(description="loss and accuracy at each lambda")
+
+
+class MatchingReport(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    objective_initial: float | None = None
+    objective_final: float | None = None
+    iterations: int
+    seconds: float
+
+
+class JobResult(BaseModel):
+    """A succeeded job's report (also its ``report.json`` artifact). ``barrier``, ``curves``,
+    ``evaluation`` and ``merged`` are there when the job had evaluation data."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str | None = None
+    num_checkpoints: int | None = None
+    options: dict[str, Any] | None = Field(None, description="the options the method used, defaults filled in")
+    matching: MatchingReport
+    barrier: Barrier | None = None
+    curves: Curves | None = None
+    merged: Metrics | None = None
+    evaluation: dict[str, Any] | None = None
+
+
+def schema_ref(model: type[BaseModel], nullable: bool = False) -> WithJsonSchema:
+    """Document a field as ``model`` while keeping it a plain dict on the wire, exactly as stored."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return WithJsonSchema({"anyOf": [ref, {"type": "null"}]} if nullable else ref)
+
+
+# Models the API document refers to by name without a field typed as them (see schema_ref).
+DOCUMENTED_MODELS = (Problem, JobResult)
 
 
 class TensorFileOut(BaseModel):
@@ -57,14 +172,36 @@ class JobOptions(BaseModel):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Exactly one of ``architecture`` and ``permutation_spec``; ``dataset`` is required by activation and
+    STE matching; ``checkpoints`` are distinct."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        # JSON Schema's if/then/else (generators that do not know them, e.g. openapi-python-client, skip them).
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"required": ["architecture"], "properties": {"architecture": {"type": "object"}}},
+                    "then": {"properties": {"permutation_spec": {"type": "null"}}},
+                    "else": {"required": ["permutation_spec"], "properties": {"permutation_spec": {"type": "object"}}},
+                },
+                {
+                    "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching"]}}},
+                    "then": {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}},
+                },
+            ],
+        },
+    )
 
     method: Method = "weight_matching"
-    checkpoints: list[str] = Field(min_length=2, max_length=64, description="A first; more than two = MergeMany.")
-    architecture: ArchitectureRef | None = None
-    permutation_spec: dict[str, Any] | None = None
-    dataset: str | None = None
-    eval_dataset: str | None = None
+    checkpoints: list[str] = Field(min_length=2, max_length=64, json_schema_extra={"uniqueItems": True},
+                                   description="A first; more than two = MergeMany. Distinct.")
+    architecture: ArchitectureRef | None = Field(None, description="a registered architecture (GET /v1/architectures); "
+                                                 "exactly one of this and permutation_spec")
+    permutation_spec: dict[str, Any] | None = Field(None, description='{"axes_to_perm": {name: ["P_0", null, ...]}}: '
+                                                    "weight matching only; exactly one of this and architecture")
+    dataset: str | None = Field(None, description="dataset id; required by activation_matching and ste_matching")
+    eval_dataset: str | None = Field(None, description="dataset id for the barrier report (held-out split if it has one)")
     options: JobOptions = Field(default_factory=JobOptions)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description=(
         "auto: the worker's device; cpu; cuda or cuda:N: a GPU worker (each runs on its own GPU). Refused when "
@@ -110,9 +247,13 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     progress: Progress | None
-    result: dict[str, Any] | None
+    result: Annotated[dict[str, Any] | None, schema_ref(JobResult, nullable=True)] = Field(
+        description="a succeeded job's report; null before"
+    )
     artifacts: list[ArtifactOut]
-    error: dict[str, Any] | None
+    error: Annotated[dict[str, Any] | None, schema_ref(Problem, nullable=True)] = Field(
+        description="why a failed job failed; null otherwise"
+    )
     attempts: int
     device_used: str | None = Field(None, description="The device the job ran on (cpu, cuda:0), once a worker has taken it.")
     request: dict[str, Any]
@@ -121,3 +262,27 @@ class JobOut(BaseModel):
 class Page(BaseModel, Generic[Item]):
     items: list[Item]
     next_page_token: str | None = None
+
+
+class Quotas(BaseModel):
+    """A tenant's limits; null = unlimited."""
+
+    active_jobs: int | None = Field(description="queued plus running jobs at once (REBASIN_TENANT_MAX_ACTIVE_JOBS)")
+    stored_bytes: int | None = Field(description="bytes of uploaded checkpoints and datasets (REBASIN_TENANT_MAX_STORED_BYTES)")
+    requests_per_s: float | None = Field(description="sustained API requests per second (REBASIN_TENANT_REQUESTS_PER_S)")
+    request_burst: int | None = Field(description="requests that may come at once (REBASIN_TENANT_REQUEST_BURST)")
+
+
+class Usage(BaseModel):
+    queued_jobs: int
+    running_jobs: int
+    active_jobs: int = Field(description="queued plus running: what the active_jobs quota counts")
+    stored_bytes: int = Field(description="uploaded checkpoints and datasets, identical files counted once")
+    artifact_bytes: int = Field(description="outputs of the tenant's jobs (not limited)")
+    requests_available: int | None = Field(description="requests that may be sent right now without a 429")
+
+
+class UsageOut(BaseModel):
+    tenant: str
+    quotas: Quotas
+    usage: Usage

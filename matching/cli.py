@@ -7,35 +7,58 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
+from matching.checkpoints import load_checkpoint
 from matching.errors import Cancelled, MatchingError
+from matching.merge import DEFAULTS
 
 METHOD_NAMES = {"weight": "weight_matching", "activation": "activation_matching", "ste": "ste_matching"}
+# One set of spellings for every command that takes a method: the short names and the API's.
+METHOD_CHOICES = list(METHOD_NAMES) + list(METHOD_NAMES.values())
 
 
-def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """safetensors, or a PyTorch state dict loaded with ``weights_only=True`` (never arbitrary unpickling)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        elif suffix in (".pt", ".pth", ".bin"):
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        else:
-            raise MatchingError(f"{path.name}: unsupported checkpoint format; use .safetensors, or a state dict saved "
-                                "with torch.save as .pt/.pth/.bin")
-    except MatchingError:
-        raise
-    except Exception as exc:  # corrupt file, TorchScript archive, pickled objects refused by weights_only
-        raise MatchingError(f"{path.name}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
-        state = next(iter(state.values()))  # a common wrapper
-    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise MatchingError(f"{path.name}: not a state dict (a flat mapping of names to tensors)")
-    return state
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states each option's default (where there is one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" not in text and action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="weight", choices=METHOD_CHOICES, metavar="METHOD",
+                        help="weight (data-free), activation or ste (need --data); the API's names "
+                             "weight_matching, activation_matching, ste_matching work too")
+
+
+class StageBar:
+    """Progress on stderr, one line per stage: where it is (``weight_matching: 3/10``), how long it has
+    taken, and the stage's last message; no rates (a stage's steps differ too much to make one mean
+    anything). Off when stderr is not a terminal."""
+
+    FORMAT = "{desc}: {n_fmt}/{total_fmt} {elapsed}{postfix}"
+
+    def __init__(self):
+        self.stage, self.bar = None, None
+
+    def update(self, stage: str, completed: int, total: int, message: str = "") -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(desc=stage, total=total or None, file=sys.stderr, bar_format=self.FORMAT, disable=None)
+        self.bar.total = total or None
+        self.bar.n = completed
+        self.bar.set_postfix_str(message[:60], refresh=True)
+
+    def close(self) -> None:
+        """Before anything else is printed, so that no message lands on the bar's line."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _option_value(text: str):
@@ -61,50 +84,41 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict:
 def add_merge_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "merge", help="align and merge checkpoints offline (the same job the service runs)",
+        formatter_class=DefaultsHelpFormatter,
         description="Align checkpoints modulo permutation symmetries (Git Re-Basin) and merge them. Two checkpoints: "
                     "B is aligned to A; three or more: MergeMany. Writes merged.safetensors, aligned*.safetensors, "
-                    "permutation.json, report.json (and barrier.png with evaluation data) into --out.")
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help=".safetensors or .pt/.pth/.bin state dicts")
+                    "permutation.json, report.json (and barrier.png with evaluation data) into --out, and prints "
+                    "the barrier table.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help=".safetensors or a torch.save state dict (.pt/.pth/.bin, also wrapped as {'state_dict': ...})")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--arch", metavar="NAME", help="registered architecture (mlp, vgg, resnet20, resnet18, resnet50)")
+    which.add_argument("--arch", metavar="NAME", help="registered architecture, e.g. mlp, vgg, resnet20, torchvision/resnet18")
     which.add_argument("--spec", type=Path, metavar="SPEC.json", help="permutation spec JSON (weight matching only)")
     p.add_argument("--arch-option", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, e.g. width=4 or sizes=784,512,10 (repeatable; inferred ones may be left out)")
-    p.add_argument("--method", default="weight", choices=sorted(METHOD_NAMES) + sorted(METHOD_NAMES.values()))
+    add_method_argument(p)
     p.add_argument("--data", type=Path, metavar="DATA.safetensors", help="dataset (needed for activation and ste)")
     p.add_argument("--eval-data", type=Path, metavar="DATA.safetensors", help="held-out dataset for the barrier report")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-iter", type=int)
-    p.add_argument("--lambdas", type=int, help="number of interpolation points (default 25)")
-    p.add_argument("--merge-lambda", type=float)
-    p.add_argument("--steps", type=int, help="STE steps")
-    p.add_argument("--learning-rate", type=float, help="STE learning rate")
-    p.add_argument("--batch-size", type=int)
+    for flag, kind, what in (("--seed", int, "random seed"), ("--max-iter", int, "weight matching iterations"),
+                             ("--lambdas", int, "number of interpolation points"),
+                             ("--merge-lambda", float, "where between A and aligned B the merged model lies"),
+                             ("--steps", int, "STE steps"), ("--learning-rate", float, "STE learning rate"),
+                             ("--batch-size", int, "activation and STE batch size")):
+        option = flag[2:].replace("-", "_")
+        p.add_argument(flag, type=kind, help=f"{what} (default {DEFAULTS[option]})")
     p.add_argument("--repair", choices=["none", "reset", "repair"],
                    help="statistics correction of the merged model (default: reset for BatchNorm networks, repair "
                         "otherwise; needs --data or --eval-data)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run_merge)
     return p
 
 
 def run_merge(args) -> int:
-    from tqdm import tqdm
-
     from matching.merge import merge_checkpoints, write_artifacts
 
-    bar = {"stage": None, "bar": None}
-
-    def progress(stage, completed, total, message):
-        if bar["stage"] != stage:
-            if bar["bar"] is not None:
-                bar["bar"].close()
-            bar["stage"], bar["bar"] = stage, tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False)
-        bar["bar"].total = total
-        bar["bar"].n = completed
-        bar["bar"].set_postfix_str(message[:60], refresh=True)
-
+    bar = StageBar()
     try:
         if len(args.checkpoints) < 2:
             raise MatchingError("give at least two checkpoints")
@@ -117,18 +131,21 @@ def run_merge(args) -> int:
                 spec = json.loads(args.spec.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise MatchingError(f"--spec {args.spec}: cannot read JSON ({exc})") from None
-        options = {name: getattr(args, name) for name in ("seed", "max_iter", "lambdas", "merge_lambda", "steps",
-                                                            "learning_rate", "batch_size", "repair") if getattr(args, name) is not None}
+        options = {name: getattr(args, name) for name in dict.fromkeys([*DEFAULTS, "repair"])
+                   if getattr(args, name, None) is not None}
         outcome = merge_checkpoints(states, method=METHOD_NAMES.get(args.method, args.method), architecture=architecture,
                                     permutation_spec=spec, dataset=args.data, eval_dataset=args.eval_data,
-                                    options=options, device=args.device, progress=progress)
+                                    options=options, device=args.device, progress=bar.update)
+        bar.close()
         files = write_artifacts(outcome, args.out)
     except (MatchingError, Cancelled) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        bar.close()
+        print(f"rebasin: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if bar["bar"] is not None:
-            bar["bar"].close()
+    except OSError as exc:  # --out not writable, a dataset file missing, ...
+        bar.close()
+        print(f"rebasin: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(format_report(outcome.report))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

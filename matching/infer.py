@@ -21,6 +21,7 @@ import copy
 import math
 import operator
 import sys
+import threading
 
 import torch
 import torch.fx
@@ -64,12 +65,18 @@ def _pass_through_functions():
     return {module.stochastic_depth} if module is not None else set()
 
 
+# torch.fx tracing patches module-global state: two threads tracing at once (an API process answering
+# concurrent job submissions) corrupt it for good, and every later trace in the process fails.
+_TRACE_LOCK = threading.Lock()
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """torch.fx symbolic trace in eval mode; a model that cannot be traced is a MatchingError naming the construct."""
     was_training = model.training
     model.eval()
     try:
-        return torch.fx.symbolic_trace(model)
+        with _TRACE_LOCK:
+            return torch.fx.symbolic_trace(model)
     except Exception as exc:  # TraceError, TypeError from control flow on proxies, NotImplementedError, ...
         raise MatchingError(untraceable_message(model, exc)) from None
     finally:
@@ -88,6 +95,11 @@ def untraceable_message(model: nn.Module, exc: BaseException) -> str:
             "Its permutation spec cannot be inferred on the server; export it where the model code lives with "
             "`rebasin spec --module package.module:factory --input-shape C,H,W` (or write it by hand) and submit "
             "it as 'permutation_spec' instead of 'architecture' (weight matching only).")
+
+
+# torch.fx tracing patches module-global state: two threads tracing at once (an API process answering
+# concurrent job submissions) corrupt it for good, and every later trace in the process fails.
+_TRACE_LOCK = threading.Lock()
 
 
 def _trace(model: nn.Module, example_input: torch.Tensor):

@@ -24,6 +24,12 @@ from matching.weight_matching import weight_matching
 METHODS = ("weight_matching", "activation_matching", "ste_matching")
 OPTION_TYPES = {"seed": int, "max_iter": int, "lambdas": int, "merge_lambda": float, "steps": int,
                 "learning_rate": float, "batch_size": int}
+# The options each method reads (the report lists these only).
+METHOD_OPTIONS = {
+    "weight_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "repair"),
+    "activation_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "batch_size", "repair"),  # max_iter: MergeMany
+    "ste_matching": (*OPTION_TYPES, "repair"),
+}
 DEFAULTS = {"seed": 0, "max_iter": 100, "lambdas": 25, "merge_lambda": 0.5, "steps": 200, "learning_rate": 1e-3,
             "batch_size": 256}
 # "none": plain interpolation; "reset": BatchNorm statistics re-estimated on the data; "repair": REPAIR (after the
@@ -109,6 +115,15 @@ def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, archi
         check_example_shape(architecture["name"], arch_options, tuple(example_shape))
 
 
+def _takes(name: str, model: torch.nn.Module) -> str:
+    """', which takes e.g. [1, 32, 32]' when the architecture says what it takes (no framework message:
+    it names the model's internals, not the user's data)."""
+    try:
+        return f"; it takes inputs of per-example shape {list(example_input(name, model).shape[1:])}"
+    except Exception:
+        return ""
+
+
 def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int, ...]) -> None:
     """Whether the model takes inputs of this per-example shape, traced on the meta device (no memory, no compute)."""
     try:
@@ -119,9 +134,9 @@ def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int,
     with torch.device("meta"):
         try:
             probe(torch.empty(2, *example_shape))
-        except (RuntimeError, ValueError, IndexError, AssertionError) as error:
+        except (RuntimeError, ValueError, IndexError, AssertionError):
             raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, which architecture "
-                                f"{name!r} with options {arch_options} cannot take ({str(error).splitlines()[0][:200]})") from None
+                                f"{name!r} with options {arch_options} cannot take{_takes(name, probe)}") from None
 
 
 def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False):
@@ -229,16 +244,16 @@ def _eval_split(dataset: Dataset | None, eval_dataset: Dataset | None):
     return None, None, None
 
 
-def _check_data_fits(model, dataset: Dataset, name: str, device):
+def _check_data_fits(model, dataset: Dataset, name: str, device, architecture: str):
     for inputs, targets in ((dataset.inputs, dataset.targets), (dataset.eval_inputs, dataset.eval_targets)):
         if inputs is None:
             continue
         try:
             with torch.no_grad():
                 logits = model.eval()(inputs[:2].to(device, torch.float32))
-        except RuntimeError as exc:
-            raise MatchingError(f"{name} inputs of shape {list(inputs.shape[1:])} per example do not fit the model: "
-                                f"{str(exc).splitlines()[0]}") from None
+        except (RuntimeError, ValueError, IndexError):
+            raise MatchingError(f"{name} inputs of shape {list(inputs.shape[1:])} per example do not fit the model"
+                                f"{_takes(architecture, model)}") from None
         if logits.dim() != 2 or int(targets.max()) >= logits.shape[1]:
             raise MatchingError(f"{name} has class labels up to {int(targets.max())} but the model has {logits.shape[-1]} outputs")
 
@@ -270,7 +285,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
         states = [_full_state(model, s) for s in states]
         for data, name in ((train, "dataset"), (held_out, "eval_dataset")):
             if data is not None:
-                _check_data_fits(model, data, name, dev)
+                _check_data_fits(model, data, name, dev, architecture["name"])
     elif train is not None or held_out is not None:
         train = held_out = None  # a bare spec has no model to evaluate: data is ignored (documented)
     eval_inputs, eval_targets, eval_split = _eval_split(train, held_out)
@@ -284,7 +299,8 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
         bn_split = "eval_dataset:train" if held_out.eval_inputs is not None else "eval_dataset"
     tick("validate", 1, 1, "inputs ok")
 
-    report: dict = {"method": method, "num_checkpoints": len(states), "options": opts}
+    report: dict = {"method": method, "num_checkpoints": len(states),
+                    "options": {k: v for k, v in opts.items() if k in METHOD_OPTIONS[method]}}
     if arch_options is not None:
         report["architecture"] = {"name": architecture["name"], "options": arch_options}
     if len(states) == 2:

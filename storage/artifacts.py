@@ -159,16 +159,21 @@ class LocalStore:
         probe.unlink()
 
 
+S3_MAX_ATTEMPTS = 10
+
+
 class S3Store:
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, max_attempts: int = S3_MAX_ATTEMPTS):
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, config=Config(signature_version="s3v4", retries={"mode": "standard"})
-        )
+        # Standard mode retries 500/502/503/504, throttling (SlowDown) and dropped connections with
+        # exponential backoff and jitter. Every part of a multipart transfer is retried on its own, and an
+        # object becomes visible only when its upload completes: a failed write leaves nothing half-visible.
+        retries = {"mode": "standard", "max_attempts": max_attempts}
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(signature_version="s3v4", retries=retries))
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -323,12 +328,12 @@ def sweep_local_temporaries(root: Path, older_than_s: float) -> int:
     return removed
 
 
-def open_store(uri: str, s3_endpoint_url: str | None = None) -> ArtifactStore:
+def open_store(uri: str, s3_endpoint_url: str | None = None, s3_max_attempts: int = S3_MAX_ATTEMPTS) -> ArtifactStore:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return LocalStore(Path(unquote(parsed.path)))
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"artifact URI needs a bucket: {uri!r}")
-        return S3Store(parsed.netloc, parsed.path, s3_endpoint_url)
+        return S3Store(parsed.netloc, parsed.path, s3_endpoint_url, s3_max_attempts)
     raise ValueError(f"unsupported artifact URI {uri!r}: use file:///path or s3://bucket/prefix")

@@ -1,5 +1,6 @@
 """Engine, sessions and schema migrations (Alembic, configured in code: no alembic.ini needed)."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -11,13 +12,39 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# What the driver raises when the database cannot be reached (down, restarting, network cut):
+# worth waiting out, unlike a bad query.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+# Seconds to wait for a TCP connection to PostgreSQL: an unreachable server fails fast instead of
+# holding a request (or a worker) for the kernel's TCP timeout.
+CONNECT_TIMEOUT_S = 5
+
+
+_engines: list[Engine] = []
+
+
+def _forget_connections_in_child() -> None:
+    # A forked process (Celery's pool) must not use the parent's pooled connections or pool locks,
+    # which another thread of the parent (the stale-job sweeper) may be holding at the moment of the fork.
+    for engine in _engines:
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_connections_in_child)
 
 
 @lru_cache
 def get_engine(url: str) -> Engine:
+    engine = _create_engine(url)
+    _engines.append(engine)
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:
@@ -34,7 +61,9 @@ def get_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if parsed.get_backend_name() == "postgresql" else {}
+    # pool_pre_ping: a connection that died with a database restart is replaced, not handed out.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10, connect_args=connect_args)
 
 
 @lru_cache

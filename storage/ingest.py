@@ -9,13 +9,15 @@ safetensors. Anything whose loader would unpickle arbitrary objects
 import json
 import math
 import struct
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
 import torch
 from safetensors import safe_open
+
+from matching.checkpoints import is_safetensors, read_pytorch_state_dict
+from matching.errors import MatchingError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSORS = 100_000
@@ -38,7 +40,6 @@ TORCH_TO_SAFETENSORS = {
     torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
-PICKLE_PROTOCOL_MARKERS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 class IngestError(ValueError):
@@ -179,15 +180,6 @@ def inspect_safetensors(path: Path, fmt: str = "safetensors") -> TensorFileInfo:
     return info
 
 
-def _refuse_unsafe_zip(path: Path) -> None:
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    if any(n.rsplit("/", 1)[-1] == "archive_format" for n in names):
-        raise IngestError("torch.export archives are not accepted: upload a state dict (safetensors preferred)")
-    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
-        raise IngestError("TorchScript archives are not accepted: upload model.state_dict() (safetensors preferred)")
-
-
 def write_safetensors(state: dict[str, torch.Tensor], out: Path) -> None:
     """Write a safetensors file one tensor at a time (safetensors' own save builds the whole file in memory)."""
     header, offset = {}, 0
@@ -205,45 +197,16 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path) -> None:
             handle.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
-def _state_dict_from(obj) -> dict[str, torch.Tensor]:
-    # Training checkpoints often wrap the weights: {"state_dict": {...}} or {"model": {...}}.
-    if isinstance(obj, dict) and len(obj) >= 1 and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for wrapper in ("state_dict", "model_state_dict", "model"):
-            if isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise IngestError("the PyTorch file is not a state dict (a mapping of names to tensors)")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise IngestError(f"the PyTorch file holds non-tensor entries, e.g. {bad[0]!r}: save model.state_dict()")
-    for name, tensor in obj.items():
-        if tensor.layout != torch.strided or tensor.is_quantized:
-            raise IngestError(f"tensor {name!r} is sparse or quantized: save dense tensors")
+def convert_pytorch(path: Path, out: Path) -> TensorFileInfo:
+    try:
+        state = read_pytorch_state_dict(path)
+    except MatchingError as error:
+        raise IngestError(str(error)) from None
+    for name, tensor in state.items():
         if tensor.dtype not in TORCH_TO_SAFETENSORS:
             raise IngestError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
-    return obj
-
-
-def convert_pytorch(path: Path, out: Path) -> TensorFileInfo:
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic.startswith(b"PK"):
-        try:
-            _refuse_unsafe_zip(path)
-        except zipfile.BadZipFile:
-            raise IngestError("the file is a damaged zip archive") from None
-    elif magic[:2] not in PICKLE_PROTOCOL_MARKERS:
-        raise IngestError("unknown file format: upload safetensors or a torch.save state dict (.pt/.pth/.bin)")
-    try:
-        # mmap (zip format only) keeps tensor data on disk until it is written out one tensor at a time.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=magic.startswith(b"PK"))
-    except Exception as error:  # weights_only refuses any global it does not know, without running it
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise IngestError(f"refused to load the PyTorch file safely: {first_line[:300]}") from None
-    state = _state_dict_from(obj)
     write_safetensors(state, out)
-    del obj, state
+    del state
     return inspect_safetensors(out, fmt="pytorch")
 
 
@@ -251,9 +214,7 @@ def inspect_upload(path: Path, converted: Path) -> TensorFileInfo:
     """Validate an uploaded file; PyTorch files are converted into ``converted``."""
     if path.stat().st_size == 0:
         raise IngestError("the file is empty")
-    with open(path, "rb") as handle:
-        prefix = handle.read(9)
-    if len(prefix) >= 9 and prefix[8:9] == b"{":
+    if is_safetensors(path):
         return inspect_safetensors(path)
     return convert_pytorch(path, converted)
 

@@ -9,21 +9,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import matching
+from cli import demo
 
 
 @functools.lru_cache
 def digits(image: bool = False):
     """Digits (1797 8x8 images, bundled with scikit-learn: no download), fixed 1347/450 split, inputs in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    if image:
-        x = x.reshape(-1, 1, 8, 8)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, held_out = order[:1347], order[1347:]
-    return x[train], y[train], x[held_out], y[held_out]
+    return demo.digits(image)
 
 
 def write_digits(path, image: bool = False, eval_split: bool = True):
@@ -38,19 +30,7 @@ def write_digits(path, image: bool = False, eval_split: bool = True):
 @functools.lru_cache
 def _trained(name: str, options: tuple, seed: int, epochs: int, lr: float, image: bool, weight_decay: float):
     x, y, _, _ = digits(image)
-    torch.manual_seed(seed)
-    model = matching.build_model(name, **dict(options))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x), generator=gen).split(64):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return demo.train(name, dict(options), x, y, seed, epochs, lr, weight_decay)
 
 
 def trained(name: str, seed: int, epochs: int = 20, lr: float = 0.05, image: bool = False, weight_decay: float = 0.0,

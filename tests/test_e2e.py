@@ -119,7 +119,7 @@ def test_every_contract_endpoint_is_in_the_openapi_docs(embedded_service):
         ("post", "/v1/datasets"), ("get", "/v1/datasets"), ("get", "/v1/datasets/{resource_id}"),
         ("delete", "/v1/datasets/{resource_id}"), ("post", "/v1/jobs"), ("get", "/v1/jobs"), ("get", "/v1/jobs/{job_id}"),
         ("post", "/v1/jobs/{job_id}/cancel"), ("get", "/v1/jobs/{job_id}/artifacts/{name}"), ("get", "/v1/architectures"),
-        ("get", "/healthz"), ("get", "/readyz"),
+        ("get", "/healthz"), ("get", "/readyz"), ("get", "/v1/usage"),
     }  # fmt: skip
     with embedded_service.client() as client:
         paths = client.get("/openapi.json").json()["paths"]

@@ -338,13 +338,13 @@ def test_command_line_client_submits_waits_and_downloads(make_embedded_service, 
     env = process_env({"REBASIN_SERVER": service.url, "REBASIN_API_KEY": "team-key"})
     out = tmp_path / "out"
     result = subprocess.run(
-        rebasin_command("submit", *paths, "--arch", "mlp", "--seed", "3", "--out", str(out)),
+        rebasin_command("submit", *paths, "--arch", "mlp", "--seed", "3", "--out", str(out), "--json"),
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.splitlines()[0]
     assert {p.name for p in out.iterdir()} >= {"merged.safetensors", "aligned.safetensors", "permutation.json", "report.json"}
-    assert json.loads(result.stdout[result.stdout.index("{"): result.stdout.rindex("}") + 1])["matching"]["iterations"] >= 1
+    assert json.loads(result.stdout[result.stdout.index("{"): result.stdout.rindex("}") + 1])["result"]["matching"]["iterations"] >= 1
 
     waited = subprocess.run(rebasin_command("wait", job_id), env=env, capture_output=True, text=True, timeout=120)
     assert waited.returncode == 0, waited.stderr
@@ -353,7 +353,7 @@ def test_command_line_client_submits_waits_and_downloads(make_embedded_service, 
     assert (again / "merged.safetensors").read_bytes() == (out / "merged.safetensors").read_bytes()
 
     wrong_key = subprocess.run(rebasin_command("wait", job_id), env=env | {"REBASIN_API_KEY": "nope"}, capture_output=True, text=True, timeout=60)
-    assert wrong_key.returncode != 0 and "Unauthorized" in wrong_key.stderr
+    assert wrong_key.returncode == 2 and "Unauthorized" in wrong_key.stderr
     assert httpx.get(f"{service.url}/v1/jobs").status_code == 401
 
 

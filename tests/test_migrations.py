@@ -5,6 +5,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+from cli.errors import UsageError
 from cli.service import prepare_database
 from core.config import Settings
 from storage import db
@@ -43,7 +44,7 @@ def test_downgrade_and_upgrade_again(empty_database):
 def test_server_refuses_an_out_of_date_schema(empty_database, tmp_path):
     db.upgrade(empty_database, "0001")
     settings = Settings(_env_file=None, data_dir=tmp_path, database_url=empty_database)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UsageError) as exit_info:
         prepare_database(settings)
     assert "rebasin db upgrade" in str(exit_info.value) and "0001" in str(exit_info.value)
     db.upgrade(empty_database)

@@ -14,14 +14,14 @@ from core.config import Settings
 from storage.artifacts import open_store
 from storage.db import session_scope, upgrade
 from storage.models import Checkpoint, Job, utcnow
-from worker import jobs
+from worker import dispatch, jobs
 
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     settings = Settings(data_dir=tmp_path, job_heartbeat_timeout_s=5)
     upgrade(settings.resolved_database_url())
-    monkeypatch.setattr(jobs, "enqueue_job", lambda job_id, device: enqueued.append(job_id))
+    monkeypatch.setattr(dispatch, "enqueue_job", lambda job_id, device: enqueued.append(job_id))
     monkeypatch.setattr(jobs, "enqueue_callback", lambda job_id: None)
     enqueued.clear()
     return settings
@@ -30,7 +30,7 @@ def settings(tmp_path, monkeypatch):
 enqueued: list[str] = []
 
 
-def make_job(settings: Settings, tmp_path, device: str = "auto", **values) -> str:
+def make_job(settings: Settings, tmp_path, tenant: str = "t", device: str = "auto", **values) -> str:
     store = open_store(settings.resolved_artifact_uri())
     ids = []
     for seed in (0, 1):
@@ -43,7 +43,8 @@ def make_job(settings: Settings, tmp_path, device: str = "auto", **values) -> st
         for seed, checkpoint_id in enumerate(ids):
             session.merge(Checkpoint(id=checkpoint_id, tenant="t", name="m", sha256="0" * 64, size_bytes=1, format="safetensors",
                                      num_tensors=4, num_parameters=1, tensors={}, object_key=f"m{seed}"))
-        job = Job(tenant="t", method="weight_matching", request={"method": "weight_matching", "checkpoints": ids, "architecture": {"name": "mlp"}, "device": device}, **values)
+        request = {"method": "weight_matching", "checkpoints": ids, "architecture": {"name": "mlp"}, "device": device}
+        job = Job(tenant=tenant, method="weight_matching", request=request, **values)
         session.add(job)
         session.commit()
         return job.id
@@ -95,23 +96,37 @@ def test_a_failure_inside_matching_fails_only_that_job(settings, tmp_path, monke
     assert final(settings, next_job).device_used.split(":")[0] == test_device.split(":")[0]
 
 
-def test_running_job_of_a_dead_worker_is_requeued_once(settings, tmp_path):
+def test_lost_jobs_are_queued_again_once(settings, tmp_path, monkeypatch):
     stale = make_job(settings, tmp_path, status="running", attempts=1, claimed_by="elsewhere:1",
-                     heartbeat_at=utcnow() - timedelta(seconds=60), enqueued_at=utcnow())
+                     heartbeat_at=utcnow() - timedelta(seconds=60), enqueued_at=utcnow(), created_at=utcnow() - timedelta(minutes=9))
     fresh = make_job(settings, tmp_path, status="running", attempts=1, claimed_by="elsewhere:2", heartbeat_at=utcnow(), enqueued_at=utcnow())
     never_sent = make_job(settings, tmp_path, created_at=utcnow() - timedelta(minutes=5))
-    waiting = make_job(settings, tmp_path, enqueued_at=utcnow())
+    waiting = make_job(settings, tmp_path, enqueued_at=utcnow(), created_at=utcnow() - timedelta(minutes=1))
+    just_submitted = make_job(settings, tmp_path)  # the API is sending its message right now
+    broker = {"default": 1}  # waiting's message; the others' were lost
+    monkeypatch.setattr(dispatch, "waiting_messages", lambda queue: broker.get(queue, 0))
 
-    assert sorted(jobs.requeue_lost_jobs(settings)) == sorted([stale, never_sent])
-    assert jobs.requeue_lost_jobs(settings) == []  # the sweep refreshed them: not queued twice
-    assert fresh not in enqueued and waiting not in enqueued
+    # The dead worker's job goes back to the queue; the broker gets one message per queued job it lacks.
+    assert set(jobs.requeue_lost_jobs(settings)) == {stale, never_sent}
+    assert final(settings, stale).status == "queued" and final(settings, fresh).status == "running"
+    assert sorted(enqueued) == sorted([stale, never_sent])
+    broker["default"] = 3
+    assert jobs.requeue_lost_jobs(settings) == []  # nothing missing any more: not queued twice
+    assert fresh not in enqueued and waiting not in enqueued and just_submitted not in enqueued
 
-    # A duplicate delivery while the holder is alive is dropped; the stale job is taken over.
-    with session_scope(settings.resolved_database_url()) as session:
-        assert jobs.claim_job(session, fresh, settings) is None
-    with session_scope(settings.resolved_database_url()) as session:
-        session.get(Job, stale).heartbeat_at = utcnow() - timedelta(seconds=60)
-        session.commit()
-    with session_scope(settings.resolved_database_url()) as session:
-        claimed = jobs.claim_job(session, stale, settings)
-        assert claimed is not None and claimed.attempts == 2 and claimed.claimed_by == jobs.this_process()
+    # Messages only wake workers up: the job run is the database's pick, each job claimed once.
+    claimed = [jobs.claim_next_job(settings, "default") for _ in range(5)]
+    assert [job.id for job in claimed[:4]] == [stale, never_sent, waiting, just_submitted] and claimed[4] is None
+    assert claimed[0].attempts == 2 and claimed[0].claimed_by == jobs.this_process()
+
+
+def test_dispatch_takes_turns_between_tenants(settings, tmp_path):
+    flood = [make_job(settings, tmp_path, tenant="a", created_at=utcnow() - timedelta(seconds=60 - i)) for i in range(4)]
+    single = make_job(settings, tmp_path, tenant="b")
+    gpu_job = make_job(settings, tmp_path, tenant="c", device="cuda:0")
+    order = []
+    while (job := jobs.claim_next_job(settings, "default")) is not None:
+        order.append(job.id)
+    # Tenant b's one job runs second, not after all of a's; a cuda job waits for a GPU worker's queue.
+    assert order == [flood[0], single, *flood[1:]]
+    assert [jobs.claim_next_job(settings, "gpu").id, jobs.claim_next_job(settings, "gpu")] == [gpu_job, None]

@@ -21,6 +21,8 @@ def configure_celery(settings: Settings) -> Celery:
         transport_options = {
             "data_folder_in": str(queue_dir / "queue"),
             "data_folder_out": str(queue_dir / "queue"),
+            # Its exchange table: by default ./control, in whatever directory the process started in.
+            "control_folder": str(queue_dir / "control"),
             "store_processed": False,
         }
     celery_app.conf.update(
@@ -38,6 +40,9 @@ def configure_celery(settings: Settings) -> Celery:
         task_soft_time_limit=settings.job_time_limit_s,
         task_time_limit=settings.job_time_limit_s + 60,
         worker_max_memory_per_child=settings.worker_max_memory_per_child_mb * 1024 or None,
+        # Logging is ours (core.logs, one format for every process), not Celery's.
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
     )
     return celery_app
 

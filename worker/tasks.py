@@ -3,12 +3,13 @@
 import logging
 import os
 import threading
+import time
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy import select
 
 from core.config import get_settings
-from storage.db import session_scope
+from storage.db import DATABASE_UNAVAILABLE, session_scope
 from storage.models import Job
 from worker import callbacks, devices
 from worker.app import celery_app
@@ -55,18 +56,29 @@ def _register(settings, name: str) -> None:
 def _sweep_stale_jobs(name: str) -> None:
     settings = get_settings()
     _register(settings, name)
-    while not _stop_sweeping.wait(max(1.0, settings.job_heartbeat_timeout_s / 2)):
+    database_back_at = time.monotonic()
+    while not _stop_sweeping.wait(settings.job_sweep_interval_s):
         _register(settings, name)
+        # After an outage every holder's heartbeat is late; give them a heartbeat timeout to beat again
+        # before their jobs count as lost (else a job would run twice).
+        release_stale = time.monotonic() - database_back_at >= settings.job_heartbeat_timeout_s
         try:
-            for job_id in requeue_lost_jobs(settings):
+            for job_id in requeue_lost_jobs(settings, release_stale=release_stale):
                 log.warning("job %s: lost by its worker or the broker; queued again", job_id)
-        except Exception:
-            log.exception("stale-job sweep failed")
+        except DATABASE_UNAVAILABLE as error:
+            database_back_at = float("inf")
+            log.warning("stale-job sweep: database unreachable (%s)", type(error.orig or error).__name__)
+        except Exception as error:
+            # A broker outage: the next sweep, once it is back, does the work.
+            log.warning("stale-job sweep failed: %s: %s", type(error).__name__, error)
+        else:
+            database_back_at = min(database_back_at, time.monotonic())
 
 
 @worker_ready.connect
 def _start_sweeper(**_) -> None:
-    # Covers a worker killed as a whole (no parent left to hand its job back to the broker).
+    # Covers a worker killed as a whole (no parent left to hand its job back to the broker), and
+    # a broker that lost its messages. Every worker sweeps: the work is idempotent.
     _sweeper.append(threading.Thread(target=_sweep_stale_jobs, args=(devices.worker_name(),), name="stale-job-sweeper", daemon=True))
     _sweeper[0].start()
 

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 import matching
 from api.deps import SessionDep, TenantDep
+from api.openapi import problems
 from api.problems import Problem, not_found
 from matching.architectures import FAMILIES
 from storage.models import Checkpoint
@@ -50,7 +51,7 @@ async def list_architectures(
     }
 
 
-@router.get("/inferred-options", summary="The options that a checkpoint's tensor shapes determine for an architecture")
+@router.get("/inferred-options", responses=problems(404, on_404="No such checkpoint"), summary="The options that a checkpoint's tensor shapes determine for an architecture")
 def inferred_options(name: str, checkpoint: str, session: SessionDep, tenant: TenantDep):
     row = session.get(Checkpoint, checkpoint)
     if row is None or row.tenant != tenant:

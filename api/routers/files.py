@@ -7,15 +7,21 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import exists, select
 from starlette.concurrency import run_in_threadpool
 
-from api import idempotency
+from api import idempotency, quotas
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
+from api.idempotency import MAX_KEY_LENGTH
+from api.openapi import download_responses, problems
 from api.problems import Problem, not_found
 from core.schemas import CheckpointOut, DatasetOut, Page
 from api.uploads import KINDS, create_resource, receive_multipart_file, staging_workdir, validate_file
 from storage.artifacts import ArtifactStore
 from storage.models import ACTIVE_STATUSES, Job, JobInput
 from storage.objects import delete_referencing_row
+
+
+# Bytes of a multipart body that are not the file (boundaries, part headers): not charged to the quota.
+MULTIPART_SLACK = 16 * 1024
 
 
 def download_response(store: ArtifactStore, key: str, filename: str) -> Response:
@@ -40,7 +46,13 @@ def multipart_upload_body(noun: str) -> dict:
             "name": {"type": "string", "maxLength": 255, "description": f"display name of the {noun}"},
         },
     }
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+    idempotency_key = {
+        "name": "Idempotency-Key", "in": "header", "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+        "description": "Retries with the same key and file return the first answer.",
+    }
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}},
+            "parameters": [idempotency_key]}
 
 
 def make_router(kind_name: str, schema) -> APIRouter:
@@ -59,13 +71,16 @@ def make_router(kind_name: str, schema) -> APIRouter:
         status_code=201,
         response_model=schema,
         summary=f"Upload a {noun}",
+        name=f"upload_{noun}",
         openapi_extra=multipart_upload_body(noun),
-        responses={413: {"description": "larger than REBASIN_MAX_UPLOAD_BYTES"}, 422: {"description": "invalid file"}},
     )
     async def upload(
         request: Request, response: Response, session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep
     ):
         key = request.headers.get("idempotency-key")
+        length = request.headers.get("content-length", "")
+        announced = int(length) - MULTIPART_SLACK if length.isdigit() else 0
+        await run_in_threadpool(quotas.check_storage, session, tenant, settings, announced)
         with staging_workdir(store, settings) as workdir:
             received, name = await receive_multipart_file(request, workdir / "upload", settings.max_upload_bytes)
             if key is not None:
@@ -90,7 +105,7 @@ def make_router(kind_name: str, schema) -> APIRouter:
         response.headers["Location"] = location
         return row
 
-    @router.get("", response_model=Page[schema], summary=f"List {path}, newest first")
+    @router.get("", response_model=Page[schema], summary=f"List {path}, newest first", name=f"list_{path}")
     def list_all(
         session: SessionDep,
         tenant: TenantDep,
@@ -100,16 +115,18 @@ def make_router(kind_name: str, schema) -> APIRouter:
         items, token = paginate(session, select(model).where(model.tenant == tenant), model, page_size, page_token)
         return {"items": items, "next_page_token": token}
 
-    @router.get("/{resource_id}", response_model=schema)
+    @router.get("/{resource_id}", response_model=schema, summary=f"A {noun}", name=f"get_{noun}")
     def get_one(resource_id: str, session: SessionDep, tenant: TenantDep):
         return get_owned(session, tenant, resource_id)
 
-    @router.get("/{resource_id}/content", summary="Download the stored safetensors", response_class=Response)
+    @router.get("/{resource_id}/content", summary="Download the stored safetensors", response_class=Response,
+                name=f"download_{noun}", responses=download_responses(f"the {noun} as safetensors"))
     def content(resource_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep):
         row = get_owned(session, tenant, resource_id)
         return download_response(store, row.object_key, f"{resource_id}.safetensors")
 
-    @router.delete("/{resource_id}", status_code=204, response_class=Response)
+    @router.delete("/{resource_id}", status_code=204, response_class=Response, summary=f"Delete a {noun}",
+                   name=f"delete_{noun}", responses=problems(409, on_409="A queued or running job uses it"))
     def delete(resource_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep):
         row = get_owned(session, tenant, resource_id)
         in_use = session.scalar(

@@ -11,7 +11,9 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 import matching
-from api import idempotency
+from api import idempotency, quotas
+from api.idempotency import MAX_KEY_LENGTH
+from api.openapi import download_responses, problems
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.pagination import MAX_PAGE_SIZE, paginate
 from api.problems import Problem, not_found
@@ -22,9 +24,14 @@ from storage.models import TERMINAL_STATUSES, Checkpoint, Dataset, Job, JobInput
 from worker.app import enqueue_callback, enqueue_job
 from worker.callbacks import CallbackRefused, check_callback_url
 from worker.devices import DeviceUnavailable, gpu_worker_connected, resolve_worker_device
+from worker.jobs import INVALID_INPUT_TITLE, log_ending
 
 log = logging.getLogger("rebasin.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
 EVENT_POLL_S = 0.5
 KEEPALIVE_S = 15
 
@@ -63,6 +70,7 @@ def _waiting_for_gpu(device: str, session, settings) -> str | None:
 
 
 def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
+    quotas.check_active_jobs(session, tenant, settings)
     checkpoints = _owned(session, Checkpoint, tenant, body.checkpoints, "checkpoint")
     dataset_roles = {role: i for role, i in (("dataset", body.dataset), ("eval_dataset", body.eval_dataset)) if i}
     datasets = _owned(session, Dataset, tenant, list(dataset_roles.values()), "dataset")
@@ -86,7 +94,7 @@ def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
             example_shapes=[tuple(d.tensors["inputs"]["shape"][1:]) for d in datasets],
         )
     except matching.MatchingError as error:
-        raise Problem(422, "Inputs cannot be merged", str(error), kind="invalid-input") from None
+        raise Problem(422, INVALID_INPUT_TITLE, str(error), kind="invalid-input") from None
 
     no_gpu_yet = _waiting_for_gpu(body.device, session, settings)
     job = Job(tenant=tenant, method=body.method, request=request, status="queued")
@@ -116,7 +124,9 @@ def create_job(
     session: SessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(description="Retries with the same key and body return the first answer.")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=1, max_length=MAX_KEY_LENGTH, description="Retries with the same key and body return the first answer.")
+    ] = None,
 ):
     if idempotency_key is not None:
         replay = idempotency.begin(session, tenant, "jobs", idempotency_key, idempotency.fingerprint(body.model_dump(mode="json")))
@@ -162,16 +172,18 @@ async def read_job(settings, tenant: str, job_id: str) -> JobOut:
     return await run_in_threadpool(read)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, summary="A job: status, progress, result, artifacts, error")
 async def get_job(job_id: str, settings: SettingsDep, tenant: TenantDep):
     return await read_job(settings, tenant, job_id)
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel a queued or running job")
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel a queued or running job",
+             responses=problems(409, on_409="The job has already ended"))
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep):
     job = get_owned_job(session, tenant, job_id)
     if job.status == "queued":
         job.status, job.finished_at = "cancelled", utcnow()
+        log_ending(job.id, "cancelled")
         if job.request.get("callback_url"):
             enqueue_callback(job.id)
     elif job.status == "running":
@@ -182,7 +194,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep):
     return job
 
 
-@router.get("/{job_id}/artifacts/{name}", response_class=Response, summary="Download an artifact")
+@router.get("/{job_id}/artifacts/{name}", response_class=Response, summary="Download an artifact",
+            responses=download_responses("the artifact's bytes"))
 def download_artifact(job_id: str, name: str, session: SessionDep, store: StoreDep, tenant: TenantDep):
     job = get_owned_job(session, tenant, job_id)
     artifact = next((a for a in job.artifacts if a.name == name), None)
@@ -191,7 +204,9 @@ def download_artifact(job_id: str, name: str, session: SessionDep, store: StoreD
     return download_response(store, artifact.object_key, name)
 
 
-@router.get("/{job_id}/events", summary="Server-Sent Events: the job on every change, until it ends")
+@router.get("/{job_id}/events", summary="Server-Sent Events: the job on every change, until it ends", response_class=EventStream,
+            responses={200: {"description": "`event: progress` with the job as `data` on every change, then `event: end`",
+                             "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def job_events(job_id: str, request: Request, settings: SettingsDep, tenant: TenantDep):
     await read_job(settings, tenant, job_id)  # 404 before the stream starts
 
@@ -219,4 +234,4 @@ async def job_events(job_id: str, request: Request, settings: SettingsDep, tenan
                 last_sent = time.monotonic()
             await asyncio.sleep(EVENT_POLL_S)
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(stream(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

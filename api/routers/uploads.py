@@ -28,7 +28,9 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from core.config import Settings
+from api import quotas
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.openapi import problems
 from api.problems import Problem, not_found
 from core.schemas import CheckpointOut, DatasetOut
 from api.uploads import CHUNK, KINDS, HashingFileWriter, create_resource, staging_workdir, too_large, validate_file
@@ -127,7 +129,10 @@ async def storage_housekeeping(app: FastAPI):
             await task
 
 
-router = APIRouter(prefix="/v1/uploads", tags=["uploads"], lifespan=storage_housekeeping)
+router = APIRouter(
+    prefix="/v1/uploads", tags=["uploads"], lifespan=storage_housekeeping,
+    responses=problems(409, on_409="The upload is not pending, or the server has no S3 for direct uploads"),
+)
 
 
 def _s3(store: ArtifactStore) -> S3Store:
@@ -172,6 +177,7 @@ def create_upload(
     s3 = _s3(store)
     if body.size_bytes > settings.max_upload_bytes:
         raise too_large(settings.max_upload_bytes)
+    quotas.check_storage(session, tenant, settings, body.size_bytes)
     part_size = body.part_size_bytes or settings.direct_upload_part_bytes
     if math.ceil(body.size_bytes / part_size) > MAX_PARTS:
         if body.part_size_bytes is not None:
@@ -308,7 +314,7 @@ def complete_upload_sync(
     "/{upload_id}/complete",
     status_code=201,
     summary="Complete a direct upload: validate it and create the checkpoint or dataset",
-    responses={201: {"description": "the checkpoint or dataset created (as from its POST)"}},
+    responses={201: {"description": "the checkpoint or dataset created (as from its POST)"}} | problems(400, 410),
 )
 async def complete_upload(
     upload_id: str, body: UploadComplete, response: Response, session: SessionDep, store: StoreDep, settings: SettingsDep, tenant: TenantDep

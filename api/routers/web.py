@@ -20,6 +20,7 @@ from api.sessions import (
     make_session_token,
     session_tenant,
 )
+from api.openapi import problems
 from api.problems import Problem
 
 router = APIRouter(tags=["session"])
@@ -65,7 +66,7 @@ def get_session(request: Request):
     return _session_out(request, request.cookies.get(SESSION_COOKIE) if tenant else None, tenant)
 
 
-@router.post("/v1/session", summary="Sign in a browser: the API key becomes an HttpOnly, SameSite=Strict session cookie")
+@router.post("/v1/session", responses=problems(401, on_401="Not a valid API key"), summary="Sign in a browser: the API key becomes an HttpOnly, SameSite=Strict session cookie")
 def sign_in(request: Request, response: Response, settings: SettingsDep, api_key: Annotated[str, Body(embed=True, max_length=1024)]):
     check_same_origin(request)
     digest = hash_key(api_key.strip())

@@ -88,8 +88,15 @@ REBASIN_JOB_MAX_ATTEMPTS: {{ .Values.config.jobMaxAttempts | int64 | toString | 
 REBASIN_WORKER_DEVICE: {{ .Values.config.workerDevice | quote }}
 REBASIN_JOB_TIME_LIMIT_S: {{ .Values.config.jobTimeLimitS | int64 | toString | quote }}
 REBASIN_JOB_HEARTBEAT_TIMEOUT_S: {{ .Values.config.jobHeartbeatTimeoutS | toString | quote }}
+REBASIN_JOB_SWEEP_INTERVAL_S: {{ .Values.config.jobSweepIntervalS | toString | quote }}
+REBASIN_TENANT_MAX_ACTIVE_JOBS: {{ .Values.config.tenantMaxActiveJobs | int64 | toString | quote }}
+REBASIN_TENANT_MAX_STORED_BYTES: {{ .Values.config.tenantMaxStoredBytes | int64 | toString | quote }}
+REBASIN_TENANT_REQUESTS_PER_S: {{ .Values.config.tenantRequestsPerS | toString | quote }}
+REBASIN_TENANT_REQUEST_BURST: {{ .Values.config.tenantRequestBurst | int64 | toString | quote }}
+REBASIN_S3_MAX_ATTEMPTS: {{ .Values.config.s3MaxAttempts | int64 | toString | quote }}
 REBASIN_WORKER_MAX_MEMORY_PER_CHILD_MB: {{ .Values.config.workerMaxMemoryPerChildMb | int64 | toString | quote }}
 REBASIN_CALLBACK_ALLOW_PRIVATE: {{ .Values.config.callbackAllowPrivate | toString | quote }}
+REBASIN_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 {{- end }}
 
 {{/* The database URL, as a container env entry (all the migrations Job needs). */}}

@@ -1,0 +1,98 @@
+"""Reading a checkpoint file, the one way both ``rebasin merge`` and the service's upload do it.
+
+safetensors, or a PyTorch state dict saved with ``torch.save`` and read only through
+``torch.load(weights_only=True)``, also when training code wrapped it (``{"state_dict": ..., "epoch": 3}``).
+Archives whose loaders unpickle arbitrary objects (TorchScript, ``torch.export``) are refused unread.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+
+from matching.errors import MatchingError
+
+PICKLE_PROTOCOL_MARKERS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model")
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """By content, not name: an 8-byte header length, then the JSON header."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(9)
+    return len(prefix) == 9 and prefix[8:9] == b"{"
+
+
+def _refuse_unsafe_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        raise MatchingError("the file is a damaged zip archive") from None
+    if any(n.rsplit("/", 1)[-1] == "archive_format" for n in names):
+        raise MatchingError("torch.export archives are not accepted: upload a state dict (safetensors preferred)")
+    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+        raise MatchingError("TorchScript archives are not accepted: upload model.state_dict() (safetensors preferred)")
+
+
+def state_dict_from(obj) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor mapping in what ``torch.load`` returned, unwrapping a training checkpoint."""
+    if isinstance(obj, dict) and obj and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for wrapper in STATE_DICT_WRAPPERS:
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise MatchingError("the PyTorch file is not a state dict (a mapping of names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise MatchingError(f"the PyTorch file holds non-tensor entries, e.g. {bad[0]!r}: save model.state_dict()")
+    for name, tensor in obj.items():
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            raise MatchingError(f"tensor {name!r} is sparse or quantized: save dense tensors")
+    return obj
+
+
+def read_pytorch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save`` state dict, loaded with ``weights_only=True`` (zip files memory-mapped)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic.startswith(b"PK"):
+        _refuse_unsafe_zip(path)
+    elif magic[:2] not in PICKLE_PROTOCOL_MARKERS:
+        raise MatchingError("unknown file format: use safetensors or a torch.save state dict (.pt/.pth/.bin)")
+    try:
+        # mmap (zip format only) keeps tensor data on disk until it is used.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=magic.startswith(b"PK"))
+    except Exception as error:  # weights_only refuses any global it does not know, without running it
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MatchingError(f"refused to load the PyTorch file safely: {first_line[:300]}") from None
+    return state_dict_from(obj)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A local checkpoint file as a state dict; MatchingError (naming the file) when it cannot be one."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise MatchingError("no such file")
+        if path.stat().st_size == 0:
+            raise MatchingError("the file is empty")
+        if not is_safetensors(path):
+            return read_pytorch_state_dict(path)
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as error:
+            raise MatchingError(f"not a valid safetensors file ({str(error).splitlines()[0][:200]})") from None
+        if not state:
+            raise MatchingError("the file holds no tensors")
+        return state
+    except MatchingError as error:
+        raise MatchingError(f"{path}: {error}") from None
+    except OSError as error:
+        raise MatchingError(f"{path}: {error.strerror or error}") from None
