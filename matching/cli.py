@@ -220,6 +220,8 @@ def run_spec(args) -> int:
 def export_spec(*, arch: str | None = None, module: str | None = None, options: dict | None = None,
                 input_shape: str | None = None) -> dict:
     """The verified spec of a registered architecture or of ``package.module:factory`` (trusted local code)."""
+    import torch
+
     from matching.architectures import build_model, example_input
     from matching.infer import infer_spec
     from matching.spec import spec_to_json
