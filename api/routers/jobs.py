@@ -28,12 +28,12 @@ from worker.jobs import INVALID_INPUT_TITLE, log_ending
 
 log = logging.getLogger("rebasin.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+EVENT_POLL_S = 0.5
+KEEPALIVE_S = 15
 
 
 class EventStream(StreamingResponse):
     media_type = "text/event-stream"
-EVENT_POLL_S = 0.5
-KEEPALIVE_S = 15
 
 
 def get_owned_job(session, tenant: str, job_id: str) -> Job:
