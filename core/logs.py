@@ -56,4 +56,6 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
         logger.propagate = True
     # Celery's per-task line says "succeeded" for a task whose job failed: the worker logs each ending itself.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+    # Alembic announces each of its plugins on import (seven lines per process start): noise, not news.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.captureWarnings(True)
