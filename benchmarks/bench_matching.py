@@ -120,8 +120,9 @@ def _digits(side=16):
 def _trained(model, case, seed):
     """Train on TRAIN_EXAMPLES digits for TRAIN_EPOCHS epochs (SGD, momentum) from ``seed``; cached under
     benchmarks/data so that reruns load it."""
-    import torch.nn.functional as F
     from safetensors.torch import load_file, save_file
+
+    from cli.demo import fit
 
     path = os.path.join(DATA, f"{case}-seed{seed}-{TRAIN_EXAMPLES}x{TRAIN_EPOCHS}-16px.safetensors")
     if os.path.exists(path):
@@ -129,15 +130,7 @@ def _trained(model, case, seed):
         return model
     x, y = (t[:TRAIN_EXAMPLES] for t in _digits())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(TRAIN_EPOCHS):
-        for batch in torch.randperm(len(x), generator=gen).split(64):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    fit(model, x, y, optimizer, TRAIN_EPOCHS, seed)
     os.makedirs(DATA, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path + ".tmp")
     os.replace(path + ".tmp", path)

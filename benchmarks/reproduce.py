@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matching  # noqa: E402
+from cli.demo import fit  # noqa: E402
 from matching.evaluate import barrier, interpolation_curves  # noqa: E402
 
 SETTINGS = {
@@ -72,19 +73,9 @@ def write_dataset(path: Path, data) -> Path:
 
 def train(name: str, options: dict, data, seed: int, epochs: int, lr: float = 1e-3) -> dict:
     """Adam, batch 64, fixed seed (initialisation and batch order)."""
-    x, y = data[0], data[1]
     torch.manual_seed(seed)
     model = matching.build_model(name, **options)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x), generator=gen).split(64):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    fit(model, data[0], data[1], torch.optim.Adam(model.parameters(), lr=lr), epochs, seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

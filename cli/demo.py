@@ -35,14 +35,9 @@ def digits(image: bool = False):
     return x[train], y[train], x[held_out], y[held_out]
 
 
-def train(name: str, options: dict, inputs: torch.Tensor, targets: torch.Tensor, seed: int, epochs: int = 20,
-          lr: float = 0.05, weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
-    """State dict of a registered architecture trained with SGD (momentum 0.9, batches of 64) from ``seed``."""
-    import matching
-
-    torch.manual_seed(seed)
-    model = matching.build_model(name, **options)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+def fit(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+        epochs: int, seed: int) -> torch.nn.Module:
+    """Cross-entropy training in batches of 64, their order drawn from ``seed``; the model is left in eval mode."""
     order = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -51,7 +46,18 @@ def train(name: str, options: dict, inputs: torch.Tensor, targets: torch.Tensor,
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+def train(name: str, options: dict, inputs: torch.Tensor, targets: torch.Tensor, seed: int, epochs: int = 20,
+          lr: float = 0.05, weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
+    """State dict of a registered architecture trained with SGD (momentum 0.9, batches of 64) from ``seed``."""
+    import matching
+
+    torch.manual_seed(seed)
+    model = matching.build_model(name, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    fit(model, inputs, targets, optimizer, epochs, seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
