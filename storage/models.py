@@ -3,7 +3,7 @@
 import secrets
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -103,6 +103,8 @@ class DirectUpload(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # fair dispatch asks, per waiting tenant, when its last job started (worker.dispatch.next_job_id)
+    __table_args__ = (Index("ix_jobs_tenant_started_at", "tenant", "started_at"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     tenant: Mapped[str] = mapped_column(String(100), index=True)
