@@ -5,6 +5,7 @@ REBASIN_TEST_REDIS_URL. Without them these tests skip on a laptop and fail
 under CI=true, so that CI can never pass by skipping them.
 """
 
+import ctypes
 import os
 import secrets
 import signal
@@ -56,6 +57,16 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_test_run() -> None:
+    """``preexec_fn`` of every service process a test starts: the kernel kills it when the test run dies, even by
+    SIGKILL, so a killed run leaves no worker behind to take a later run's broker messages."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @dataclass
 class Service:
     """A running API server (and maybe separate workers), configured by environment."""
@@ -69,7 +80,7 @@ class Service:
         log = open(self.log_dir / f"{name}-{len(self.processes)}.log", "wb")
         process = subprocess.Popen(
             rebasin_command(*args), env=process_env(self.env), stdout=log, stderr=subprocess.STDOUT, cwd=self.log_dir,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_test_run,
         )
         self.processes.append(process)
         return process

@@ -27,6 +27,7 @@ from storage.models import Job
 from tests.conftest import (
     S3_CREDENTIALS,
     Service,
+    die_with_test_run,
     free_port,
     process_env,
     rebasin_command,
@@ -62,7 +63,8 @@ class RedisProcess:
     def start(self) -> None:
         log = open(self.log_dir / "redis.log", "ab")
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with_test_run)
         wait_for_port(self.port)
 
     def kill(self) -> None:
@@ -220,7 +222,7 @@ def spawn_worker_with_scratch(service: Service, scratch: Path, size: str = "64m"
     log = open(service.log_dir / f"worker-{len(service.processes)}.log", "wb")
     process = subprocess.Popen(
         command, env=process_env(service.env | {"TMPDIR": str(scratch)}), stdout=log, stderr=subprocess.STDOUT,
-        cwd=service.log_dir, start_new_session=True,
+        cwd=service.log_dir, start_new_session=True, preexec_fn=die_with_test_run,
     )
     service.processes.append(process)
     return process

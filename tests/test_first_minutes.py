@@ -14,7 +14,7 @@ import httpx
 
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, free_port, process_env, rebasin_command
+from tests.conftest import REPO_ROOT, die_with_test_run, free_port, process_env, rebasin_command
 
 
 def readme_curl_session() -> str:
@@ -57,7 +57,8 @@ def test_serve_leaves_its_working_directory_empty_and_refuses_a_taken_port(tmp_p
     port = free_port()
     env = process_env({"REBASIN_DATA_DIR": str(data), "REBASIN_LOG_FORMAT": "json"})
     server = subprocess.Popen(rebasin_command("serve", "--port", str(port)), cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              preexec_fn=die_with_test_run)
     try:
         deadline = time.monotonic() + 60
         while httpx_ok(f"http://127.0.0.1:{port}/healthz") is False and time.monotonic() < deadline:
