@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,11 +35,11 @@ SETTINGS = {
     "quick": {"mlp_data": "digits", "pairs": 1, "mlp_width": 64, "mlp_epochs": 10, "widths": [8, 16, 32, 64],
               "width_epochs": 10, "epoch_grid": [1, 3, 10], "ste_steps": 30, "conv_side": 8, "conv_epochs": 3,
               "conv_lr": 0.05, "conv_lambdas": 3, "conv_methods": ["weight", "activation"], "vgg_width": 0.25,
-              "resnet_width": 1, "many": [3], "lambdas": 3},
-    "full": {"mlp_data": "mnist1d", "pairs": 2, "mlp_width": 128, "mlp_epochs": 20, "widths": [16, 32, 64, 128, 256],
+              "resnet_width": 1, "many": [3], "many_widths": [64], "lambdas": 3},
+    "full": {"mlp_data": "mnist1d", "pairs": 2, "mlp_width": 128, "mlp_epochs": 20, "widths": [16, 32, 64, 128, 256, 512],
              "width_epochs": 20, "epoch_grid": [1, 3, 10, 30], "ste_steps": 100, "conv_side": 8,
-             "conv_epochs": 10, "conv_lr": 0.05, "conv_lambdas": 5, "conv_methods": ["weight", "activation"],
-             "vgg_width": 0.5, "resnet_width": 2, "many": [3, 5], "lambdas": 11},
+             "conv_epochs": 8, "conv_lr": 0.05, "conv_lambdas": 5, "conv_methods": ["weight", "activation"],
+             "vgg_width": 0.25, "resnet_width": 1, "many": [3, 5], "many_widths": [128, 512], "lambdas": 11},
 }
 
 
@@ -81,14 +83,14 @@ def train(name: str, options: dict, data, seed: int, epochs: int, lr: float = 1e
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_conv(name: str, options: dict, data, seed: int, cfg: dict) -> dict:
-    """BN nets: SGD (momentum 0.9, lr conv_lr), then their running statistics computed exactly on the training split:
-    after a high learning rate the EMA ones lag the weights, which made the eval-mode endpoints worse than the
-    nets are and their barrier (measured against those endpoints) meaninglessly small. GroupNorm nets: Adam 1e-3
-    (SGD at these rates leaves VGG11-LN at chance on digits)."""
+def train_conv(name: str, options: dict, data, seed: int, epochs: int, lr: float) -> dict:
+    """BN nets: SGD (momentum 0.9), then their running statistics computed exactly on the training split: after a
+    high learning rate the EMA ones lag the weights, which made the eval-mode endpoints worse than the nets are and
+    their barrier (measured against those endpoints) meaninglessly small. GroupNorm nets: Adam (SGD at these rates
+    leaves VGG11-LN at chance on digits, and Adam 1e-3 one of its two seeds)."""
     if options["norm"] != "batch":
-        return train(name, options, data, seed, cfg["conv_epochs"])
-    state = sgd_train(name, options, data[0], data[1], seed, cfg["conv_epochs"], cfg["conv_lr"])
+        return train(name, options, data, seed, epochs, lr)
+    state = sgd_train(name, options, data[0], data[1], seed, epochs, lr)
     model = matching.build_model(name, **options)
     model.load_state_dict(state)
     reset_batchnorm(model, data[0])
@@ -168,51 +170,53 @@ def epochs_experiment(cfg, mlp_data, data_file, seeds):
     return out
 
 
-def conv_experiment(cfg, image_data, data_file, seeds):
-    """VGG11 and ResNet20 with BatchNorm and LayerNorm (SGD, as the papers train them): naive; then for each matching
-    method, aligned, and aligned + the correction the job applies (BN nets: BN reset; LN nets: REPAIR), with the
-    corrected midpoint's accuracy (chance is 0.1: a midpoint at chance puts any barrier near ln 10 minus the
-    endpoints' loss, whatever the model, which is what two BN nets both showing 1.96 meant in an earlier run)."""
-    models = {
-        "VGG11-BN": ("vgg", {"config": "vgg11", "width": cfg["vgg_width"], "norm": "batch"}),
-        "VGG11-LN": ("vgg", {"config": "vgg11", "width": cfg["vgg_width"], "norm": "layer"}),
-        "ResNet20-BN": ("resnet20", {"width": cfg["resnet_width"], "norm": "batch"}),
-        "ResNet20-LN": ("resnet20", {"width": cfg["resnet_width"], "norm": "layer"}),
-    }
+def conv_models(cfg) -> dict:
+    """{title: (architecture, options, learning rate)}. BN nets: SGD; GroupNorm ("LN") nets: Adam (see train_conv)."""
+    vgg, resnet = {"config": "vgg11", "width": cfg["vgg_width"]}, {"width": cfg["resnet_width"]}
+    return {"VGG11-BN": ("vgg", {**vgg, "norm": "batch"}, cfg["conv_lr"]),
+            "VGG11-LN": ("vgg", {**vgg, "norm": "layer"}, 3e-4),
+            "ResNet20-BN": ("resnet20", {**resnet, "norm": "batch"}, cfg["conv_lr"]),
+            "ResNet20-LN": ("resnet20", {**resnet, "norm": "layer"}, 1e-3)}
+
+
+def conv_experiment(cfg, image_data, data_file, seeds, title):
+    """One of conv_models, BatchNorm or LayerNorm: naive; then for each matching method, aligned, and aligned + the
+    correction the job applies (BN nets: BN reset; LN nets: REPAIR), with the corrected midpoint's accuracy (chance
+    is 0.1: a midpoint at chance puts any barrier near ln 10 minus the endpoints' loss, whatever the model, which is
+    what two BN nets both showing 1.96 meant in an earlier run)."""
+    name, options, lr = conv_models(cfg)[title]
+    options = {**options, "num_classes": 10, "in_channels": 1}
     x, y, xe, ye = image_data
     lambdas = [i / (cfg["conv_lambdas"] - 1) for i in range(cfg["conv_lambdas"])]
     mid = len(lambdas) // 2
-    out = {}
-    for title, (name, options) in models.items():
-        options = {**options, "num_classes": 10, "in_channels": 1}
-        bn = "BN" in title
-        rows = {"endpoint_acc": [], "naive": []}
-        rows.update({f"{m}_{k}": [] for m in cfg["conv_methods"]
-                     for k in ("aligned", "corrected", "corrected_train", "midpoint_acc")})
-        for a_seed, b_seed in seeds:
-            states = [train_conv(name, options, image_data, s, cfg) for s in (a_seed, b_seed)]
-            model = matching.build_model(name, **options)
-            # Without any statistics correction (a BN job's own naive/aligned curves include the reset).
-            plain = lambda b: barrier(interpolation_curves(model, states[0], b, lambdas,
-                                                           {"held_out": (xe, ye)})["held_out"]["loss"], lambdas)
-            for method in cfg["conv_methods"]:
-                outcome = merge(states, name, data_file, method=f"{method}_matching", lambdas=cfg["conv_lambdas"],
-                                repair="reset" if bn else "repair")
-                report = outcome.report
-                corrected = "aligned" if bn else "aligned_repair"
-                if method == cfg["conv_methods"][0]:
-                    rows["naive"].append(plain(states[1]) if bn else report["barrier"]["naive"]["loss"])
-                    rows["endpoint_acc"].append(statistics.fmean(report["curves"]["aligned"]["accuracy"][i] for i in (0, -1)))
-                rows[f"{method}_aligned"].append(plain(outcome.aligned[0]) if bn else report["barrier"]["aligned"]["loss"])
-                rows[f"{method}_corrected"].append(report["barrier"][corrected]["loss"])
-                rows[f"{method}_corrected_train"].append(report["barrier_train"][corrected]["loss"])
-                rows[f"{method}_midpoint_acc"].append(report["curves"][corrected]["accuracy"][mid])
-        out[title] = rows
-    return out
+    bn = "BN" in title
+    rows = {"endpoint_acc": [], "naive": []}
+    rows.update({f"{m}_{k}": [] for m in cfg["conv_methods"]
+                 for k in ("aligned", "corrected", "corrected_train", "midpoint_acc")})
+    for a_seed, b_seed in seeds:
+        states = [train_conv(name, options, image_data, s, cfg["conv_epochs"], lr) for s in (a_seed, b_seed)]
+        model = matching.build_model(name, **options)
+        # Without any statistics correction (a BN job's own naive/aligned curves include the reset).
+        plain = lambda b: barrier(interpolation_curves(model, states[0], b, lambdas,
+                                                       {"held_out": (xe, ye)})["held_out"]["loss"], lambdas)
+        for method in cfg["conv_methods"]:
+            outcome = merge(states, name, data_file, method=f"{method}_matching", lambdas=cfg["conv_lambdas"],
+                            repair="reset" if bn else "repair")
+            report = outcome.report
+            corrected = "aligned" if bn else "aligned_repair"
+            if method == cfg["conv_methods"][0]:
+                rows["naive"].append(plain(states[1]) if bn else report["barrier"]["naive"]["loss"])
+                rows["endpoint_acc"].append(statistics.fmean(report["curves"]["aligned"]["accuracy"][i] for i in (0, -1)))
+            rows[f"{method}_aligned"].append(plain(outcome.aligned[0]) if bn else report["barrier"]["aligned"]["loss"])
+            rows[f"{method}_corrected"].append(report["barrier"][corrected]["loss"])
+            rows[f"{method}_corrected_train"].append(report["barrier_train"][corrected]["loss"])
+            rows[f"{method}_midpoint_acc"].append(report["curves"][corrected]["accuracy"][mid])
+    return rows
 
 
-def merge_many_experiment(cfg, mlp_data, data_file, seeds_flat):
-    sizes = [mlp_data[0].shape[1], *[cfg["mlp_width"]] * 3, 10]
+def merge_many_experiment(cfg, mlp_data, data_file, seeds_flat, width):
+    """MergeMany of the first 3 (5) of the models, repair none and repair (the default for MLPs)."""
+    sizes = [mlp_data[0].shape[1], *[width] * 3, 10]
     states = [train("mlp", {"sizes": sizes}, mlp_data, s, cfg["mlp_epochs"]) for s in seeds_flat[:max(cfg["many"])]]
     out = {}
     for n in cfg["many"]:
@@ -291,8 +295,10 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
     m = results["methods"]["barriers"]
     held = {k: mean_sd(v["held_out"])[0] for k, v in m.items()}
     lines = [f"# Reproduction of Git Re-Basin and REPAIR claims ({mode} run)", "",
-             f"`python benchmarks/reproduce.py{' --quick' if mode == 'quick' else ''}`: {seconds / 60:.1f} min on "
-             f"{torch.get_num_threads()} CPU thread(s), torch {torch.__version__}. Every merge is "
+             f"`python benchmarks/reproduce.py{' --quick' if mode == 'quick' else ''}`: {seconds / 60:.1f} min, "
+             f"{results['jobs']} process(es) of {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU(s), load "
+             f"average {results['load'][0]:.1f} at the start and {results['load'][1]:.1f} at the end; torch "
+             f"{torch.__version__}. Every merge is "
              "`matching.merge_checkpoints` (what a job runs). Barrier = Definition 2.2 on the loss, "
              "max over lambda of L(lambda) - ((1-lambda) L(0) + lambda L(1)), on the held-out split unless "
              f"named otherwise; mean ± sd over seed pairs {pair_text}. MLP data: {results['mlp_data']}.", ""]
@@ -334,14 +340,15 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
             claims.append((f"{title}, {method} matching: {fix} cuts the aligned barrier by 60-100%",
                            f"aligned {base:.3f} -> + {fix} {fixed:.3f} ({cut:.0%} lower); corrected midpoint accuracy "
                            f"{midpoint:.3f}{chance}", (cut >= 0.6 or fixed < 0.05) and midpoint >= 0.2))
-    for n, row in results["merge_many"].items():
-        for mode_name, r in row.items():
-            inputs = [i["loss"] for i in r["inputs"]]
-            mean_in, best_in = statistics.fmean(inputs), min(inputs)
-            claims.append((f"MergeMany of {n} (repair={mode_name}): merged loss at or below its inputs' mean",
-                           f"merged {r['merged']['loss']:.3f} (acc {r['merged']['accuracy']:.3f}); inputs' mean "
-                           f"{mean_in:.3f}, best {best_in:.3f} (acc {max(i['accuracy'] for i in r['inputs']):.3f}); "
-                           f"naive average {r['naive_average']['loss']:.3f}", r["merged"]["loss"] <= mean_in))
+    for width, rows in results["merge_many"].items():
+        for n, row in rows.items():
+            for mode_name, r in row.items():
+                inputs = [i["loss"] for i in r["inputs"]]
+                mean_in, best_in = statistics.fmean(inputs), min(inputs)
+                claims.append((f"MergeMany of {n}, width {width} (repair={mode_name}): merged loss at or below its inputs' mean",
+                               f"merged {r['merged']['loss']:.3f} (acc {r['merged']['accuracy']:.3f}); inputs' mean "
+                               f"{mean_in:.3f}, best {best_in:.3f} (acc {max(i['accuracy'] for i in r['inputs']):.3f}); "
+                               f"naive average {r['naive_average']['loss']:.3f}", r["merged"]["loss"] <= mean_in))
 
     lines += ["## Claims", "", "| claim | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {c} | {meas} | {verdict(ok)} |" for c, meas, ok in claims]
@@ -365,7 +372,8 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
     methods = cfg["conv_methods"]
     lines += ["", "![epochs](epochs.png)", "", f"## VGG11 and ResNet20 on digits ({cfg['conv_side']}x{cfg['conv_side']})", "",
               f"VGG11 width {cfg['vgg_width']}, ResNet20 width {cfg['resnet_width']}, {cfg['conv_epochs']} epochs, batch 64: "
-              f"BN nets SGD (momentum 0.9, lr {cfg['conv_lr']}) and then exact BN statistics, LN nets Adam 1e-3; "
+              "BN nets SGD (momentum 0.9) and then exact BN statistics, LN nets Adam; learning rates "
+              + ", ".join(f"{t} {lr:g}" for t, (_, _, lr) in conv_models(cfg).items()) + "; "
               f"{cfg['conv_lambdas']} lambdas. 'aligned': "
               "without any statistics correction; '+ fix': what the job applies, BN reset at every lambda for BN nets "
               "(REPAIR is the reset there), REPAIR at every lambda for LN nets; held-out loss barrier unless named "
@@ -378,15 +386,23 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
             f"{fmt(r[f'{m}_aligned'])} | {fmt(r[f'{m}_corrected'])} | {fmt(r[f'{m}_corrected_train'])} | "
             f"{fmt(r[f'{m}_midpoint_acc'])}" for m in methods) + " |")
     lines += ["", "![conv](conv.png)", "", "## MergeMany", "",
-              f"MLP width {cfg['mlp_width']}, models from seeds {results['many_seeds']}, held-out split.", "",
-              "| models | repair | merged loss | merged acc | inputs' mean loss | best input loss | naive average loss |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for n, row in results["merge_many"].items():
-        for mode_name, r in row.items():
-            inputs = [i["loss"] for i in r["inputs"]]
-            lines.append(f"| {n} | {mode_name} | {r['merged']['loss']:.3f} | {r['merged']['accuracy']:.3f} | "
-                         f"{statistics.fmean(inputs):.3f} | {min(inputs):.3f} | {r['naive_average']['loss']:.3f} |")
+              f"MLPs (3 hidden layers) of the given width, {cfg['mlp_epochs']} epochs, models from seeds "
+              f"{results['many_seeds']}, weight matching (Algorithm 3), held-out split.", "",
+              "| width | models | repair | merged loss | merged acc | inputs' mean loss | best input loss | inputs' mean acc "
+              "| naive average loss |", "| --- |" + " --- |" * 8]
+    for width, rows in results["merge_many"].items():
+        for n, row in rows.items():
+            for mode_name, r in row.items():
+                inputs = r["inputs"]
+                lines.append(f"| {width} | {n} | {mode_name} | {r['merged']['loss']:.3f} | {r['merged']['accuracy']:.3f} | "
+                             f"{statistics.fmean(i['loss'] for i in inputs):.3f} | {min(i['loss'] for i in inputs):.3f} | "
+                             f"{statistics.fmean(i['accuracy'] for i in inputs):.3f} | {r['naive_average']['loss']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def timed(function, *args):
+    started = time.perf_counter()
+    return function(*args), time.perf_counter() - started
 
 
 def main(argv=None) -> int:
@@ -394,7 +410,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="digits only, few seeds and epochs (CI, < 3 minutes)")
     parser.add_argument("--out", type=Path, default=Path("reproduction"), help="output folder (default ./reproduction)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared 2-core machine more threads are slower)")
+                        help="torch CPU threads per process (default 1: for these tiny models more threads are slower)")
+    parser.add_argument("--jobs", type=int, default=2, help="experiments run in this many processes (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
@@ -402,24 +419,33 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seeds = [(2 * i, 2 * i + 1) for i in range(cfg["pairs"])]
+    many_seeds = list(range(100, 100 + max(cfg["many"])))
     with tempfile.TemporaryDirectory() as tmp:
         mlp_data = mnist1d() if cfg["mlp_data"] == "mnist1d" else digits()
         mlp_file = write_dataset(Path(tmp) / "mlp.safetensors", mlp_data)
         image_data = digits(cfg["conv_side"])
         image_file = write_dataset(Path(tmp) / "images.safetensors", image_data)
-        results = {"mode": mode, "mlp_data": cfg["mlp_data"], "seeds": seeds, "settings": cfg}
-        for key, run in (("methods", lambda: methods_experiment(cfg, mlp_data, mlp_file, seeds)),
-                         ("width", lambda: width_experiment(cfg, mlp_data, mlp_file, seeds)),
-                         ("epochs", lambda: epochs_experiment(cfg, mlp_data, mlp_file, seeds)),
-                         ("conv", lambda: conv_experiment(cfg, image_data, image_file, seeds)),
-                         ("merge_many", lambda: merge_many_experiment(cfg, mlp_data, mlp_file,
-                                                                      list(range(100, 100 + max(cfg["many"])))))):
-            t = time.perf_counter()
-            results[key] = run()
-            print(f"{key}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-        results["many_seeds"] = list(range(100, 100 + max(cfg["many"])))
+        results = {"mode": mode, "mlp_data": cfg["mlp_data"], "seeds": seeds, "settings": cfg, "many_seeds": many_seeds,
+                   "jobs": args.jobs, "load": [os.getloadavg()[0]]}
+        # Independent experiments (each trains its own models from fixed seeds): the same numbers in any order.
+        tasks = {("conv", title): (conv_experiment, cfg, image_data, image_file, seeds, title) for title in conv_models(cfg)}
+        tasks.update({("methods",): (methods_experiment, cfg, mlp_data, mlp_file, seeds),
+                      ("width",): (width_experiment, cfg, mlp_data, mlp_file, seeds),
+                      ("epochs",): (epochs_experiment, cfg, mlp_data, mlp_file, seeds),
+                      **{("merge_many", str(w)): (merge_many_experiment, cfg, mlp_data, mlp_file, many_seeds, w)
+                         for w in cfg["many_widths"]}})
+        with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+            futures = {key: pool.submit(timed, *task) for key, task in tasks.items()}
+            for key, future in futures.items():
+                value, seconds = future.result()
+                print(f"{'/'.join(key)}: {seconds:.0f} s", file=sys.stderr, flush=True)
+                if len(key) == 2:
+                    results.setdefault(key[0], {})[key[1]] = value
+                else:
+                    results[key[0]] = value
     seconds = time.perf_counter() - started
     results["seconds"] = seconds
+    results["load"].append(os.getloadavg()[0])
     plot(args.out, results)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (args.out / "report.md").write_text(report_markdown(results, cfg, mode, seconds))
