@@ -36,10 +36,10 @@ SETTINGS = {
               "width_epochs": 10, "epoch_grid": [1, 3, 10], "ste_steps": 30, "conv_side": 8, "conv_epochs": 3,
               "conv_lr": 0.05, "conv_lambdas": 3, "conv_methods": ["weight", "activation"], "vgg_width": 0.25,
               "resnet_width": 1, "many": [3], "many_widths": [64], "lambdas": 3},
-    "full": {"mlp_data": "mnist1d", "pairs": 2, "mlp_width": 128, "mlp_epochs": 20, "widths": [16, 32, 64, 128, 256, 512],
+    "full": {"mlp_data": "mnist1d", "pairs": 2, "mlp_width": 128, "mlp_epochs": 20, "widths": [16, 32, 64, 128, 256],
              "width_epochs": 20, "epoch_grid": [1, 3, 10, 30], "ste_steps": 100, "conv_side": 8,
-             "conv_epochs": 8, "conv_lr": 0.05, "conv_lambdas": 5, "conv_methods": ["weight", "activation"],
-             "vgg_width": 0.25, "resnet_width": 1, "many": [3, 5], "many_widths": [128, 512], "lambdas": 11},
+             "conv_epochs": 6, "conv_lr": 0.05, "conv_lambdas": 5, "conv_methods": ["weight", "activation"],
+             "vgg_width": 0.25, "resnet_width": 1, "many": [3, 5], "many_widths": [128, 256], "lambdas": 11},
 }
 
 
@@ -428,18 +428,30 @@ def main(argv=None) -> int:
         results = {"mode": mode, "mlp_data": cfg["mlp_data"], "seeds": seeds, "settings": cfg, "many_seeds": many_seeds,
                    "jobs": args.jobs, "load": [os.getloadavg()[0]]}
         # Independent experiments (each trains its own models from fixed seeds): the same numbers in any order.
-        tasks = {("conv", title): (conv_experiment, cfg, image_data, image_file, seeds, title) for title in conv_models(cfg)}
+        tasks = {("conv", title, str(pair)): (conv_experiment, cfg, image_data, image_file, [pair], title)
+                 for title in conv_models(cfg) for pair in seeds}
         tasks.update({("methods",): (methods_experiment, cfg, mlp_data, mlp_file, seeds),
-                      ("width",): (width_experiment, cfg, mlp_data, mlp_file, seeds),
-                      ("epochs",): (epochs_experiment, cfg, mlp_data, mlp_file, seeds),
+                      **{("width", str(w)): (width_experiment, {**cfg, "widths": [w]}, mlp_data, mlp_file, seeds)
+                         for w in cfg["widths"]},
+                      **{("epochs", str(e)): (epochs_experiment, {**cfg, "epoch_grid": [e]}, mlp_data, mlp_file, seeds)
+                         for e in cfg["epoch_grid"]},
                       **{("merge_many", str(w)): (merge_many_experiment, cfg, mlp_data, mlp_file, many_seeds, w)
                          for w in cfg["many_widths"]}})
+        # Longest first, so that the last process to finish does not start late.
+        heavy = {("width", str(max(cfg["widths"]))), ("epochs", str(max(cfg["epoch_grid"])))}
+        tasks = dict(sorted(tasks.items(), key=lambda kv: not (kv[0][0] == "conv" or kv[0] in heavy)))
         with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
             futures = {key: pool.submit(timed, *task) for key, task in tasks.items()}
             for key, future in futures.items():
                 value, seconds = future.result()
-                print(f"{'/'.join(key)}: {seconds:.0f} s", file=sys.stderr, flush=True)
-                if len(key) == 2:
+                print(f"{' '.join(key)}: {seconds:.0f} s", file=sys.stderr, flush=True)
+                if key[0] == "conv":  # one seed pair: its rows extend the model's
+                    rows = results.setdefault("conv", {}).setdefault(key[1], {k: [] for k in value})
+                    for k, v in value.items():
+                        rows[k] += v
+                elif key[0] in ("width", "epochs"):  # one width or epoch count: {value: row}
+                    results.setdefault(key[0], {}).update({key[1]: row for row in value.values()})
+                elif len(key) == 2:
                     results.setdefault(key[0], {})[key[1]] = value
                 else:
                     results[key[0]] = value
