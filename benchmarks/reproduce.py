@@ -279,7 +279,7 @@ def plot(out_dir: Path, results: dict) -> list[str]:
     step = 0.8 / len(keys)
     for i, key in enumerate(keys):
         ax.bar([t + (i - (len(keys) - 1) / 2) * step for t in range(len(titles))],
-               [mean_sd(results["conv"][t][key])[0] for t in titles], step, label=key.replace("corrected", "+ reset/REPAIR"))
+               [mean_sd(results["conv"][t][key])[0] for t in titles], step, label=key.replace("_aligned", ": aligned").replace("_corrected", ": + reset/REPAIR"))
     ax.set_xticks(range(len(titles)), titles)
     ax.set(ylabel="held-out loss barrier", title="Conv nets on digits (BN nets: reset; LN nets: REPAIR)")
     ax.legend(fontsize="small")
