@@ -26,3 +26,11 @@ def test_reproduce_quick_writes_report_plots_and_verdicts(tmp_path):
     # Alignment removes most of an MLP's barrier: if the library broke, this would not hold.
     assert barriers["weight"]["held_out"][0] < 0.5 * barriers["naive"]["held_out"][0]
     assert set(results["conv"]) == {"VGG11-BN", "VGG11-LN", "ResNet20-BN", "ResNet20-LN"}
+    # The regime the BN rows once collapsed in (aligned + BN reset at chance for both nets, barrier ~ln 10 minus the
+    # endpoints' loss; and stale running statistics that made eval-mode endpoints bad and the naive barrier 0):
+    # the reset midpoint of activation-matched BN nets is far above chance and far below the uncorrected one.
+    for title in ("VGG11-BN", "ResNet20-BN"):
+        rows = results["conv"][title]
+        assert rows["naive"][0] > 0.5, (title, rows)
+        assert rows["activation_midpoint_acc"][0] > 0.35, (title, rows)
+        assert rows["activation_corrected"][0] < 0.6 * rows["activation_aligned"][0], (title, rows)
