@@ -353,7 +353,7 @@ REPAIR_DEFINITION = ("none: the plain interpolation; reset: BatchNorm running st
 
 
 def repair_default(model, bn_inputs) -> str:
-    """Per architecture, by measurement (benchmarks/reproduce.py, docs/reproduction.md): BatchNorm networks
+    """Per architecture, by measurement (benchmarks/reproduce.py, docs/reproduction/report.md): BatchNorm networks
     "reset", networks without BatchNorm "repair"; "none" without data to compute statistics on."""
     if model is None or bn_inputs is None:
         return "none"
