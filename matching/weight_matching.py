@@ -210,9 +210,11 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             layouts[(key, axis)] = (_three_axis(a[key], axis, other_axis), _three_axis(b[key], axis, other_axis))
         return layouts[(key, axis)]
 
-    def full_cost(p):
+    def full_cost(p, unseen=frozenset()):
         cost = torch.zeros(sizes[p], sizes[p], device=device)
-        for key, axis, _ in terms[p]:
+        for key, axis, others in terms[p]:
+            if any(q in unseen for q, _ in others):
+                continue
             b_other = _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis)
             cost.addmm_(_as_matrix(a[key], axis), b_other.T)
         return cost
@@ -244,12 +246,21 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     seconds_lap = seconds_cost = 0.0
     gen = torch.Generator().manual_seed(seed)
     names = sorted(sizes)
+    # Without a warm start, the first pass propagates from the fixed input: permutations in state-dict order, each
+    # cost built only from the terms whose other permutations were already visited (an unvisited one is an
+    # identity guess, noise between unrelated models). Otherwise a permutation that every block shares (a
+    # transformer's residual stream), visited late, is outvoted by blocks aligned to its identity guess and the
+    # descent stops there: a planted permutation of a two-block DeiT was recovered for 3 of 6 seeds, 6 of 6 with it.
+    unseen = set() if init_perms else set(sizes)
     iterations = 0
     for iteration in range(max_iter):
         iterations = iteration + 1
         gain = 0.0
-        for i in torch.randperm(len(names), generator=gen).tolist():
+        propagating = bool(unseen)
+        order = [names.index(p) for p in sizes] if propagating else torch.randperm(len(names), generator=gen).tolist()
+        for i in order:
             p = names[i]
+            unseen.discard(p)
             if p in group_perms:
                 step = group_step(spec, perms, p, a, b, solver)
                 if step is not None:
@@ -260,8 +271,11 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             if p in cache and all(cache[p][1][q] is perms[q] for q in neighbours[p]):
                 continue  # nothing it depends on moved: same cost, same optimum
             t0 = time.perf_counter()
-            cost = update_cost(p, *cache[p]) if p in cache else full_cost(p)
-            cache[p] = (cost, {q: perms[q] for q in neighbours[p]})
+            if propagating:
+                cost = full_cost(p, unseen)
+            else:
+                cost = update_cost(p, *cache[p]) if p in cache else full_cost(p)
+                cache[p] = (cost, {q: perms[q] for q in neighbours[p]})
             t1 = time.perf_counter()
             structure = spec.perms.get(p, {})
             if structure.get("groups", 1) > 1:
@@ -279,9 +293,15 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
                 gain += new_value - old_value
             if tick is not None:
                 tick(iteration, max_iter, f"iteration {iteration + 1}: {p}")
-        current += gain
+        if propagating:  # the partial costs did not see every change: measure, and keep the start if it was better
+            before, current = current, objective(spec, perms, a, b)
+            if current < before:
+                perms, current = identity_perms(sizes, device), before
+            gain = current - before
+        else:
+            current += gain
         trajectory.append(current)
-        if gain <= rel_tol * max(abs(current), 1e-12):
+        if not propagating and gain <= rel_tol * max(abs(current), 1e-12):
             break
     info = {"objective_initial": objective_initial, "objective_final": objective(spec, perms, a, b),
             "iterations": iterations, "seconds": time.perf_counter() - start, "trajectory": trajectory,
