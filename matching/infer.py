@@ -449,7 +449,7 @@ class _Labels(AttentionRules):
                 return self.broadcast(node, out_shape)
             if target in (torch.flatten, torch.reshape) and x is not None:
                 return self.reshaped(x, out_shape)
-            if target in (torch.permute, torch.transpose) and x is not None:
+            if target in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims) and x is not None:
                 return self.permuted(x, target.__name__, args[1:], kw)
             if target in (torch.cat, torch.concat, torch.concatenate):
                 return self.concat(node, args[0], args[1] if len(args) > 1 else kw.get("dim", 0), out_shape)
@@ -507,7 +507,7 @@ class _Labels(AttentionRules):
                 return self.reshaped(x, out_shape)
             if target in _ELEMENTWISE_BINARY_METHODS:
                 return self.broadcast(node, out_shape)
-            if target in ("permute", "transpose"):
+            if target in ("permute", "transpose", "swapaxes", "swapdims"):
                 return self.permuted(x, target, args[1:], kw)
             if target in _REDUCTION_METHODS:
                 return self.reduced(x, args[1:], kw, out_shape)

@@ -42,6 +42,17 @@ class Heads:
         return self.roles.index(role) if role in self.roles else None
 
 
+def _base(label):
+    return label[2:] if label.startswith("P_") else label
+
+
+def _timm_functions():
+    module = sys.modules.get("timm.layers.attention")
+    if module is None or not hasattr(module, "maybe_add_mask"):
+        return {}
+    return {module.maybe_add_mask: "add_mask", module.resolve_self_attn_mask: "mask"}
+
+
 def _swin_functions():
     module = sys.modules.get("torchvision.models.swin_transformer")
     if module is None:
@@ -104,6 +115,8 @@ class AttentionRules:
             self.info[node.name] = (FIXED, 0)
         elif kind == "tuple":
             self.tuples[node.name] = value
+        elif kind == "none":  # a None value
+            pass
         elif kind == "param":
             self.params[node.name] = value
             self.info[node.name] = (FIXED, 0)
@@ -134,6 +147,38 @@ class AttentionRules:
             if kind is not None:
                 args = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
                 return getattr(self, f"swin_{kind}")(args, out_shape)
+        if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in self.params:
+            if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.Linear):
+                # Swin v2's continuous position bias: an MLP over a coordinate buffer (unpermuted input)
+                bias = f"{node.target}.bias" if self.gm.get_submodule(node.target).bias is not None else None
+                return "info", self.linear(f"{node.target}.weight", bias, node.args[0], out_shape)
+            return self.param_view(node, node.args[0], out_shape)
+        return None
+
+    def param_view(self, node, x, out_shape):
+        """A per-head table read through an index and laid out as [H, N, N] (MaxViT's relative position bias):
+        table[index] (a gather on axis 0), view, permute; the table's head axis is tracked through them."""
+        key, dims = self.params[x.name]
+        in_shape = self.shape(x)
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], torch.fx.Node):
+            index = self.shape(node.args[1])
+            return ("param", (key, [None] * len(index) + dims[1:])) if index is not None else None
+        if node.op == "call_method" and node.target == "permute":
+            order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            return "param", (key, [dims[d % len(dims)] for d in order])
+        if node.op == "call_method" and node.target in ("view", "reshape") and \
+                [n for n in in_shape if n != 1] != [n for n in out_shape if n != 1]:
+            prefix = lambda shape, i: torch.Size(shape[:i]).numel()
+            out = [None] * len(out_shape)
+            for axis, d in enumerate(dims):
+                if d is None:
+                    continue
+                match = [i for i in range(len(out_shape)) if prefix(out_shape, i) == prefix(in_shape, axis)
+                         and out_shape[i] == in_shape[axis]]
+                if not match:
+                    return None
+                out[match[0]] = d
+            return "param", (key, out)
         return None
 
     def attention_projections(self, name, heads, size, segments):
@@ -243,13 +288,12 @@ class AttentionRules:
         roles = [None] * len(out_shape)
         roles[cdim + extra - 1], roles[cdim + extra] = "head", "within"
         if extra == 1:
-            root = self.set_groups(root, heads)
+            root = self.set_groups(root, heads, self.new_label(_base(root), "S_"))
             if root == FIXED:
                 return None
             return "heads", Heads(tuple(roles), self.groups[root][1], (root,))
-        name = root[2:] if root.startswith("P_") else root
-        head = self.new_label(name, "S_")
-        within = tuple(self.set_groups(self.new_label(f"{name}.{part}"), heads, head) for part in "qkv"[-parts:])
+        head = self.new_label(_base(root), "S_")
+        within = tuple(self.set_groups(self.new_label(f"{_base(root)}.{part}"), heads, head) for part in "qkv"[-parts:])
         self.derived[root] = ("segments", [(lab, in_shape[cdim] // parts) for lab in within])
         roles[cdim] = "part"
         return "heads", Heads(tuple(roles), head, within)
@@ -262,7 +306,7 @@ class AttentionRules:
         if not isinstance(dim, int) or dim % len(shape) != cdim or not isinstance(chunks, int) or shape[cdim] % chunks \
                 or root == FIXED or root in self.derived or root in self.groups:
             return None
-        parts = [self.new_label(f"{root}.{i}") for i in range(chunks)]
+        parts = [self.new_label(f"{_base(root)}.{i}") for i in range(chunks)]
         self.derived[root] = ("segments", [(lab, shape[cdim] // chunks) for lab in parts])
         return "tuple", [("info", (lab, cdim)) for lab in parts]
 
@@ -277,6 +321,12 @@ class AttentionRules:
             return ("heads", h) if h is not None and isinstance(m, (nn.Identity, nn.Dropout)) else None
         if op is None:
             return None
+        timm_kind = _timm_functions().get(op)
+        if timm_kind == "mask":  # the mask of timm's unfused attention: reads only the scores' dtype and device
+            return ("info", (FIXED, 0)) if out_shape is not None else ("none", None)
+        if timm_kind == "add_mask":
+            mask = args[1] if len(args) > 1 else kw.get("attn_mask")
+            return ("heads", h) if mask is None or self.shape(mask) is None else self.head_binary(node, out_shape)
         if op in _MATMUL:
             return self.head_matmul(args[0], args[1])
         if op is torch.einsum:

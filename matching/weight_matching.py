@@ -81,7 +81,8 @@ def group_step(spec: PermutationSpec, perms: dict, group_perm: str, a: dict, b: 
     members = [p for p, e in spec.perms.items() if e.get("group_perm") == group_perm and p in perms]
     sigma = perms[group_perm]
     groups = len(sigma)
-    keys = [k for k, axes in spec.axes_to_perm.items() if any(p in members for p in axes)]
+    # tensors with an axis in the family, including per-group ones that S permutes directly (a bias table per head)
+    keys = [k for k, axes in spec.axes_to_perm.items() if any(p in members or p == group_perm for p in axes)]
 
     def family_objective(trial):
         return sum(torch.dot(a[k].reshape(-1), permuted_except(spec, trial, k, b[k], -1).reshape(-1)).item() for k in keys)
@@ -91,13 +92,14 @@ def group_step(spec: PermutationSpec, perms: dict, group_perm: str, a: dict, b: 
     inverse[sigma] = torch.arange(groups, device=sigma.device)
     travel = {p: perms[p].reshape(groups, -1)[inverse].reshape(-1) for p in members}  # T
     d = torch.zeros(groups, groups, device=sigma.device)
+    direct = torch.zeros(groups, groups, device=sigma.device)  # the terms of the tensors that only S permutes
     linear = True
     for key in keys:
         axes = spec.axes_to_perm[key]
-        family = [ax for ax, p in enumerate(axes) if p in travel]
+        family = [ax for ax, p in enumerate(axes) if p in travel or p == group_perm]
         tb = b[key]
         for ax, p in enumerate(axes):
-            if p is not None:
+            if p is not None and p != group_perm:
                 tb = torch.index_select(tb, ax, travel[p] if p in travel else perms[p])
         ta, tb = (_groups_first(t, family, groups) for t in (a[key], tb))
         if len(family) > 1:
@@ -107,6 +109,8 @@ def group_step(spec: PermutationSpec, perms: dict, group_perm: str, a: dict, b: 
                 break
             ta, tb = ta.diagonal(0, 0, 1).movedim(-1, 0), tb.diagonal(0, 0, 1).movedim(-1, 0)
         d.addmm_(ta.reshape(groups, -1), tb.reshape(groups, -1).T)
+        if not any(p in travel for p in axes):
+            direct.addmm_(ta.reshape(groups, -1), tb.reshape(groups, -1).T)
     if linear:
         new_sigma = solve_lap(d, solver)
         candidates.append((new_sigma, {p: t.reshape(groups, -1)[new_sigma].reshape(-1) for p, t in travel.items()}))
@@ -119,7 +123,7 @@ def group_step(spec: PermutationSpec, perms: dict, group_perm: str, a: dict, b: 
             b_other = _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis)
             cost.addmm_(_as_matrix(a[key], axis), b_other.T)
         costs[p] = cost
-    joint_sigma = solve_lap(sum(two_level_values(cost, groups) for cost in costs.values()), solver)
+    joint_sigma = solve_lap(sum(two_level_values(cost, groups) for cost in costs.values()) + direct.double(), solver)
     candidates.append((joint_sigma, {p: solve_blocks(cost, groups, joint_sigma, solver) for p, cost in costs.items()}))
     before = family_objective(perms)
     best = None
