@@ -42,7 +42,8 @@ def fit(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, opt
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(inputs), generator=order).split(64):
-            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+            # [N, T, vocab] logits of a language model: one next-token prediction per position
+            loss = F.cross_entropy(model(inputs[batch]).flatten(0, -2), targets[batch].flatten())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -140,8 +140,18 @@ class AttentionRules:
         if x is not None and (node.op == "call_method" and node.target == "chunk" or node.target is torch.chunk):
             return self.chunked(x, node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks"),
                                 node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
+        if x is not None and (node.op == "call_method" and node.target == "split" or node.target is torch.split):
+            parts = node.meta.get("tensor_meta")  # the split size is often read from x.shape: take the result's
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            if isinstance(parts, (tuple, list)) and isinstance(dim, int) and len({p.shape[dim] for p in parts}) == 1:
+                return self.chunked(x, len(parts), dim)
         if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.MultiheadAttention):
             return self.multihead_attention(node, self.gm.get_submodule(node.target))
+        if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.Embedding):
+            # token (or position) embedding: a row per id, the residual stream's units are its columns
+            out = self.new_label(node.target)
+            self.set_axes(f"{node.target}.weight", [None, out])
+            return "info", (out, len(out_shape) - 1)
         if node.op == "call_function":
             kind = _swin_functions().get(node.target)
             if kind is not None:

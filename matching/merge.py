@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from matching.architectures import build_model, example_input, infer_options
 from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
-                               load_dataset, reset_batchnorm, subsample)
+                               load_dataset, model_input, reset_batchnorm, subsample)
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
@@ -132,11 +132,14 @@ def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int,
     except MatchingError:  # its initialisation needs data (RegNet): build it for real, then move it to meta
         probe = build_model(name, **arch_options).eval().to("meta")
     with torch.device("meta"):
-        try:
-            probe(torch.empty(2, *example_shape))
-        except (RuntimeError, ValueError, IndexError, AssertionError):
-            raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, which architecture "
-                                f"{name!r} with options {arch_options} cannot take{_takes(name, probe)}") from None
+        for dtype in (torch.float32, torch.int64):  # features, or token ids
+            try:
+                probe(torch.zeros(2, *example_shape, dtype=dtype))
+                return
+            except (RuntimeError, ValueError, IndexError, AssertionError):
+                continue
+    raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, which architecture "
+                        f"{name!r} with options {arch_options} cannot take{_takes(name, probe)}")
 
 
 def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False):
@@ -250,11 +253,11 @@ def _check_data_fits(model, dataset: Dataset, name: str, device, architecture: s
             continue
         try:
             with torch.no_grad():
-                logits = model.eval()(inputs[:2].to(device, torch.float32))
+                logits = model.eval()(model_input(inputs[:2], device))
         except (RuntimeError, ValueError, IndexError):
             raise MatchingError(f"{name} inputs of shape {list(inputs.shape[1:])} per example do not fit the model"
                                 f"{_takes(architecture, model)}") from None
-        if logits.dim() != 2 or int(targets.max()) >= logits.shape[1]:
+        if logits.dim() != targets.dim() + 1 or int(targets.max()) >= logits.shape[-1]:  # [N, T] targets: [N, T, V]
             raise MatchingError(f"{name} has class labels up to {int(targets.max())} but the model has {logits.shape[-1]} outputs")
 
 
