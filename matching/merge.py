@@ -296,9 +296,9 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     # training split when it also has an eval split, else the evaluation data itself).
     bn_inputs, bn_split = None, None
     if train is not None:
-        bn_inputs, bn_split = train.inputs.float(), "dataset:train"
+        bn_inputs, bn_split = model_input(train.inputs, train.inputs.device), "dataset:train"
     elif held_out is not None:
-        bn_inputs = held_out.inputs.float()
+        bn_inputs = model_input(held_out.inputs, held_out.inputs.device)
         bn_split = "eval_dataset:train" if held_out.eval_inputs is not None else "eval_dataset"
     tick("validate", 1, 1, "inputs ok")
 
@@ -342,7 +342,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
 
     if model is not None and eval_inputs is not None:
         train_split = _train_split(train, held_out)
-        report.update(_evaluation(model, spec, states, aligned, merged, opts, (eval_inputs.float(), eval_targets, eval_split),
+        report.update(_evaluation(model, spec, states, aligned, merged, opts, (model_input(eval_inputs, eval_inputs.device), eval_targets, eval_split),
                                   train_split, bn_inputs, mode == "repair", tick))
     report["seconds_total"] = time.perf_counter() - started
     cast = lambda s: {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in s.items() if k in dtypes}
@@ -372,7 +372,7 @@ def _train_split(train: Dataset | None, held_out: Dataset | None):
         data, name = held_out, "eval_dataset:train"
     else:
         return None
-    inputs, targets = subsample(data.inputs.float(), data.targets, TRAIN_EVAL_MAX_EXAMPLES)
+    inputs, targets = subsample(model_input(data.inputs, data.inputs.device), data.targets, TRAIN_EVAL_MAX_EXAMPLES)
     return inputs, targets, name, len(data.inputs)
 
 
