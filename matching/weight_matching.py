@@ -174,7 +174,8 @@ def _three_axis(tensor: torch.Tensor, axis: int, other_axis: int) -> torch.Tenso
 
 def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_iter: int = 100, seed: int = 0,
                     init_perms: dict | None = None, device: str | torch.device = "cpu", solver: str = "auto",
-                    rel_tol: float = REL_TOL, tick: Callable[[int, int, str], None] | None = None) -> tuple[dict, dict]:
+                    rel_tol: float = REL_TOL, tick: Callable[[int, int, str], None] | None = None,
+                    propagate: bool = True) -> tuple[dict, dict]:
     """Coordinate descent over permutations maximising sum <W_A, pi(W_B)> (Algorithm 1).
 
     Returns ({perm name: index tensor on cpu}, {objective_initial, objective_final, iterations, seconds,
@@ -255,7 +256,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     # identity guess, noise between unrelated models). Otherwise a permutation that every block shares (a
     # transformer's residual stream), visited late, is outvoted by blocks aligned to its identity guess and the
     # descent stops there: a planted permutation of a two-block DeiT was recovered for 3 of 6 seeds, 6 of 6 with it.
-    unseen = set() if init_perms else set(sizes)
+    unseen = set(sizes) if propagate and not init_perms else set()
     iterations = 0
     for iteration in range(max_iter):
         iterations = iteration + 1
