@@ -85,7 +85,8 @@ class AttentionRules:
     def attention_visit(self, node, out_shape) -> bool:
         """Handle ``node`` if it is an attention construct or touches a Heads value or tuple; True if handled."""
         structured = [a for a in self._node_args(node) if a.name in self.heads or a.name in self.tuples]
-        if node.op == "call_function" and node.target is operator.getitem and node.args[0].name in self.tuples:
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node) \
+                and node.args[0].name in self.tuples:
             entries = self.tuples[node.args[0].name]
             i = node.args[1]
             entry = entries[i] if isinstance(i, int) and -len(entries) <= i < len(entries) else None
@@ -444,10 +445,9 @@ class AttentionRules:
                     if not self._tie([self._role_label(base, role), self._role_label(th, role)]):
                         return None
                 elif size != 1:
-                    if role == "head" and t.name in self.params and self.params[t.name][1][axis] is not None:
-                        self.follow_heads(t, axis, base.head)
-                    else:
+                    if role != "head":
                         return None
+                    self.follow_heads(t, axis, base.head)  # a per-head bias (or a mask that fixes the heads)
             if t.name not in self.heads and t.name not in self.params and self.find(self.info[t.name][0]) != FIXED:
                 return None
         return "heads", replace(base, roles=tuple(roles))
@@ -499,9 +499,12 @@ class AttentionRules:
         roles = self.heads[q.name].roles
         if isinstance(mask, torch.fx.Node) and (mask.name in self.info or mask.name in self.heads):
             shape, from_right = self.shape(mask), roles.index("head") - len(roles)
-            if mask.name in self.heads or self.find(self.info[mask.name][0]) != FIXED or \
-                    len(shape) >= -from_right and shape[from_right] != 1:
-                return None  # a mask that differs per head does not follow them
+            if mask.name in self.heads:
+                return None
+            if len(shape) >= -from_right and shape[from_right] != 1:  # a bias per head (a position bias table)
+                self.follow_heads(mask, len(shape) + from_right, self.heads[q.name].head)
+            elif mask.name not in self.params and self.find(self.info[mask.name][0]) != FIXED:
+                return None
         letters = "abcdefgh"[:len(roles) - 2]
         scores = self.head_einsum(f"{letters}ij,{letters}kj->{letters}ik", [q, k], None)
         if scores is None:
