@@ -43,7 +43,7 @@ class Heads:
 
 
 def _base(label):
-    return label[2:] if label.startswith("P_") else label
+    return label.removeprefix("P_")
 
 
 def _timm_functions():
@@ -192,13 +192,13 @@ class AttentionRules:
             return "param", (key, out)
         return None
 
-    def attention_projections(self, name, heads, size, segments):
+    def attention_projections(self, name, heads, size):
         """Labels of one attention layer: S, the Q/K within-head label, the V one, and the label of a packed
-        [q; k; v] projection's output (``segments``: how many rows of each)."""
+        [q; k; v] projection's output (``size`` rows each)."""
         head = self.new_label(name, "S_")
         qk = self.set_groups(self.new_label(f"{name}.qk"), heads, head)
         v = self.set_groups(self.new_label(f"{name}.v"), heads, head)
-        packed = self.new_derived(f"{name}.qkv", ("segments", [(lab, size) for lab in segments(qk, v)]))
+        packed = self.new_derived(f"{name}.qkv", ("segments", [(qk, size), (qk, size), (v, size)]))
         return head, qk, v, packed
 
     def multihead_attention(self, node, m):
@@ -211,7 +211,7 @@ class AttentionRules:
             return None  # a per-head mask [N * H, L, S] does not follow the heads
         name, embed = node.target, m.embed_dim
         inputs = [self.channel_in(t, -1) for t in (query, key, value)]
-        _, qk, v, packed = self.attention_projections(name, m.num_heads, embed, lambda qk, v: (qk, qk, v))
+        _, qk, v, packed = self.attention_projections(name, m.num_heads, embed)
         if m._qkv_same_embed_dim:
             self.set_axes(f"{name}.in_proj_weight", [packed, self.union(self.union(*inputs[:2]), inputs[2])])
         else:
@@ -236,8 +236,7 @@ class AttentionRules:
         if not qkv_w or not proj_w or False in (qkv_b, proj_b) or not isinstance(args["num_heads"], int):
             return None
         channels = self.param_shape(proj_w)[1]
-        head, qk, v, packed = self.attention_projections(qkv_w.rsplit(".", 2)[0], args["num_heads"], channels,
-                                                         lambda qk, v: (qk, qk, v))
+        head, _, v, packed = self.attention_projections(qkv_w.rsplit(".", 2)[0], args["num_heads"], channels)
         self.set_axes(qkv_w, [packed, self.channel_in(x, -1)])
         if qkv_b:
             self.set_axes(qkv_b, [packed])
@@ -455,10 +454,9 @@ class AttentionRules:
     def head_matmul(self, a, b):
         if not all(isinstance(t, torch.fx.Node) and t.name in self.heads for t in (a, b)):
             return None
-        ha, hb = self.heads[a.name], self.heads[b.name]
         if len(self.shape(a)) != len(self.shape(b)):
             return None
-        letters = "abcdefgh"[:len(ha.roles) - 2]
+        letters = "abcdefgh"[:len(self.heads[a.name].roles) - 2]
         return self.head_einsum(f"{letters}ij,{letters}jk->{letters}ik", [a, b], None)
 
     def head_einsum(self, equation, operands, out_shape):
