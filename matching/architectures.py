@@ -168,6 +168,8 @@ class GPT(nn.Module):
 
     def __init__(self, vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=True):
         super().__init__()
+        if not isinstance(bias, bool) or n_embd % n_head:  # a JSON "false" string would read as true
+            raise ValueError(f"bias must be true or false and n_embd ({n_embd}) a multiple of n_head ({n_head})")
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(block_size, n_embd),
             h=nn.ModuleList(GPTBlock(n_embd, n_head, bias) for _ in range(n_layer)), ln_f=nn.LayerNorm(n_embd, bias=bias)))
