@@ -181,7 +181,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     Returns ({perm name: index tensor on cpu}, {objective_initial, objective_final, iterations, seconds,
     trajectory (objective before the first and after each pass), seconds_lap, seconds_cost_updates}).
     Stops after a pass over all permutations (in a random order from ``seed``) that raised the objective by
-    no more than ``rel_tol`` relative to it (the paper: 0), or after ``max_iter`` passes.
+    no more than ``rel_tol`` relative to it (the paper: 0), or after ``max_iter`` passes. Without ``init_perms``,
+    the first pass propagates from the input instead (``propagate=False``: the paper's random first pass).
 
     Nothing is recomputed whose inputs did not change: a permutation whose neighbours (permutations sharing
     a tensor with it) did not move since it was last solved is not solved again (same cost, same optimum);
