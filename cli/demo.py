@@ -35,6 +35,16 @@ def digits(image: bool = False):
     return x[train], y[train], x[held_out], y[held_out]
 
 
+def copy_tokens(examples: int = 2048, held_out: int = 512, vocab: int = 16, half: int = 8, seed: int = 0):
+    """A generated token task: ``half`` random tokens, then the same tokens again; next-token targets. The first
+    half cannot be predicted (loss ln(vocab) there), the second is copied through attention. Returns
+    (inputs, targets, eval_inputs, eval_targets), int64 [N, 2 * half - 1] each."""
+    first = torch.randint(vocab, (examples + held_out, half), generator=torch.Generator().manual_seed(seed))
+    sequences = torch.cat([first, first], 1)
+    inputs, targets = sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous()
+    return inputs[:examples], targets[:examples], inputs[examples:], targets[examples:]
+
+
 def fit(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
         epochs: int, seed: int) -> torch.nn.Module:
     """Cross-entropy training in batches of 64, their order drawn from ``seed``; the model is left in eval mode."""
@@ -42,7 +52,8 @@ def fit(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, opt
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(inputs), generator=order).split(64):
-            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+            # [N, T, vocab] logits of a language model: one next-token prediction per position
+            loss = F.cross_entropy(model(inputs[batch]).flatten(0, -2), targets[batch].flatten())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

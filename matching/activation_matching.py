@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn as nn
 
+from matching.evaluate import model_input
 from matching.infer import activation_points
 from matching.spec import PermutationSpec, perm_sizes
 from matching.weight_matching import solve_blocks, solve_lap, two_level_values
@@ -39,14 +40,14 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, 
     Statistics are streamed: per permutation of width n we keep sums of a, b, a^2, b^2 (n each) and a b^T
     (n x n), so memory is O(width^2) whatever the number of examples."""
     start = time.perf_counter()
-    example = inputs[:2].to(device, torch.float32)
+    example = model_input(inputs[:2], device)
     model = model.to(device)
     net_a, points = _capturing(model, state_a, example, spec)
     net_b, _ = _capturing(model, state_b, example, spec)
     stats: dict[str, list] = {}
     batches = max(1, -(-len(inputs) // batch_size))
     for i, begin in enumerate(range(0, len(inputs), batch_size)):
-        x = inputs[begin:begin + batch_size].to(device, torch.float32)
+        x = model_input(inputs[begin:begin + batch_size], device)
         acts_a, acts_b = net_a(x), net_b(x)
         for perm, where in points.items():
             for name, axis, offset, size in where:  # a segment of a concatenation holds the slice it permutes

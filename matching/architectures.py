@@ -10,6 +10,9 @@ Layouts (state_dict keys):
   ``norm=layer`` uses GroupNorm(1, C) under the same ``bn*`` names.
 - ``resnet18``, ``resnet50``: built by torchvision (``conv1``, ``bn1``, ``layer1.0.conv1`` ... ``fc``), so
   torchvision/timm ResNet state dicts load unchanged.
+- ``gpt``: a GPT-2-style decoder in nanoGPT's layout: ``transformer.wte`` ``[vocab, C]``, ``transformer.wpe``
+  ``[block_size, C]``, ``transformer.h.{i}.ln_1``, ``.attn.c_attn`` ``[3C, C]`` (q, k, v rows), ``.attn.c_proj``,
+  ``.ln_2``, ``.mlp.c_fc`` ``[4C, C]``, ``.mlp.c_proj``, ``transformer.ln_f``, ``lm_head`` ``[vocab, C]``.
 - ``torchvision/<name>``, ``timm/<name>``: every classification model of those libraries, built without
   weights; options are the constructor's keywords, ``num_classes`` (and timm's ``in_chans``) inferred.
 - Plugins: packages an operator installs declare entry points in the group ``rebasin.architectures`` that
@@ -128,6 +131,58 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head, bias):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, n_embd, n_head, bias):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, bias)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = nn.Sequential()
+        self.mlp.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.mlp.gelu = nn.GELU()
+        self.mlp.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder in nanoGPT's layout (Karpathy's nanoGPT ``model.py``, whose checkpoints' ``model``
+    state dicts load as they are): token ids ``[N, T]`` in, next-token logits ``[N, T, vocab_size]`` out."""
+
+    def __init__(self, vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=True):
+        super().__init__()
+        if not isinstance(bias, bool) or n_embd % n_head:  # a JSON "false" string would read as true
+            raise ValueError(f"bias must be true or false and n_embd ({n_embd}) a multiple of n_head ({n_head})")
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(block_size, n_embd),
+            h=nn.ModuleList(GPTBlock(n_embd, n_head, bias) for _ in range(n_layer)), ln_f=nn.LayerNorm(n_embd, bias=bias)))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
 def _mlp(sizes=(784, 512, 512, 512, 10)):
     sizes = [int(s) for s in sizes]
     if len(sizes) < 2 or min(sizes) < 1:
@@ -224,6 +279,16 @@ BUILTINS = {a.name: a for a in [
              {"num_classes": _opt("int", 1000, "number of output classes (inferred)")}),
     _builtin("resnet50", _torchvision_resnet("resnet50"), "ResNet-50 built by torchvision (keys conv1, bn1, layer1.0.conv1, ..., fc); same as torchvision/resnet50.",
              {"num_classes": _opt("int", 1000, "number of output classes (inferred)")}),
+    _builtin("gpt", GPT, "GPT-2-style decoder (causal self-attention, pre-LayerNorm, GELU MLP) in nanoGPT's layout: "
+             "keys transformer.wte/wpe, transformer.h.{i}.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj}, "
+             "transformer.ln_f, lm_head (a nanoGPT checkpoint's tied lm_head loads as is). Takes token ids [N, T]; "
+             "datasets with integer inputs and next-token targets [N, T].",
+             {"vocab_size": _opt("int", 64, "vocabulary size (inferred)"),
+              "block_size": _opt("int", 32, "longest sequence, rows of the position embedding (inferred)"),
+              "n_layer": _opt("int", 2, "number of blocks (inferred)"),
+              "n_head": _opt("int", 4, "attention heads per block (not in the weights' shapes: give it if not 4)"),
+              "n_embd": _opt("int", 64, "width of the residual stream (inferred)"),
+              "bias": _opt("bool", True, "biases in Linear and LayerNorm layers (inferred)")}),
 ]}
 ARCHITECTURES = BUILTINS  # backwards-compatible name
 
@@ -377,6 +442,9 @@ def infer_options(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
 
 
 def _builtin_example(name, model, batch):
+    if name == "gpt":
+        wte, wpe = model.transformer.wte, model.transformer.wpe
+        return torch.randint(wte.num_embeddings, (batch, wpe.num_embeddings), generator=torch.Generator().manual_seed(0))
     if name == "mlp":
         return torch.randn(batch, model.layers[0].in_features)
     in_channels = model.features[0].in_channels if name == "vgg" else model.conv1.in_channels
@@ -405,6 +473,13 @@ def _infer_builtin(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
             norm = "batch" if f"{after}.running_mean" in shapes else "layer" if f"{after}.weight" in shapes else "none"
             return {"config": config, "width": first[0] / 64, "norm": norm,
                     "num_classes": int(shapes["classifier.4.weight"][0]), "in_channels": int(first[1])}
+        if name == "gpt":
+            vocab, n_embd = shapes["transformer.wte.weight"]
+            n_layer = 0
+            while f"transformer.h.{n_layer}.attn.c_attn.weight" in shapes:
+                n_layer += 1
+            return {"vocab_size": int(vocab), "block_size": int(shapes["transformer.wpe.weight"][0]), "n_layer": n_layer,
+                    "n_embd": int(n_embd), "bias": "transformer.ln_f.bias" in shapes}
         conv1, fc = shapes["conv1.weight"], shapes["fc.weight"]
         if name == "resnet20":
             return {"width": max(1, int(conv1[0]) // 16), "norm": "batch" if "bn1.running_mean" in shapes else "layer",

@@ -23,18 +23,27 @@ class Dataset:
 
 
 def _check_split(inputs, targets, prefix, where):
-    if not inputs.is_floating_point():
-        raise MatchingError(f"{where}: '{prefix}inputs' must be a float tensor, got {inputs.dtype}")
+    if not inputs.is_floating_point() and inputs.dtype != torch.int64:
+        raise MatchingError(f"{where}: '{prefix}inputs' must be a float tensor (or int64 token ids), got {inputs.dtype}")
     if inputs.dim() < 2:
         raise MatchingError(f"{where}: '{prefix}inputs' must have shape [N, ...features], got {list(inputs.shape)}")
-    if targets.dtype != torch.int64 or targets.dim() != 1:
-        raise MatchingError(f"{where}: '{prefix}targets' must be int64 class labels of shape [N], got {targets.dtype} {list(targets.shape)}")
+    sequence = inputs.dtype == torch.int64 and targets.shape == inputs.shape  # next-token targets, one per position
+    if targets.dtype != torch.int64 or (targets.dim() != 1 and not sequence):
+        raise MatchingError(f"{where}: '{prefix}targets' must be int64 class labels of shape [N] (or, for int64 token "
+                            f"inputs [N, T], next-token targets [N, T]), got {targets.dtype} {list(targets.shape)}")
     if len(inputs) != len(targets) or len(inputs) == 0:
         raise MatchingError(f"{where}: '{prefix}inputs' has {len(inputs)} examples but '{prefix}targets' has {len(targets)}")
-    if not torch.isfinite(inputs).all():
+    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         raise MatchingError(f"{where}: '{prefix}inputs' contains NaN or Inf")
+    if not inputs.is_floating_point() and inputs.min() < 0:
+        raise MatchingError(f"{where}: '{prefix}inputs' token ids must be non-negative")
     if targets.min() < 0:
         raise MatchingError(f"{where}: '{prefix}targets' must be non-negative class indices")
+
+
+def model_input(x: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
+    """A batch as the model takes it: features in ``dtype``, token ids (integers) as they are."""
+    return x.to(device, dtype) if x.is_floating_point() else x.to(device)
 
 
 def load_dataset(path: str | Path) -> Dataset:
@@ -99,10 +108,10 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     for start in range(0, len(inputs), batch_size):
         x = inputs[start:start + batch_size].to(device)
         y = targets[start:start + batch_size].to(device)
-        logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    return {"loss": loss.item() / len(inputs), "accuracy": correct.item() / len(inputs)}
+        logits = model(x).float().flatten(0, -2)  # [N, T, vocab] next-token logits: one prediction per position
+        loss += F.cross_entropy(logits, y.flatten(), reduction="sum")
+        correct += (logits.argmax(-1) == y.flatten()).sum()
+    return {"loss": loss.item() / targets.numel(), "accuracy": correct.item() / targets.numel()}
 
 
 def interpolation_curves(model: nn.Module, state_a: dict, state_b: dict, lambdas: list[float], splits: dict,

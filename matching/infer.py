@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from matching.errors import MatchingError
+from matching.infer_attention import AttentionRules
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, random_perms
 
 FIXED = "<fixed>"
@@ -116,7 +117,7 @@ def _trace(model: nn.Module, example_input: torch.Tensor):
     return labels
 
 
-class _Labels:
+class _Labels(AttentionRules):
     """Union-find over channel labels, with the structure of each (groups, segments, expansion)."""
 
     def __init__(self, gm: torch.fx.GraphModule):
@@ -132,6 +133,8 @@ class _Labels:
         self.grouped: list[tuple[str, str]] = []  # (output, input) labels of grouped convolutions
         self.state_keys = set(gm.state_dict().keys())
         self.pass_functions = _PASS_FUNCTIONS | _pass_through_functions()
+        self.heads: dict = {}  # node -> Heads (a tensor inside an attention layer, see matching.infer_attention)
+        self.tuples: dict = {}  # node -> per element: ("info", (label, axis)) | ("heads", Heads) | None
 
     # --- union-find -------------------------------------------------------------------------------------
     def find(self, x):
@@ -370,6 +373,8 @@ class _Labels:
                 if node.target in self.state_keys:
                     self.params[node.name] = (node.target, list(range(len(out_shape))))
             return
+        if self.attention_visit(node, out_shape):
+            return
         if node.op == "output":
             self.fix_all(node)
             return
@@ -396,6 +401,10 @@ class _Labels:
                     return FIXED, 0
             elif node.op == "call_method" and node.target in _PASS_METHODS:
                 self.params[node.name] = self.params[x.name]
+                return FIXED, 0
+            elif node.op == "call_method" and node.target == "expand":  # a class token broadcast over the batch
+                key, dims = self.params[x.name]
+                self.params[node.name] = (key, [d if n == m else None for d, n, m in zip(dims, self.shape(x), out_shape)])
                 return FIXED, 0
             return None
         if node.op == "call_module":
@@ -440,7 +449,7 @@ class _Labels:
                 return self.broadcast(node, out_shape)
             if target in (torch.flatten, torch.reshape) and x is not None:
                 return self.reshaped(x, out_shape)
-            if target in (torch.permute, torch.transpose) and x is not None:
+            if target in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims) and x is not None:
                 return self.permuted(x, target.__name__, args[1:], kw)
             if target in (torch.cat, torch.concat, torch.concatenate):
                 return self.concat(node, args[0], args[1] if len(args) > 1 else kw.get("dim", 0), out_shape)
@@ -498,7 +507,7 @@ class _Labels:
                 return self.reshaped(x, out_shape)
             if target in _ELEMENTWISE_BINARY_METHODS:
                 return self.broadcast(node, out_shape)
-            if target in ("permute", "transpose"):
+            if target in ("permute", "transpose", "swapaxes", "swapdims"):
                 return self.permuted(x, target, args[1:], kw)
             if target in _REDUCTION_METHODS:
                 return self.reduced(x, args[1:], kw, out_shape)
@@ -589,18 +598,27 @@ class _Labels:
         if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) and t.name in self.info
                                                             for t in tensors) or not isinstance(dim, int):
             return None
-        if any(t.name in self.params for t in tensors):
-            return None
+        params = [t for t in tensors if t.name in self.params]
+        plain = [t for t in tensors if t.name not in self.params]
         dim = dim % len(out_shape)
-        cdims = {self.info[t.name][1] for t in tensors}
+        cdims = {self.info[t.name][1] for t in plain}
         if len(cdims) != 1:
             return None
         cdim = cdims.pop()
         if cdim != dim:  # joined along another axis (e.g. a token axis): one channel permutation for all
-            label = self.info[tensors[0].name][0]
-            for t in tensors[1:]:
+            label = self.info[plain[0].name][0]
+            for t in plain[1:]:
                 label = self.union(label, self.info[t.name][0])
+            for t in params:  # a class token: its channel axis takes the permutation
+                key, dims = self.params[t.name]
+                axes = [None] * len(self.param_shape(key))
+                if dims[cdim] is None:
+                    return None
+                axes[dims[cdim]] = label
+                self.set_axes(key, axes)
             return self.find(label), cdim
+        if params:
+            return None
         segments = [(self.info[t.name][0], self.shape(t)[dim]) for t in tensors]
         return self.new_derived(f"cat_{node.name}", ("segments", segments)), dim
 
@@ -705,7 +723,7 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Te
     sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state.items()})
     permuted = copy.deepcopy(reference)
     permuted.load_state_dict(apply_permutation(spec, random_perms(sizes, gen, spec), state))
-    x = example_input.double()
+    x = example_input.double() if example_input.is_floating_point() else example_input  # token ids stay ids
     with torch.no_grad():
         expected, got = reference(x), permuted(x)
     if isinstance(expected, (tuple, list)):  # e.g. GoogLeNet/Inception with auxiliary outputs

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from matching.architectures import build_model, example_input, infer_options
 from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
-                               load_dataset, reset_batchnorm, subsample)
+                               load_dataset, model_input, reset_batchnorm, subsample)
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
@@ -132,11 +132,14 @@ def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int,
     except MatchingError:  # its initialisation needs data (RegNet): build it for real, then move it to meta
         probe = build_model(name, **arch_options).eval().to("meta")
     with torch.device("meta"):
-        try:
-            probe(torch.empty(2, *example_shape))
-        except (RuntimeError, ValueError, IndexError, AssertionError):
-            raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, which architecture "
-                                f"{name!r} with options {arch_options} cannot take{_takes(name, probe)}") from None
+        for dtype in (torch.float32, torch.int64):  # features, or token ids
+            try:
+                probe(torch.zeros(2, *example_shape, dtype=dtype))
+                return
+            except (RuntimeError, ValueError, IndexError, AssertionError):
+                continue
+    raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, which architecture "
+                        f"{name!r} with options {arch_options} cannot take{_takes(name, probe)}")
 
 
 def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False):
@@ -250,11 +253,11 @@ def _check_data_fits(model, dataset: Dataset, name: str, device, architecture: s
             continue
         try:
             with torch.no_grad():
-                logits = model.eval()(inputs[:2].to(device, torch.float32))
+                logits = model.eval()(model_input(inputs[:2], device))
         except (RuntimeError, ValueError, IndexError):
             raise MatchingError(f"{name} inputs of shape {list(inputs.shape[1:])} per example do not fit the model"
                                 f"{_takes(architecture, model)}") from None
-        if logits.dim() != 2 or int(targets.max()) >= logits.shape[1]:
+        if logits.dim() != targets.dim() + 1 or int(targets.max()) >= logits.shape[-1]:  # [N, T] targets: [N, T, V]
             raise MatchingError(f"{name} has class labels up to {int(targets.max())} but the model has {logits.shape[-1]} outputs")
 
 
@@ -293,9 +296,9 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     # training split when it also has an eval split, else the evaluation data itself).
     bn_inputs, bn_split = None, None
     if train is not None:
-        bn_inputs, bn_split = train.inputs.float(), "dataset:train"
+        bn_inputs, bn_split = model_input(train.inputs, train.inputs.device), "dataset:train"
     elif held_out is not None:
-        bn_inputs = held_out.inputs.float()
+        bn_inputs = model_input(held_out.inputs, held_out.inputs.device)
         bn_split = "eval_dataset:train" if held_out.eval_inputs is not None else "eval_dataset"
     tick("validate", 1, 1, "inputs ok")
 
@@ -339,7 +342,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
 
     if model is not None and eval_inputs is not None:
         train_split = _train_split(train, held_out)
-        report.update(_evaluation(model, spec, states, aligned, merged, opts, (eval_inputs.float(), eval_targets, eval_split),
+        report.update(_evaluation(model, spec, states, aligned, merged, opts, (model_input(eval_inputs, eval_inputs.device), eval_targets, eval_split),
                                   train_split, bn_inputs, mode == "repair", tick))
     report["seconds_total"] = time.perf_counter() - started
     cast = lambda s: {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in s.items() if k in dtypes}
@@ -369,7 +372,7 @@ def _train_split(train: Dataset | None, held_out: Dataset | None):
         data, name = held_out, "eval_dataset:train"
     else:
         return None
-    inputs, targets = subsample(data.inputs.float(), data.targets, TRAIN_EVAL_MAX_EXAMPLES)
+    inputs, targets = subsample(model_input(data.inputs, data.inputs.device), data.targets, TRAIN_EVAL_MAX_EXAMPLES)
     return inputs, targets, name, len(data.inputs)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from matching.evaluate import has_batchnorm, subsample
+from matching.evaluate import has_batchnorm, model_input, subsample
 from matching.spec import PermutationSpec
 
 CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm)
@@ -113,7 +113,7 @@ def _run(model, points, inputs, batch_size, goals):
     handles = [modules[name].register_forward_hook(hook_for(name)) for name in points]
     try:
         for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size].to(device, torch.float32))
+            model(model_input(inputs[start:start + batch_size], device))
     finally:
         for handle in handles:
             handle.remove()

@@ -342,3 +342,13 @@ def _block_diagonal(tensor: torch.Tensor, group_axis: int, axis: int, groups: in
     index = torch.arange(groups, device=t.device)
     dense[index, :, index] = blocks
     return dense.reshape(groups * k_out, groups * k_in, *t.shape[2:]).movedim((0, 1), (group_axis, axis))
+
+
+def fix_group_perms(spec: PermutationSpec) -> PermutationSpec:
+    """The same spec with every group permutation held in place (``"group_perm": null``; axes it permuted on
+    their own, such as a per-head bias table, left alone): units still move within their groups. For attention,
+    matching with the heads fixed, the baseline that head-aware matching is measured against."""
+    group_perms = {e["group_perm"] for e in spec.perms.values() if e.get("group_perm")}
+    axes = {k: tuple(None if p in group_perms else p for p in v) for k, v in spec.axes_to_perm.items()}
+    perms = {p: {**e, "group_perm": None} if "groups" in e else e for p, e in spec.perms.items()}
+    return PermutationSpec(axes, perms)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from matching.evaluate import has_batchnorm
+from matching.evaluate import has_batchnorm, model_input
 from matching.spec import PermutationSpec, apply_permutation
 from matching.weight_matching import objective, weight_matching
 
@@ -31,7 +31,7 @@ def ste_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b
     # BN layers use batch statistics at the midpoint: interpolated running stats describe no model
     model.train(has_batchnorm(model))
     gen = torch.Generator().manual_seed(seed)
-    inputs, targets = train.inputs.to(device, torch.float32), train.targets.to(device)
+    inputs, targets = model_input(train.inputs, device), train.targets.to(device)
     select = torch.randperm(len(inputs), generator=gen)[:2048]
     x_sel, y_sel = inputs[select], targets[select]
 
@@ -50,7 +50,7 @@ def ste_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b
         with torch.no_grad():
             mid = midpoint(apply_permutation(spec, perms, b), False)
             mid = {k: v.clone() for k, v in mid.items()}  # BN in train mode writes its buffers
-            return F.cross_entropy(functional_call(model, mid, (x_sel,)), y_sel).item()
+            return F.cross_entropy(functional_call(model, mid, (x_sel,)).flatten(0, -2), y_sel.flatten()).item()
 
     perms, wm_info = weight_matching(spec, a, b, max_iter=max_iter, seed=seed, device=device)
     best_perms, best_loss = perms, selection_loss(perms)
@@ -70,7 +70,7 @@ def ste_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b
         projected = apply_permutation(spec, perms, b)
         mid = midpoint(projected, True)
         mid = {k: (v if v.requires_grad else v.clone()) for k, v in mid.items()}
-        loss = F.cross_entropy(functional_call(model, mid, (inputs[batch],)), targets[batch])
+        loss = F.cross_entropy(functional_call(model, mid, (inputs[batch],)).flatten(0, -2), targets[batch].flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

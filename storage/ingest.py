@@ -225,10 +225,12 @@ def check_dataset(info: TensorFileInfo) -> int:
     def split(inputs: str, targets: str) -> int:
         if inputs not in info.shapes or targets not in info.shapes:
             raise IngestError(f"a dataset needs both {inputs!r} and {targets!r} tensors")
-        if info.dtypes[inputs] not in ("F16", "BF16", "F32", "F64"):
-            raise IngestError(f"{inputs!r} must be floating point, not {info.dtypes[inputs]}")
-        if info.dtypes[targets] != "I64" or len(info.shapes[targets]) != 1:
-            raise IngestError(f"{targets!r} must be int64 class labels of shape [N]")
+        if info.dtypes[inputs] not in ("F16", "BF16", "F32", "F64", "I64"):
+            raise IngestError(f"{inputs!r} must be floating point (or int64 token ids), not {info.dtypes[inputs]}")
+        sequence = info.dtypes[inputs] == "I64" and info.shapes[targets] == info.shapes[inputs]  # next-token targets
+        if info.dtypes[targets] != "I64" or (len(info.shapes[targets]) != 1 and not sequence):
+            raise IngestError(f"{targets!r} must be int64 class labels of shape [N] (or, for int64 token inputs "
+                              "[N, T], next-token targets of the same shape)")
         if not info.shapes[inputs] or info.shapes[inputs][0] != info.shapes[targets][0]:
             raise IngestError(f"{inputs!r} and {targets!r} must have the same number of examples (first axis)")
         if info.shapes[targets][0] == 0:

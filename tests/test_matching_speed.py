@@ -43,11 +43,12 @@ def test_trajectory_and_time_split_reported(mlp_pair):
 
 def test_stopping_rule_costs_under_1e_4_of_the_objective(mlp_pair):
     spec, a, b = mlp_pair
-    _, paper = matching.weight_matching(spec, a, b, seed=0)  # the default is the paper's rule: zero gain
-    _, tol = matching.weight_matching(spec, a, b, seed=0, rel_tol=1e-5)
+    # random passes only (the propagating first pass converges on this pair in 2 passes: nothing to stop early)
+    _, paper = matching.weight_matching(spec, a, b, seed=0, propagate=False)  # the paper's rule: zero gain
+    _, tol = matching.weight_matching(spec, a, b, seed=0, rel_tol=1e-5, propagate=False)
     assert tol["iterations"] <= paper["iterations"]
     assert tol["objective_final"] >= paper["objective_final"] * (1 - 1e-4)
     # a loose tolerance stops early, and the trajectory says how much that cost
-    _, loose = matching.weight_matching(spec, a, b, seed=0, rel_tol=0.05)
+    _, loose = matching.weight_matching(spec, a, b, seed=0, rel_tol=0.05, propagate=False)
     assert loose["iterations"] < paper["iterations"]
     assert loose["objective_final"] < paper["objective_final"]

@@ -228,6 +228,22 @@ def test_dataset_layout_is_checked(api):
     assert api.count(Dataset) == 1 and len(api.objects()) == 1
 
 
+def test_token_dataset_layout_is_checked(api):
+    """Token ids: int64 inputs [N, T] with next-token targets [N, T] (or class labels [N]); other shapes refused."""
+    tokens = torch.randint(16, (10, 9))
+    sequence = save_safetensors({"inputs": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()})
+    classes = save_safetensors({"inputs": tokens, "targets": torch.arange(10) % 3})
+    ragged = save_safetensors({"inputs": tokens, "targets": tokens[:, :4].contiguous()})
+    with api.client() as client:
+        for content, examples in ((sequence, 10), (classes, 10)):
+            response = upload(client, content, path="/v1/datasets")
+            assert response.status_code == 201, response.text
+            assert response.json()["num_examples"] == examples
+        refused = upload(client, ragged, path="/v1/datasets")
+        assert refused.status_code == 422 and "next-token targets" in refused.json()["detail"]
+    assert api.count(Dataset) == 2
+
+
 def test_upload_over_the_limit_is_refused_while_streaming(storage_backend):
     api = Api(storage_backend, max_upload_bytes=4096)
     content = safetensors_bytes()  # a little over 2 KiB of tensors... make sure it is over the limit:
