@@ -168,11 +168,10 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
 
 
 # Library level: the rest of the models named in the issue (spec verified in float64 by infer_spec, planted
-# permutation recovered by weight matching, aligned model = A).
-# (mobilenet_v3_large is left out: weight matching from the identity stops in a local optimum there,
-# objective 28685 against the planted permutation's 48678; its spec is verified like every model's)
+# permutation recovered by weight matching, aligned model = A). mobilenet_v3_large (squeeze-excitation gates)
+# needs the first sweep in forward order: from a random order it stopped at objective 28685 against 48678.
 LIBRARY_CASES = ["torchvision/resnext50_32x4d", "torchvision/densenet121", "torchvision/googlenet",
-                 "torchvision/convnext_tiny"]
+                 "torchvision/convnext_tiny", "torchvision/mobilenet_v3_large"]
 
 
 @pytest.mark.parametrize("name", LIBRARY_CASES)
