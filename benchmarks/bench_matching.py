@@ -91,9 +91,10 @@ def _torchvision_init(model, name, seed):
     torch.manual_seed(seed)
     if name == "resnet50":  # the project's ResNet-50 has torchvision's key layout
         model.load_state_dict(torchvision.models.resnet50(weights=None).state_dict())
-    else:  # the project's VGG16-BN has torchvision's features.{j} layout; its classifier is smaller
-        reference = torchvision.models.vgg16_bn(weights=None)
-        model.features.load_state_dict(reference.features.state_dict())
+    else:  # the project's VGG16-BN has torchvision's features.{j} layout without conv biases (torchvision's are
+        # initialised to 0, and BN follows each conv); its classifier is smaller
+        reference = torchvision.models.vgg16_bn(weights=None).features.state_dict()
+        model.features.load_state_dict({k: reference[k] for k in model.features.state_dict()})
         for layer in model.classifier:
             if isinstance(layer, torch.nn.Linear):
                 torch.nn.init.normal_(layer.weight, 0, 0.01)
