@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -171,6 +172,20 @@ def _other_first(tensor: torch.Tensor, axis: int, other_axis: int) -> torch.Tens
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
+@contextmanager
+def _one_core_for_laps():
+    """torch on all cores but one: the LAP solves run on that one, beside the cost updates. On the shared 2-core
+    machine under load, torch's two-thread copies and matmuls were 3-15x slower than one thread's (torchvision
+    ResNet-50: cost updates 34 s on two threads, 5.5 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_one_core_for_laps()
 def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_iter: int = 100, seed: int = 0,
                     init_perms: dict | None = None, device: str | torch.device = "cpu", solver: str = "auto",
                     rel_tol: float = REL_TOL, forward_first: bool = True, tick: Callable[[int, int, str], None] | None = None) -> tuple[dict, dict]:
