@@ -249,7 +249,7 @@ def main(argv=None):
         return
     try:
         import lap  # noqa: F401
-        solver = "lapx lapjvs"
+        solver = "lapx lapjvs for n >= 1024, scipy below"
     except ImportError:
         solver = "scipy (lapx not installed)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, LAP solver for 'ours': {solver}, "

@@ -27,14 +27,19 @@ if _lapx is not None and not hasattr(_lapx, "lapjvs"):  # pragma: no cover (lapx
 REL_TOL = 0.0
 
 
+# "auto": lapx's lapjvs from this size on, scipy below. Measured on the cost matrices of real runs (one process,
+# same load): torchvision-init ResNet-50, n=2048: lapjvs 1.0-2.8 s per solve, scipy 5.0-15.3 s; trained VGG11
+# (n <= 512): 8 sweeps, LAPs 30-32 s with lapjvs, 11-12 s with scipy, same objective.
+LAPX_FROM = 1024
+
+
 def solve_lap(cost: torch.Tensor, solver: str = "auto") -> torch.Tensor:
     """argmax_perm sum_i cost[i, perm[i]] as an index tensor (on cost's device).
 
-    "auto" is lapx's ``lapjvs`` (Jonker-Volgenant, float32 kernel) when lapx is installed, else scipy. Measured on
-    the cost matrices of real matching runs (benchmarks/README.md): same optima, and 3-6x faster than scipy from
-    n=512 on (torchvision-initialised ResNet-50, n=2048: ~1 s vs 5-10 s).
+    "lapx" is lapx's ``lapjvs`` (Jonker-Volgenant, float32 kernel), "scipy" scipy's; "auto" takes lapx for
+    n >= LAPX_FROM when it is installed, else scipy. Both reach the same optima (tests/test_matching_speed.py).
     """
-    if solver in ("auto", "lapx") and _lapx is not None:
+    if _lapx is not None and (solver == "lapx" or (solver == "auto" and len(cost) >= LAPX_FROM)):
         cols, _ = _lapx.lapjvs(-cost.detach().to("cpu", torch.float32).numpy(), extend_cost=False, return_cost=False,
                                jvx_like=False)
     else:
