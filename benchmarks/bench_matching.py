@@ -7,13 +7,13 @@ with random BN running statistics (tv-r50, tv-vgg16bn), and pairs trained on dig
 (trained-r20x4, trained-vgg11; trained once, cached under benchmarks/data, which git ignores).
 Implementations (same pairs, same machine, each case in a fresh subprocess so that peak memory is its own):
 - ``ours``: matching.weight_matching with its defaults; ``ours-scipy``: its settings before issue 13 (scipy
-  LAP, stop at zero gain);
+  LAP, random first sweep, stop at zero gain): today's objective;
 - ``plain``: the paper's Algorithm 1 pseudocode written out below with torch + scipy, nothing cached;
 - ``pypi-rebasin``: the ``rebasin`` package from PyPI, if importable (``pip install --no-deps --target
   .venv/pypi-rebasin rebasin torchview graphviz``: our own project is also called ``rebasin``).
 Objective = sum over all float tensors of <W_A, W_B'> (B' = the aligned B), so that implementations with
 different specs compare; ``same fn`` says whether B' still computes B's function (max abs output diff).
-Columns: sweeps (passes over all permutations), s/sweep, time in LAPs, in cost-matrix updates, and the rest;
+Columns: sweeps (passes over all permutations), s/sweep, time waiting for LAPs, in cost-matrix updates, and the rest;
 below the table, each run-0 objective trajectory (relative gap to the final objective after each sweep).
 """
 
