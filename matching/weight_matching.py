@@ -27,9 +27,11 @@ if _lapx is not None and not hasattr(_lapx, "lapjvs"):  # pragma: no cover (lapx
 REL_TOL = 0.0
 
 
-# "auto": lapx's lapjvs from this size on, scipy below. Measured on the cost matrices of real runs (one process,
-# same load): torchvision-init ResNet-50, n=2048: lapjvs 1.0-2.8 s per solve, scipy 5.0-15.3 s; trained VGG11
-# (n <= 512): 8 sweeps, LAPs 30-32 s with lapjvs, 11-12 s with scipy, same objective.
+# "auto": lapx's lapjvs from this size on, scipy below. Which is faster depends on the matrices, not only on n
+# (same objective either way; one process, alternating, same load): torchvision-init ResNet-50, n=2048: lapjvs
+# 1.0-2.8 s per solve, scipy 5.0-15.3 s; its n=256/512 LAPs, 6 sweeps: 4.6-5.8 s with lapjvs, 7.1-7.9 s with
+# scipy; trained VGG11 (n <= 512), 8 sweeps: 30-32 s with lapjvs, 11-12 s with scipy. Below 1024 scipy,
+# for the trained pair.
 LAPX_FROM = 1024
 
 
