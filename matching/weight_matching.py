@@ -195,7 +195,8 @@ def _one_core_for_laps():
 @_one_core_for_laps()
 def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_iter: int = 100, seed: int = 0,
                     init_perms: dict | None = None, device: str | torch.device = "cpu", solver: str = "auto",
-                    rel_tol: float = REL_TOL, forward_first: bool = True, tick: Callable[[int, int, str], None] | None = None) -> tuple[dict, dict]:
+                    rel_tol: float = REL_TOL, forward_first: bool = True,
+                    tick: Callable[[int, int, str], None] | None = None) -> tuple[dict, dict]:
     """Coordinate descent over permutations maximising sum <W_A, pi(W_B)> (Algorithm 1).
 
     Returns ({perm name: index tensor on cpu}, {objective_initial, objective_final, iterations, seconds,

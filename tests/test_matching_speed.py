@@ -63,6 +63,6 @@ def test_forward_first_sweep_aligns_a_permuted_copy_in_one_pass_and_restores_thr
     planted = random_perms(perm_sizes(spec, {k: tuple(v.shape) for k, v in a.items()}), torch.Generator().manual_seed(3))
     threads = torch.get_num_threads()
     # each layer solved after the one feeding it sees aligned inputs: one pass finds the planted permutation
-    perms, info = matching.weight_matching(spec, a, apply_permutation(spec, planted, a), seed=0, max_iter=1)
+    perms, _ = matching.weight_matching(spec, a, apply_permutation(spec, planted, a), seed=0, max_iter=1)
     assert all(torch.equal(perms[p], invert(q)) for p, q in planted.items())
     assert torch.get_num_threads() == threads  # torch gave the LAP thread a core only while matching
