@@ -7,13 +7,13 @@ with random BN running statistics (tv-r50, tv-vgg16bn), and pairs trained on dig
 (trained-r20x4, trained-vgg11; trained once, cached under benchmarks/data, which git ignores).
 Implementations (same pairs, same machine, each case in a fresh subprocess so that peak memory is its own):
 - ``ours``: matching.weight_matching with its defaults; ``ours-scipy``: its settings before issue 13 (scipy
-  LAP, stop at zero gain);
+  LAP, random first sweep, stop at zero gain): today's objective;
 - ``plain``: the paper's Algorithm 1 pseudocode written out below with torch + scipy, nothing cached;
 - ``pypi-rebasin``: the ``rebasin`` package from PyPI, if importable (``pip install --no-deps --target
   .venv/pypi-rebasin rebasin torchview graphviz``: our own project is also called ``rebasin``).
 Objective = sum over all float tensors of <W_A, W_B'> (B' = the aligned B), so that implementations with
 different specs compare; ``same fn`` says whether B' still computes B's function (max abs output diff).
-Columns: sweeps (passes over all permutations), s/sweep, time in LAPs, in cost-matrix updates, and the rest;
+Columns: sweeps (passes over all permutations), s/sweep, time waiting for LAPs, in cost-matrix updates, and the rest;
 below the table, each run-0 objective trajectory (relative gap to the final objective after each sweep).
 """
 
@@ -91,9 +91,10 @@ def _torchvision_init(model, name, seed):
     torch.manual_seed(seed)
     if name == "resnet50":  # the project's ResNet-50 has torchvision's key layout
         model.load_state_dict(torchvision.models.resnet50(weights=None).state_dict())
-    else:  # the project's VGG16-BN has torchvision's features.{j} layout; its classifier is smaller
-        reference = torchvision.models.vgg16_bn(weights=None)
-        model.features.load_state_dict(reference.features.state_dict())
+    else:  # the project's VGG16-BN has torchvision's features.{j} layout without conv biases (torchvision's are
+        # initialised to 0, and BN follows each conv); its classifier is smaller
+        reference = torchvision.models.vgg16_bn(weights=None).features.state_dict()
+        model.features.load_state_dict({k: reference[k] for k in model.features.state_dict()})
         for layer in model.classifier:
             if isinstance(layer, torch.nn.Linear):
                 torch.nn.init.normal_(layer.weight, 0, 0.01)
@@ -177,7 +178,7 @@ def worker(impl, case, runs, device):
         row = {}
         start = time.perf_counter()
         if impl in ("ours", "ours-scipy"):  # ours-scipy: today's (before issue 13) settings
-            settings = {} if impl == "ours" else {"solver": "scipy", "rel_tol": 0.0}
+            settings = {} if impl == "ours" else {"solver": "scipy", "rel_tol": 0.0, "propagate": False}
             perms, info = matching.weight_matching(spec, a, b, seed=r, device=device, **settings)
             row.update(sweeps=info["iterations"], lap=info["seconds_lap"], cost=info["seconds_cost_updates"],
                        trajectory=info["trajectory"])
@@ -248,7 +249,7 @@ def main(argv=None):
         return
     try:
         import lap  # noqa: F401
-        solver = "lapx lapjvs"
+        solver = "lapx lapjvs for n >= 1024, scipy below"
     except ImportError:
         solver = "scipy (lapx not installed)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, LAP solver for 'ours': {solver}, "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -25,14 +27,21 @@ if _lapx is not None and not hasattr(_lapx, "lapjvs"):  # pragma: no cover (lapx
 REL_TOL = 0.0
 
 
+# "auto": lapx's lapjvs from this size on, scipy below. Which is faster depends on the matrices, not only on n
+# (same objective either way; one process, alternating, same load): torchvision-init ResNet-50, n=2048: lapjvs
+# 1.0-2.8 s per solve, scipy 5.0-15.3 s; its n=256/512 LAPs, 6 sweeps: 4.6-5.8 s with lapjvs, 7.1-7.9 s with
+# scipy; trained VGG11 (n <= 512), 8 sweeps: 30-32 s with lapjvs, 11-12 s with scipy. Below 1024 scipy,
+# for the trained pair.
+LAPX_FROM = 1024
+
+
 def solve_lap(cost: torch.Tensor, solver: str = "auto") -> torch.Tensor:
     """argmax_perm sum_i cost[i, perm[i]] as an index tensor (on cost's device).
 
-    "auto" is lapx's ``lapjvs`` (Jonker-Volgenant, float32 kernel) when lapx is installed, else scipy. Measured on
-    the cost matrices of real matching runs (benchmarks/README.md): same optima, and 3-6x faster than scipy from
-    n=512 on (torchvision-initialised ResNet-50, n=2048: ~1 s vs 5-10 s).
+    "lapx" is lapx's ``lapjvs`` (Jonker-Volgenant, float32 kernel), "scipy" scipy's; "auto" takes lapx for
+    n >= LAPX_FROM when it is installed, else scipy. Both reach the same optima (tests/test_matching_speed.py).
     """
-    if solver in ("auto", "lapx") and _lapx is not None:
+    if _lapx is not None and (solver == "lapx" or (solver == "auto" and len(cost) >= LAPX_FROM)):
         cols, _ = _lapx.lapjvs(-cost.detach().to("cpu", torch.float32).numpy(), extend_cost=False, return_cost=False,
                                jvx_like=False)
     else:
@@ -165,13 +174,29 @@ def objective(spec: PermutationSpec, perms, state_a, state_b) -> float:
     return total
 
 
-def _three_axis(tensor: torch.Tensor, axis: int, other_axis: int) -> torch.Tensor:
-    """``tensor`` as [axis, other_axis, everything else] (a contiguous copy)."""
+def _other_first(tensor: torch.Tensor, axis: int, other_axis: int) -> torch.Tensor:
+    """``tensor`` as [other_axis * everything else, axis] (a contiguous copy): the slices of one unit of
+    other_axis are contiguous rows, so gathering the moved units is a row gather and the cost term a plain
+    matmul (A^T B), no strided copies."""
     rest = [d for d in range(tensor.dim()) if d not in (axis, other_axis)]
-    t = tensor.permute(axis, other_axis, *rest).contiguous()
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    t = tensor.permute(other_axis, *rest, axis).contiguous()
+    return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
+@contextmanager
+def _one_core_for_laps():
+    """torch on all cores but one: the LAP solves run on that one, beside the cost updates. On the shared 2-core
+    machine under load, torch's two-thread copies and matmuls were 3-15x slower than one thread's (torchvision
+    ResNet-50: cost updates 34 s on two threads, 5.5 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_one_core_for_laps()
 def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_iter: int = 100, seed: int = 0,
                     init_perms: dict | None = None, device: str | torch.device = "cpu", solver: str = "auto",
                     rel_tol: float = REL_TOL, tick: Callable[[int, int, str], None] | None = None,
@@ -179,16 +204,25 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     """Coordinate descent over permutations maximising sum <W_A, pi(W_B)> (Algorithm 1).
 
     Returns ({perm name: index tensor on cpu}, {objective_initial, objective_final, iterations, seconds,
-    trajectory (objective before the first and after each pass), seconds_lap, seconds_cost_updates}).
-    Stops after a pass over all permutations (in a random order from ``seed``) that raised the objective by
-    no more than ``rel_tol`` relative to it (the paper: 0), or after ``max_iter`` passes. Without ``init_perms``,
-    the first pass propagates from the input instead (``propagate=False``: the paper's random first pass).
+    trajectory (objective before the first and after each pass), seconds_lap (waiting for LAP solves that
+    were not hidden behind cost updates), seconds_cost_updates}).
+    Stops after a pass over all permutations that raised the objective by no more than ``rel_tol`` relative
+    to it (the paper: 0), or after ``max_iter`` passes.
+
+    Without ``init_perms``, the first pass propagates from the input: permutations in the network's forward
+    order (as they first appear in the spec, i.e. the checkpoint's key order), each cost built only from the
+    terms whose other permutations were already visited, so each layer is solved after the one feeding it and
+    a permuted copy is aligned in one pass. Later passes go in a random order from ``seed``
+    (``propagate=False``: random from the start, as the paper). From a random order, mobilenet_v3_large
+    (squeeze-excitation gates) stopped in a poor local optimum (objective 28685 against the planted 48678).
 
     Nothing is recomputed whose inputs did not change: a permutation whose neighbours (permutations sharing
     a tensor with it) did not move since it was last solved is not solved again (same cost, same optimum);
     otherwise its cached cost matrix is updated only by the slices of the neighbours' permutations that
     moved (cost = sum_k A[:, k] B[:, q(k)]^T, so changing q on K changes only |K| of those products).
-    Late passes move few units, so they cost a small fraction of a full recomputation.
+    Late passes move few units, so they cost a small fraction of a full recomputation. A LAP is solved in a
+    thread while the next permutation's cost is updated and its LAP started, unless that one depends on it:
+    the same result as one after the other, with both cores busy.
     """
     start = time.perf_counter()
     sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state_a.items()})
@@ -209,11 +243,11 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     neighbours = {p: sorted({q for _, _, others in terms[p] for q, _ in others}
                             | ({spec.perms[p]["group_perm"]} if spec.perms.get(p, {}).get("group_perm") else set()))
                   for p in terms}
-    layouts: dict = {}  # (key, axis) -> (A, B) as [axis, other permuted axis, rest], built on first use
+    layouts: dict = {}  # (key, axis) -> (A, B) as [other permuted axis, rest, axis], built on first use
 
     def term_layout(key, axis, other_axis):
         if (key, axis) not in layouts:
-            layouts[(key, axis)] = (_three_axis(a[key], axis, other_axis), _three_axis(b[key], axis, other_axis))
+            layouts[(key, axis)] = (_other_first(a[key], axis, other_axis), _other_first(b[key], axis, other_axis))
         return layouts[(key, axis)]
 
     def full_cost(p, unseen=frozenset()):
@@ -221,8 +255,13 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
         for key, axis, others in terms[p]:
             if any(q in unseen for q, _ in others):
                 continue
-            b_other = _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis)
-            cost.addmm_(_as_matrix(a[key], axis), b_other.T)
+            if len(others) == 1:
+                (q, qax), = others
+                a3, b3 = term_layout(key, axis, qax)
+                cost.addmm_(a3.reshape(-1, sizes[p]).T, b3.index_select(0, perms[q]).reshape(-1, sizes[p]))
+            else:
+                b_other = _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis)
+                cost.addmm_(_as_matrix(a[key], axis), b_other.T)
         return cost
 
     def update_cost(p, cost, used):
@@ -237,8 +276,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
                     continue
                 a3, b3 = term_layout(key, axis, qax)
                 n = sizes[p]
-                delta_b = (b3[:, perms[q][changed]] - b3[:, used[q][changed]]).reshape(n, -1)
-                cost.addmm_(a3[:, changed].reshape(n, -1), delta_b.T)
+                delta_b = b3.index_select(0, perms[q][changed]) - b3.index_select(0, used[q][changed])
+                cost.addmm_(a3.index_select(0, changed).reshape(-1, n).T, delta_b.reshape(-1, n))
             else:  # several other permuted axes: swap the old term for the new one
                 old = {**perms, **{q: used[q] for q, _ in others}}
                 a_mat = _as_matrix(a[key], axis)
@@ -249,7 +288,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     cache: dict[str, tuple[torch.Tensor, dict]] = {}  # p -> (cost matrix, neighbour perms it was built with)
     current = objective_initial = objective(spec, perms, a, b)
     trajectory = [objective_initial]
-    seconds_lap = seconds_cost = 0.0
+    seconds_cost = 0.0
     gen = torch.Generator().manual_seed(seed)
     names = sorted(sizes)
     # Without a warm start, the first pass propagates from the fixed input: permutations in state-dict order, each
@@ -258,47 +297,74 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     # transformer's residual stream), visited late, is outvoted by blocks aligned to its identity guess and the
     # descent stops there: a planted permutation of a two-block DeiT was recovered for 3 of 6 seeds, 6 of 6 with it.
     unseen = set(sizes) if propagate and not init_perms else set()
+    # the network's forward order: permutations as they first appear in the spec (the checkpoint's key order)
+    forward = list(dict.fromkeys(q for axes in spec.axes_to_perm.values() for q in axes if q in sizes))
+    forward += [q for q in names if q not in forward]
+    pending = None  # (perm, cost, future of its LAP solve), solved in a thread while the next cost is updated
+    seconds_lap = 0.0
+
+    def finish(solving):
+        """Wait for a LAP solve and take its answer; returns the gain."""
+        nonlocal seconds_lap
+        if solving is None:
+            return 0.0
+        p, cost, future = solving
+        t0 = time.perf_counter()
+        new = future.result()
+        seconds_lap += time.perf_counter() - t0
+        old_value = cost.gather(1, perms[p][:, None]).sum().item()
+        new_value = cost.gather(1, new[:, None]).sum().item()
+        # the objective changes by exactly this: every term involving p is in its cost matrix. Like the
+        # paper, take the solver's answer also on ties (it is optimal for this cost), but count only gains.
+        if new_value >= old_value and not torch.equal(new, perms[p]):
+            perms[p] = new
+            return new_value - old_value
+        return 0.0
+
+    pool = ThreadPoolExecutor(max_workers=2)  # LAP solvers release the GIL: two can run, beside a cost update
     iterations = 0
     for iteration in range(max_iter):
         iterations = iteration + 1
         gain = 0.0
         propagating = bool(unseen)
-        order = [names.index(p) for p in sizes] if propagating else torch.randperm(len(names), generator=gen).tolist()
-        for i in order:
-            p = names[i]
+        order = forward if propagating else [names[i] for i in torch.randperm(len(names), generator=gen).tolist()]
+        for p in order:
             unseen.discard(p)
             if p in group_perms:
+                gain += finish(pending)
+                pending = None
                 step = group_step(spec, perms, p, a, b, solver)
                 if step is not None:
                     gain += step[0]
                     perms[p] = step[1]
                     perms.update(step[2])
                 continue
+            if pending is not None and pending[0] in neighbours[p]:
+                gain += finish(pending)  # p's cost depends on the permutation being solved
+                pending = None
             if p in cache and all(cache[p][1][q] is perms[q] for q in neighbours[p]):
                 continue  # nothing it depends on moved: same cost, same optimum
             t0 = time.perf_counter()
-            if propagating:
+            if propagating:  # partial costs (see above): not kept, the next pass builds full ones
                 cost = full_cost(p, unseen)
             else:
                 cost = update_cost(p, *cache[p]) if p in cache else full_cost(p)
                 cache[p] = (cost, {q: perms[q] for q in neighbours[p]})
-            t1 = time.perf_counter()
+            seconds_cost += time.perf_counter() - t0
             structure = spec.perms.get(p, {})
             if structure.get("groups", 1) > 1:
                 group_perm = perms[structure["group_perm"]] if structure["group_perm"] else torch.arange(structure["groups"])
-                new = solve_blocks(cost, structure["groups"], group_perm, solver)
+                future = pool.submit(solve_blocks, cost, structure["groups"], group_perm, solver)
             else:
-                new = solve_lap(cost, solver)
-            seconds_cost, seconds_lap = seconds_cost + t1 - t0, seconds_lap + time.perf_counter() - t1
-            old_value = cost.gather(1, perms[p][:, None]).sum().item()
-            new_value = cost.gather(1, new[:, None]).sum().item()
-            # the objective changes by exactly this: every term involving p is in its cost matrix. Like the
-            # paper, take the solver's answer also on ties (it is optimal for this cost), but count only gains.
-            if new_value >= old_value and not torch.equal(new, perms[p]):
-                perms[p] = new
-                gain += new_value - old_value
+                future = pool.submit(solve_lap, cost, solver)
+            # the previous LAP ran beside this cost update; p does not depend on it, so the result is the
+            # same as solving one after the other
+            gain += finish(pending)
+            pending = (p, cost, future)
             if tick is not None:
                 tick(iteration, max_iter, f"iteration {iteration + 1}: {p}")
+        gain += finish(pending)
+        pending = None
         if propagating:  # the partial costs did not see every change: measure, and keep the start if it was better
             before, current = current, objective(spec, perms, a, b)
             if current < before:
@@ -309,6 +375,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
         trajectory.append(current)
         if not propagating and gain <= rel_tol * max(abs(current), 1e-12):
             break
+    pool.shutdown()
     info = {"objective_initial": objective_initial, "objective_final": objective(spec, perms, a, b),
             "iterations": iterations, "seconds": time.perf_counter() - start, "trajectory": trajectory,
             "seconds_lap": seconds_lap, "seconds_cost_updates": seconds_cost}

@@ -52,3 +52,18 @@ def test_stopping_rule_costs_under_1e_4_of_the_objective(mlp_pair):
     _, loose = matching.weight_matching(spec, a, b, seed=0, rel_tol=0.05, propagate=False)
     assert loose["iterations"] < paper["iterations"]
     assert loose["objective_final"] < paper["objective_final"]
+
+
+def test_propagating_first_pass_aligns_a_permuted_copy_in_one_pass_and_restores_threads():
+    from matching.spec import apply_permutation, invert, perm_sizes, random_perms
+
+    torch.manual_seed(0)
+    model = matching.build_model("mlp", sizes=[16, 96, 96, 96, 96, 10])
+    spec = matching.infer_spec(model, torch.randn(2, 16))
+    a = model.state_dict()
+    planted = random_perms(perm_sizes(spec, {k: tuple(v.shape) for k, v in a.items()}), torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    # each layer solved after the one feeding it sees aligned inputs: one pass finds the planted permutation
+    perms, _ = matching.weight_matching(spec, a, apply_permutation(spec, planted, a), seed=0, max_iter=1)
+    assert all(torch.equal(perms[p], invert(q)) for p, q in planted.items())
+    assert torch.get_num_threads() == threads  # torch gave the LAP thread a core only while matching
