@@ -140,7 +140,8 @@ def test_cli_merge(mlp_pair, data_file, tmp_path, test_device):
 def test_dataset_validation(tmp_path, mlp_pair):
     x, y, _, _ = digits()
     for name, tensors, fragment in [
-        ("int_inputs", {"inputs": (x * 16).long(), "targets": y}, "float"),
+        ("int32_inputs", {"inputs": (x * 16).int(), "targets": y}, "float tensor"),
+        ("negative_tokens", {"inputs": -(x * 16).long(), "targets": y}, "non-negative"),
         ("bad_targets", {"inputs": x, "targets": y.float()}, "int64"),
         ("count", {"inputs": x, "targets": y[:-1]}, "examples"),
         ("missing", {"inputs": x}, "'targets'"),
@@ -148,7 +149,10 @@ def test_dataset_validation(tmp_path, mlp_pair):
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
         with pytest.raises(matching.MatchingError, match=fragment):
             matching.load_dataset(tmp_path / f"{name}.safetensors")
+    # valid files whose inputs the model cannot take: too few features; token ids for an MLP
     save_file({"inputs": x[:, :60].contiguous(), "targets": y}, str(tmp_path / "shape.safetensors"))
-    with pytest.raises(matching.MatchingError, match="do not fit the model"):
-        matching.merge_checkpoints(mlp_pair, method="activation_matching", architecture={"name": "mlp"},
-                                   dataset=tmp_path / "shape.safetensors")
+    save_file({"inputs": (x * 16).long(), "targets": y}, str(tmp_path / "tokens.safetensors"))
+    for name in ("shape", "tokens"):
+        with pytest.raises(matching.MatchingError, match="do not fit the model"):
+            matching.merge_checkpoints(mlp_pair, method="activation_matching", architecture={"name": "mlp"},
+                                       dataset=tmp_path / f"{name}.safetensors")
