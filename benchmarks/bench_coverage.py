@@ -72,7 +72,7 @@ def measure(name: str, max_params: float, max_build: float) -> dict:
             permuted += n if axes[0] is not None else 0
     out["share"] = round(permuted / hidden, 3) if hidden else None
     out["permutations"] = len(spec.free_perms)
-    out["structured"] = sorted({k for e in spec.perms.values() for k in e if k in ("groups", "segments", "expand")})
+    out["structured"] = sorted({k for e in spec.perms.values() for k in e if k in ("groups", "segments", "expand", "reindex")})
     return out
 
 

@@ -109,15 +109,21 @@ def _trace(model: nn.Module, example_input: torch.Tensor):
     gm = trace(model)
     labels = _Labels()
     if _unread_parameters(gm, model):
-        labels.visit_graph(_propagated(trace(model, top_training=True), model, example_input))
-        labels.auxiliary = True
+        try:
+            auxiliary = _propagated(trace(model, top_training=True), model, example_input)
+        except MatchingError:  # that graph does not trace or run: its parameters stay unpermuted
+            auxiliary = None
+        if auxiliary is not None:
+            labels.visit_graph(auxiliary)
+            labels.auxiliary = True
     labels.visit_graph(_propagated(gm, model, example_input))
     return labels
 
 
 def _unread_parameters(gm: torch.fx.GraphModule, model: nn.Module) -> bool:
     read = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
-    return any(not any(key == m or key.startswith(m + ".") for m in read) for key, _ in model.named_parameters())
+    return any(not any(".".join(key.split(".")[:i]) in read for i in range(1, key.count(".") + 2))
+               for key, _ in model.named_parameters())
 
 
 def _propagated(gm: torch.fx.GraphModule, model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
@@ -746,7 +752,7 @@ class _Labels:
                 units = range(self.shape(x)[cdim])[i]
                 if units.step != 1 or not units:
                     return None
-                label = self.sliced(label, len(range(self.shape(x)[cdim])), units.start, units.stop)
+                label = self.sliced(label, self.shape(x)[cdim], units.start, units.stop)
                 new_cdim = out_dim
             if isinstance(i, int):
                 in_dim += 1
