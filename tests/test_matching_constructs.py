@@ -320,6 +320,12 @@ def test_block_structured_spec_json_validation():
         spec_from_json({**good, "perms": {"P": {"groups": "two"}}})
     with pytest.raises(matching.MatchingError, match="itself"):
         spec_from_json({"axes_to_perm": {"w": ["P"]}, "perms": {"P": {"segments": [["P", 2]]}}})
+    shuffled = spec_from_json({"axes_to_perm": {"w": ["R", None]}, "perms": {"R": {"reindex": "P", "index": [0, 2, 1, 3]}}})
+    assert perm_sizes(shuffled, {"w": (4, 3)}) == {"P": 4}
+    with pytest.raises(matching.MatchingError, match="reindexes 4 units"):
+        perm_sizes(shuffled, {"w": (5, 3)})
+    with pytest.raises(matching.MatchingError, match="perms"):  # an index that is not a permutation
+        spec_from_json({"axes_to_perm": {"w": ["R"]}, "perms": {"R": {"reindex": "P", "index": [0, 0, 1]}}})
 
 
 def test_ste_matching_keeps_block_structure():
