@@ -1,14 +1,16 @@
 """Spec-inference coverage: every torchvision classification model and a sample of timm models.
 
     python -m benchmarks.bench_coverage [--torchvision all|none|NAME,...] [--timm 120|NAME,...]
-                                        [--timeout 600] [--max-params 200e6] [--jsonl results.jsonl]
+                                        [--timeout 600] [--max-params 200e6] [--max-build 700e6]
+                                        [--jsonl results.jsonl]
 
 Per model, each in a fresh subprocess (its own memory, a timeout): traced by torch.fx or not (and why),
 spec verified (a random permutation keeps the outputs in float64), the share of hidden channels permuted,
 and seconds to infer (trace, label, verify). Hidden channels = output channels of every Conv/Linear layer
 except the classifier's (the layers with ``num_classes`` = 11 outputs): what an expert's hand-written spec
 permutes. The timm sample takes one model of every architecture family (module; a small variant by its name),
-up to the number asked for. Models above --max-params are not verified on this machine (float64 copies).
+up to the number asked for. Models above --max-params are not verified on this machine (float64 copies), above --max-build
+(counted on the meta device) not built.
 Prints a table and the mean share over torchvision's convolutional models (all but ViT, Swin, MaxViT).
 """
 
@@ -24,7 +26,7 @@ NUM_CLASSES = 11
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 
 
-def measure(name: str, max_params: float) -> dict:
+def measure(name: str, max_params: float, max_build: float) -> dict:
     import torch
 
     import matching
@@ -33,6 +35,13 @@ def measure(name: str, max_params: float) -> dict:
     from matching.infer import infer_spec
 
     out = {"name": name}
+    try:  # counted on the meta device first: a model of billions of parameters is not built on this machine
+        with torch.device("meta"):
+            params = sum(p.numel() for p in matching.build_model(name, num_classes=NUM_CLASSES).parameters())
+    except Exception:  # noqa: BLE001 - counted for real below
+        params = 0
+    if params > max_build:
+        return out | {"params_m": round(params / 1e6, 1), "traced": None, "why": "not built (over --max-build)"}
     torch.manual_seed(0)
     start = time.perf_counter()
     try:
@@ -63,7 +72,7 @@ def measure(name: str, max_params: float) -> dict:
             permuted += n if axes[0] is not None else 0
     out["share"] = round(permuted / hidden, 3) if hidden else None
     out["permutations"] = len(spec.free_perms)
-    out["structured"] = sorted({k for e in spec.perms.values() for k in e if k in ("groups", "segments", "expand")})
+    out["structured"] = sorted({k for e in spec.perms.values() for k in e if k in ("groups", "segments", "expand", "reindex")})
     return out
 
 
@@ -77,7 +86,7 @@ def timm_sample(count: int) -> list[str]:
     names = [f"timm/{min(group, key=lambda n: (not any(t in n for t in small), len(n), n))}"
              for _, group in sorted(by_family.items())]
     if len(names) < count:  # fewer families than asked: add more models, spread over the list
-        rest = [f"timm/{n}" for n in timm.list_models() if f"timm/{n}" not in names]
+        rest = [f"timm/{n}" for n in timm.list_models() if f"timm/{n}" not in names and any(t in n for t in small)]
         names += rest[::max(1, len(rest) // (count - len(names)))][:count - len(names)]
     return names[:count]
 
@@ -88,11 +97,12 @@ def main() -> None:
     parser.add_argument("--timm", default="120")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--max-params", type=float, default=200e6)
+    parser.add_argument("--max-build", type=float, default=700e6)
     parser.add_argument("--jsonl", help="append each result here as it comes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.max_params)))
+        print(json.dumps(measure(args.one, args.max_params, args.max_build)))
         return
     from matching.architectures import torchvision_names
 
@@ -109,7 +119,8 @@ def main() -> None:
     for name in names:
         try:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_coverage", "--one", name,
-                                   "--max-params", str(args.max_params)], capture_output=True, text=True,
+                                   "--max-params", str(args.max_params), "--max-build", str(args.max_build)],
+                                  capture_output=True, text=True,
                                   timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             result = json.loads(lines[-1]) if lines else {"name": name, "traced": False,

@@ -555,24 +555,32 @@ def _infer_library(name: str, shapes: dict[str, tuple[int, ...]]) -> dict:
 
 def _library_example(name: str, model: nn.Module, batch: int) -> torch.Tensor:
     """32 x 32 images where the model takes them (cheap to trace and verify), else the smallest size that
-    runs on the meta device among the library's own input sizes."""
+    runs on the meta device among the library's own input sizes; a size that also runs the auxiliary heads
+    (computed with the top module's training flag: Inception v3's need 299 x 299) is preferred, so that spec
+    inference sees and permutes them."""
     x = _default_example(model, batch)
     sides = [32, 64, 96, 128]
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     for key in ("min_input_size", "input_size", "test_input_size"):
         if cfg.get(key):
             sides.append(int(cfg[key][-1]))
-    sides.append(224)
+    sides += [224, 299]
+    runs = None
+    meta = copy.deepcopy(model).to("meta")
     for side in dict.fromkeys(sides):
         shape = (batch, x.shape[1], *([side] * (x.dim() - 2))) if x.dim() > 2 else tuple(x.shape)
-        if _runs_on_meta(name, model, shape):
-            return torch.randn(shape)
+        if _runs_on_meta(meta, shape):
+            if _runs_on_meta(meta, shape, top_training=True):
+                return torch.randn(shape)
+            runs = runs or shape
+    if runs is not None:
+        return torch.randn(runs)
     return torch.randn(batch, x.shape[1], 224, 224) if x.dim() > 2 else x
 
 
-def _runs_on_meta(name, model, shape) -> bool:
+def _runs_on_meta(meta: nn.Module, shape, top_training: bool = False) -> bool:
     try:
-        meta = copy.deepcopy(model).to("meta").eval()
+        meta.eval().training = top_training
         with torch.no_grad():
             meta(torch.empty(shape, device="meta"))
         return True

@@ -28,6 +28,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_leaves
 
 from matching.errors import MatchingError
 from matching.infer_attention import AttentionRules
@@ -71,10 +72,13 @@ def _pass_through_functions():
 _TRACE_LOCK = threading.Lock()
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """torch.fx symbolic trace in eval mode; a model that cannot be traced is a MatchingError naming the construct."""
+def trace(model: nn.Module, top_training: bool = False) -> torch.fx.GraphModule:
+    """torch.fx symbolic trace in eval mode (``top_training``: the top module's own flag set, every submodule in
+    eval mode: the graph with GoogLeNet's and Inception's auxiliary heads, still deterministic); a model that
+    cannot be traced is a MatchingError naming the construct."""
     was_training = model.training
     model.eval()
+    model.training = top_training
     try:
         with _TRACE_LOCK:
             return torch.fx.symbolic_trace(model)
@@ -98,43 +102,74 @@ def untraceable_message(model: nn.Module, exc: BaseException) -> str:
             "it as 'permutation_spec' instead of 'architecture' (weight matching only).")
 
 
-# torch.fx tracing patches module-global state: two threads tracing at once (an API process answering
-# concurrent job submissions) corrupt it for good, and every later trace in the process fails.
-_TRACE_LOCK = threading.Lock()
-
-
 def _trace(model: nn.Module, example_input: torch.Tensor):
-    """Label every graph value; returns a _Labels with the graph module, node -> (label, channel_dim), param axes."""
+    """Label every graph value; returns a _Labels with the graph module, node -> (label, channel_dim), param axes.
+    Parameters that the eval-mode graph never reads (auxiliary heads that run only in training) are labelled
+    from the graph traced with the top module's training flag, in the same union-find: a parameter read by
+    both graphs ties their labels. The eval-mode graph is labelled last: its nodes are the activation points."""
     gm = trace(model)
+    labels = _Labels()
+    if _unread_parameters(gm, model):
+        try:
+            auxiliary = _propagated(trace(model, top_training=True), model, example_input)
+        except MatchingError:  # that graph does not trace or run: its parameters stay unpermuted
+            auxiliary = None
+        if auxiliary is not None:
+            labels.visit_graph(auxiliary)
+            labels.auxiliary = True
+    labels.visit_graph(_propagated(gm, model, example_input))
+    return labels
+
+
+def _unread_parameters(gm: torch.fx.GraphModule, model: nn.Module) -> bool:
+    read = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    return any(not any(".".join(key.split(".")[:i]) in read for i in range(1, key.count(".") + 2))
+               for key, _ in model.named_parameters())
+
+
+def _propagated(gm: torch.fx.GraphModule, model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
+    """Shapes on every node, from one run in eval mode (the graph's submodules are the model's own: a run in
+    training mode would update its BN statistics)."""
+    was_training = model.training
+    gm.eval()
     try:
-        ShapeProp(gm).propagate(example_input)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise MatchingError(f"the example input of shape {list(example_input.shape)} does not run through "
                             f"{type(model).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
-    labels = _Labels(gm)
-    for node in gm.graph.nodes:
-        labels.visit(node)
-    return labels
+    finally:
+        model.train(was_training)
+    return gm
 
 
 class _Labels(AttentionRules):
     """Union-find over channel labels, with the structure of each (groups, segments, expansion)."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
-        self.gm = gm
+    def __init__(self):
         self.parent: dict[str, str] = {FIXED: FIXED}
         self.order: dict[str, int] = {FIXED: -1}
         self.groups: dict[str, tuple[int, str]] = {}  # root label -> (number of groups, group-permutation label)
-        self.derived: dict[str, tuple] = {}  # label -> ("segments", [(label, size)]) | ("expand", label, per_unit)
+        # label -> ("segments", [(label, size)]) | ("expand", label, per_unit) | ("reindex", label, index)
+        self.derived: dict[str, tuple] = {}
+        self.param_axes: dict[str, list[str | None]] = {}
+        self.grouped: list[tuple[str, str]] = []  # (output, input) labels of grouped convolutions
+        self.auxiliary = False  # labelled also from the graph with the top module's training flag
+        self.state_keys: set[str] = set()
+        self.pass_functions = _PASS_FUNCTIONS | _pass_through_functions()
+
+    def visit_graph(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.state_keys |= set(gm.state_dict())
         self.info: dict[str, tuple[str, int]] = {}  # node name -> (label, channel axis)
         self.params: dict[str, tuple[str, list[int | None]]] = {}  # node -> (state key, node dim -> param dim)
-        self.param_axes: dict[str, list[str | None]] = {}
+        self.pieces: dict[str, list[tuple[str, int]]] = {}  # node returning tensors (chunk, split) -> their info
+        self.spread: dict[str, tuple[int, torch.Tensor]] = {}  # node -> (first axis, unit at each position)
         self.activation_nodes: list[str] = []
-        self.grouped: list[tuple[str, str]] = []  # (output, input) labels of grouped convolutions
-        self.state_keys = set(gm.state_dict().keys())
-        self.pass_functions = _PASS_FUNCTIONS | _pass_through_functions()
         self.heads: dict = {}  # node -> Heads (a tensor inside an attention layer, see matching.infer_attention)
         self.tuples: dict = {}  # node -> per element: ("info", (label, axis)) | ("heads", Heads) | None
+        for node in gm.graph.nodes:
+            self.visit(node)
 
     # --- union-find -------------------------------------------------------------------------------------
     def find(self, x):
@@ -167,6 +202,12 @@ class _Labels(AttentionRules):
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return ra
+        if self.alike(ra, rb):  # the same structure (one graph's cat and another's): the same parts
+            self.parent[rb] = ra
+            kind_a, kind_b = self.derived[ra], self.derived[rb]
+            for part_a, part_b in zip(*([p for p, _ in k[1]] if k[0] == "segments" else [k[1]] for k in (kind_a, kind_b))):
+                self.union(part_a, part_b)
+            return self.find(ra)
         if FIXED in (ra, rb) or ra in self.derived or rb in self.derived:
             self.fix(ra)
             return self.fix(rb)
@@ -181,6 +222,14 @@ class _Labels(AttentionRules):
         if ga or gb:
             self.groups[ra] = ga or gb
         return ra
+
+    def alike(self, ra, rb):
+        kind_a, kind_b = self.derived.get(ra), self.derived.get(rb)
+        if kind_a is None or kind_b is None or kind_a[0] != kind_b[0]:
+            return False
+        if kind_a[0] == "segments":
+            return [n for _, n in kind_a[1]] == [n for _, n in kind_b[1]]
+        return kind_a[2] == kind_b[2]
 
     def set_groups(self, label, groups, group_label=None):
         """Units of ``label`` move only within ``groups`` contiguous groups; whole groups move by ``group_label``."""
@@ -203,6 +252,49 @@ class _Labels(AttentionRules):
         self.derived[label] = structure
         return label
 
+    def sliced(self, label, n, start, stop):
+        """Label of units ``start:stop`` of ``label`` (``n`` units; torch.chunk, split, x[:, a:b]). Permuted
+        units must stay inside the slice, so the label is cut there: a free label becomes segments of new ones,
+        a derived label is cut in its parts."""
+        root = self.find(label)
+        if root == FIXED or (start, stop) == (0, n):
+            return root
+        kind = self.derived.get(root)
+        if kind is None:
+            if root in self.groups:  # units move within groups: a cut through them is not followed
+                return self.fix(root)
+            cuts = [(a, b) for a, b in ((0, start), (start, stop), (stop, n)) if b > a]
+            parts = [(self.new_label(f"{root}[{a}:{b}]", ""), b - a) for a, b in cuts]
+            self.derived[root] = ("segments", parts)
+            return parts[cuts.index((start, stop))][0]
+        if kind[0] == "segments":
+            pieces, offset = [], 0
+            for part, size in kind[1]:
+                lo, hi = max(start, offset), min(stop, offset + size)
+                if lo < hi:
+                    pieces.append((self.sliced(part, size, lo - offset, hi - offset), hi - lo))
+                offset += size
+            return pieces[0][0] if len(pieces) == 1 else self.new_derived(f"{root}[{start}:{stop}]", ("segments", pieces))
+        if kind[0] == "reindex":  # the slice holds some units of the inner label: cut it around each run of them
+            units = kind[2][start:stop]
+            ordered = sorted(units)
+            runs, begin = [], 0
+            for i in range(1, len(ordered) + 1):
+                if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+                    runs.append((ordered[begin], ordered[i - 1] + 1))
+                    begin = i
+            pieces = [(self.sliced(kind[1], n, a, b), b - a) for a, b in runs]
+            inner = pieces[0][0] if len(pieces) == 1 else self.new_derived(f"{root}[{start}:{stop}]", ("segments", pieces))
+            rank = {u: r for r, u in enumerate(ordered)}
+            return self.reindexed(inner, [rank[u] for u in units])
+        return self.fix(root)  # an expansion (a flattened map) is not cut
+
+    def reindexed(self, label, index):
+        """``label``'s units in the order ``index`` (entry i is unit index[i])."""
+        if index == sorted(index) or self.find(label) == FIXED:
+            return self.find(label)
+        return self.new_derived(f"reindex_{label}", ("reindex", label, list(index)))
+
     # --- helpers ----------------------------------------------------------------------------------------
     @staticmethod
     def shape(node):
@@ -211,10 +303,15 @@ class _Labels(AttentionRules):
 
     def tensor_args(self, node):
         out = []
-        torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) if n.name in self.info else None)
+        torch.fx.node.map_arg((node.args, node.kwargs),
+                              lambda n: out.append(n) if n.name in self.info or n.name in self.pieces else None)
         return out
 
     def fix_node(self, node):
+        if node.name in self.pieces:
+            for label, _ in self.pieces[node.name]:
+                self.fix(label)
+            return
         if node.name in self.params:
             self.set_axes(self.params[node.name][0], [FIXED] * len(self.param_shape(self.params[node.name][0])))
         self.fix(self.info[node.name][0])
@@ -249,6 +346,8 @@ class _Labels(AttentionRules):
         label, cdim = self.info[x.name]
         in_shape = self.shape(x)
         lead = math.prod(in_shape[:cdim])
+        if x.name in self.spread:
+            return self.merged(x, out_shape)
         for i in range(len(out_shape)):
             if math.prod(out_shape[:i]) != lead:
                 continue
@@ -260,7 +359,33 @@ class _Labels(AttentionRules):
                     if self.find(label) == FIXED:
                         return FIXED, 0
                     return self.new_derived(f"flat_{x.name}", ("expand", label, per_unit)), i
+        for i in range(len(out_shape)):  # the channel split over several axes (a channel shuffle's view)
+            for j in range(i + 2, len(out_shape) + 1):
+                if math.prod(out_shape[:i]) == lead and math.prod(out_shape[i:j]) == in_shape[cdim] and out_shape[i] > 1:
+                    self.spread[self.current] = (i, torch.arange(in_shape[cdim]).reshape(out_shape[i:j]))
+                    return label, i
         return self.fix(label), 0
+
+    def merged(self, x, out_shape):
+        """A channel spread over axes (``spread``) merged back into one axis: its units in their new order."""
+        label, first = self.info[x.name]
+        units = self.spread[x.name][1]
+        lead = math.prod(self.shape(x)[:first])
+        for i in range(len(out_shape)):
+            if math.prod(out_shape[:i]) == lead and out_shape[i] == units.numel():
+                return self.reindexed(label, units.reshape(-1).tolist()), i
+        return self.fix(label), 0
+
+    def spread_permuted(self, x, dims):
+        """A permute of a spread channel's axes among themselves (the shuffle's transpose) reorders its units."""
+        label, first = self.info[x.name]
+        units = self.spread[x.name][1]
+        axes = range(first, first + units.dim())
+        where = [o for o, d in enumerate(dims) if d in axes]
+        if where != list(range(where[0], where[0] + len(where))):
+            return None
+        self.spread[self.current] = (where[0], units.permute([dims[o] - first for o in where]))
+        return label, where[0]
 
     def param_reshaped(self, node, x, out_shape):
         """A parameter viewed with singleton axes added or removed keeps track of its own axes."""
@@ -362,6 +487,7 @@ class _Labels(AttentionRules):
             tuple(self.gm.get_buffer(key).shape)
 
     def visit(self, node):
+        self.current = node.name
         out_shape = self.shape(node)
         if node.op == "placeholder":
             if out_shape is not None:
@@ -380,7 +506,8 @@ class _Labels(AttentionRules):
             return
         if out_shape is None:  # not a tensor: metadata reads are harmless, anything else (tuples of tensors) fixes
             if not (node.op == "call_function" and node.target in (getattr, torch._assert)
-                    or node.op == "call_method" and node.target in ("size", "dim", "numel")):
+                    or node.op == "call_method" and node.target in ("size", "dim", "numel")
+                    or self.split(node)):
                 self.fix_all(node)
             return
         result = self.rule(node, out_shape)
@@ -393,6 +520,11 @@ class _Labels(AttentionRules):
         args = node.args
         x = args[0] if args and isinstance(args[0], torch.fx.Node) and args[0].name in self.info else None
         kw = node.kwargs
+        if any(a.name in self.spread for a in self.tensor_args(node)):
+            return self.spread_rule(node, x, out_shape)
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(args[0], torch.fx.Node) \
+                and args[0].name in self.pieces:
+            return self.pieces[args[0].name][args[1]] if isinstance(args[1], int) else None
         if x is not None and x.name in self.params and not (node.op == "call_function" and node.target in _ELEMENTWISE_BINARY) \
                 and not (node.op == "call_method" and node.target in _ELEMENTWISE_BINARY_METHODS):
             if node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten") or \
@@ -513,6 +645,44 @@ class _Labels(AttentionRules):
                 return self.reduced(x, args[1:], kw, out_shape)
         return None
 
+    def split(self, node):
+        """torch.chunk / split: each piece gets its slice of the channel (or the whole channel when split along
+        another axis); ``getitem`` picks them. Returns whether it understood the node."""
+        chunking = node.op == "call_method" and node.target in ("chunk", "split") or \
+            node.op == "call_function" and node.target in (torch.chunk, torch.split)
+        x = node.args[0] if node.args else None
+        metas = node.meta.get("tensor_meta")
+        if not chunking or not isinstance(x, torch.fx.Node) or x.name not in self.info or x.name in self.params \
+                or x.name in self.spread or not isinstance(metas, (tuple, list)):
+            return False
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not isinstance(dim, int):
+            return False
+        label, cdim = self.info[x.name]
+        n = self.shape(x)[cdim]
+        if dim % len(self.shape(x)) != cdim:
+            self.pieces[node.name] = [(label, cdim)] * len(metas)
+            return True
+        bounds = [0]
+        for meta in metas:
+            bounds.append(bounds[-1] + meta.shape[cdim])
+        self.pieces[node.name] = [(self.sliced(label, n, a, b), cdim) for a, b in zip(bounds, bounds[1:])]
+        return True
+
+    def spread_rule(self, node, x, out_shape):
+        """The ops a channel spread over several axes goes through in a channel shuffle; anything else fixes it."""
+        if x is None or x.name not in self.spread or sum(a.name in self.spread for a in self.tensor_args(node)) > 1:
+            return None
+        method, function = node.op == "call_method", node.op == "call_function"
+        if method and node.target in ("contiguous", "clone"):
+            self.spread[node.name] = self.spread[x.name]
+            return self.info[x.name]
+        if method and node.target in ("view", "reshape", "flatten") or function and node.target in (torch.reshape, torch.flatten):
+            return self.reshaped(x, out_shape)
+        if method and node.target in ("permute", "transpose") or function and node.target in (torch.permute, torch.transpose):
+            return self.permuted(x, node.target if method else node.target.__name__, node.args[1:], node.kwargs)
+        return None
+
     def _arg(self, node, index, name):
         """State key of an argument read from the module; None if absent; False if something else."""
         value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
@@ -539,12 +709,16 @@ class _Labels(AttentionRules):
             dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else (list(rest) or kw.get("dims"))
             if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
                 return None
-            return label, [d % nd for d in dims].index(cdim)
-        d0, d1 = (list(rest) + [kw.get("dim0"), kw.get("dim1")])[:2] if len(rest) >= 2 else (kw.get("dim0"), kw.get("dim1"))
-        if not isinstance(d0, int) or not isinstance(d1, int):
-            return None
-        d0, d1 = d0 % nd, d1 % nd
-        return label, d1 if cdim == d0 else d0 if cdim == d1 else cdim
+            dims = [d % nd for d in dims]
+        else:
+            d0, d1 = (list(rest) + [kw.get("dim0"), kw.get("dim1")])[:2] if len(rest) >= 2 else (kw.get("dim0"), kw.get("dim1"))
+            if not isinstance(d0, int) or not isinstance(d1, int):
+                return None
+            dims = list(range(nd))
+            dims[d0 % nd], dims[d1 % nd] = d1 % nd, d0 % nd
+        if x.name in self.spread:
+            return self.spread_permuted(x, dims)
+        return label, dims.index(cdim)
 
     def reduced(self, x, rest, kw, out_shape):
         label, cdim = self.info[x.name]
@@ -582,8 +756,12 @@ class _Labels(AttentionRules):
                 out_dim += 1
                 continue
             if in_dim == cdim:
-                if i != slice(None):
+                if not isinstance(i, slice) or not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)):
                     return None
+                units = range(self.shape(x)[cdim])[i]
+                if units.step != 1 or not units:
+                    return None
+                label = self.sliced(label, self.shape(x)[cdim], units.start, units.stop)
                 new_cdim = out_dim
             if isinstance(i, int):
                 in_dim += 1
@@ -649,7 +827,8 @@ def _resolve_spec(labels: _Labels, state: dict) -> PermutationSpec:
                 inner = name(kind[1])
                 if inner is None:
                     return None
-                perms[root] = {"expand": inner, "per_unit": kind[2]}
+                perms[root] = {"expand": inner, "per_unit": kind[2]} if kind[0] == "expand" else \
+                    {"reindex": inner, "index": kind[2]}
         elif root in labels.groups and root not in perms:
             groups, group_label = labels.groups[root]
             group_root = labels.find(group_label)
@@ -666,7 +845,7 @@ def _resolve_spec(labels: _Labels, state: dict) -> PermutationSpec:
         if p not in reachable:
             reachable.add(p)
             entry = perms.get(p, {})
-            todo += [s for s, _ in entry.get("segments", []) if s] + ([entry["expand"]] if "expand" in entry else [])
+            todo += [s for s, _ in entry.get("segments", []) if s] + [entry[k] for k in ("expand", "reindex") if k in entry]
     return PermutationSpec(axes_to_perm, {p: v for p, v in perms.items() if p in reachable})
 
 
@@ -675,7 +854,7 @@ def infer_spec(model: nn.Module, example_input: torch.Tensor, verify: bool = Tru
     labels = _trace(model, example_input)
     spec = _resolve_spec(labels, model.state_dict())
     if verify:
-        verify_spec(model, spec, example_input)
+        verify_spec(model, spec, example_input, auxiliary=labels.auxiliary)
     return spec
 
 
@@ -708,8 +887,11 @@ def activation_points(model: nn.Module, example_input: torch.Tensor, spec: Permu
     return {p: post[p] or points[p] for p in points}, labels.gm
 
 
-def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Tensor, seed: int = 0) -> None:
-    """Permute a float64 copy of ``model`` at random per ``spec``; outputs must not change."""
+def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Tensor, seed: int = 0,
+                auxiliary: bool = False) -> None:
+    """Permute a float64 copy of ``model`` at random per ``spec``; outputs must not change (``auxiliary``: also
+    those computed with the top module's training flag set and every submodule in eval mode, e.g. GoogLeNet's
+    auxiliary heads)."""
     reference = copy.deepcopy(model).double().eval()
     state = reference.state_dict()
     # randomise BN statistics so that a spec that forgets them fails
@@ -724,11 +906,13 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Te
     permuted = copy.deepcopy(reference)
     permuted.load_state_dict(apply_permutation(spec, random_perms(sizes, gen, spec), state))
     x = example_input.double() if example_input.is_floating_point() else example_input  # token ids stay ids
-    with torch.no_grad():
-        expected, got = reference(x), permuted(x)
-    if isinstance(expected, (tuple, list)):  # e.g. GoogLeNet/Inception with auxiliary outputs
-        expected, got = expected[0], got[0]
-    err = (expected - got).abs().max().item()
-    if not err <= 1e-8 * (1 + expected.abs().max().item()):
+    err, scale = 0.0, 0.0
+    for top_training in (False, True) if auxiliary else (False,):
+        reference.training = permuted.training = top_training
+        with torch.no_grad():
+            outputs = zip(tree_leaves(reference(x)), tree_leaves(permuted(x)))
+        for expected, got in ((e, g) for e, g in outputs if isinstance(e, torch.Tensor)):
+            err, scale = max(err, (expected - got).abs().max().item()), max(scale, expected.abs().max().item())
+    if not err <= 1e-8 * (1 + scale):
         raise MatchingError(f"the inferred permutation spec of {type(model).__name__} is not function-preserving (max abs "
                             f"diff {err:.3g}), so it is not used; export a spec with `rebasin spec --module` and send it as permutation_spec")

@@ -19,6 +19,9 @@ Block-structured symmetries are described in ``perms`` (optional; a name not in 
   segments in order (``torch.cat`` along the channel axis); ``null`` is a segment that is not permuted.
 - ``{"expand": "P_c", "per_unit": 49}``: a derived permutation where each unit of ``P_c`` spans ``per_unit``
   consecutive entries (a ``C x H x W`` map flattened into a Linear layer).
+- ``{"reindex": "P_d", "index": [0, 4, 1, 5, ...]}``: a derived permutation acting on ``P_d``'s units in a
+  fixed order: entry ``i`` of the axis is unit ``index[i]`` of ``P_d`` (ShuffleNet's channel shuffle; the
+  units of ``P_d`` move as ``P_d`` says, wherever the shuffle put them).
 
 Results are index lists per free and group permutation: ``new[..., i, ...] = old[..., perm[i], ...]``; a
 block-structured permutation's list satisfies ``perm[j*k:(j+1)*k] // k == S[j]``.
@@ -53,8 +56,8 @@ class PermutationSpec:
         entry = self.perms.get(name, {})
         if "segments" in entry:
             return [p for seg, _ in entry["segments"] if seg is not None for p in self.parts(seg)]
-        if "expand" in entry:
-            return self.parts(entry["expand"])
+        if "expand" in entry or "reindex" in entry:
+            return self.parts(entry.get("expand") or entry["reindex"])
         return [name]
 
     @property
@@ -95,7 +98,8 @@ def spec_from_json(obj) -> PermutationSpec:
 
 def _check_structure(name, entry) -> dict:
     bad = MatchingError(f"permutation_spec perms[{name!r}] must be {{\"groups\": G, \"group_perm\": name}}, "
-                        "{\"segments\": [[name or null, size], ...]} or {\"expand\": name, \"per_unit\": n}")
+                        "{\"segments\": [[name or null, size], ...]}, {\"expand\": name, \"per_unit\": n} or "
+                        "{\"reindex\": name, \"index\": [a permutation of 0..n-1]}")
     if not isinstance(entry, dict):
         raise bad
     if set(entry) == {"groups", "group_perm"}:
@@ -112,6 +116,10 @@ def _check_structure(name, entry) -> dict:
         return {"segments": segments}
     if set(entry) == {"expand", "per_unit"} and isinstance(entry["expand"], str) and _positive_int(entry["per_unit"]):
         return {"expand": entry["expand"], "per_unit": int(entry["per_unit"])}
+    if set(entry) == {"reindex", "index"} and isinstance(entry["reindex"], str) and isinstance(entry["index"], list) \
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in entry["index"]) \
+            and sorted(entry["index"]) == list(range(len(entry["index"]))) and entry["index"]:
+        return {"reindex": entry["reindex"], "index": list(entry["index"])}
     raise bad
 
 
@@ -123,7 +131,7 @@ def _resolve(spec: PermutationSpec, name: str, seen: set) -> None:
     if name in seen:
         raise MatchingError(f"permutation_spec perms: {name!r} is defined in terms of itself")
     entry = spec.perms.get(name, {})
-    for part in ([s for s, _ in entry.get("segments", []) if s] + ([entry["expand"]] if "expand" in entry else [])):
+    for part in ([s for s, _ in entry.get("segments", []) if s] + [entry[k] for k in ("expand", "reindex") if k in entry]):
         _resolve(spec, part, seen | {name})
 
 
@@ -154,6 +162,10 @@ def perm_sizes(spec: PermutationSpec, shapes: dict[str, tuple[int, ...]]) -> dic
             if size % entry["per_unit"]:
                 raise MatchingError(f"permutation {name!r} expands units by {entry['per_unit']} but acts on {where} of size {size}")
             note(entry["expand"], f"{where} (expanded)", size // entry["per_unit"])
+        elif "reindex" in entry:
+            if len(entry["index"]) != size:
+                raise MatchingError(f"permutation {name!r} reindexes {len(entry['index'])} units but acts on {where} of size {size}")
+            note(entry["reindex"], f"{where} (reindexed)", size)
         else:
             found.setdefault(name, {})[where] = size
 
@@ -227,6 +239,10 @@ def full_index(spec: PermutationSpec, perms: dict[str, torch.Tensor], name: str)
         inner = full_index(spec, perms, entry["expand"])
         s = entry["per_unit"]
         return (inner[:, None] * s + torch.arange(s, device=inner.device)).reshape(-1)
+    if "reindex" in entry:  # conjugate: position i holds unit index[i], which moves to where P_d puts it
+        inner = full_index(spec, perms, entry["reindex"])
+        index = torch.tensor(entry["index"], device=inner.device)
+        return invert(index)[inner[index]]
     return perms[name]
 
 
@@ -315,6 +331,10 @@ def matching_view(spec: PermutationSpec, states: list[dict[str, torch.Tensor]]):
                 s = entry["per_unit"]
                 emit(key, axes[:axis] + (entry["expand"], None) + axes[axis + 1:],
                      [t.reshape(*t.shape[:axis], t.shape[axis] // s, s, *t.shape[axis + 1:]) for t in tensors])
+                return
+            if "reindex" in entry:  # the axis back in the inner permutation's order
+                order = invert(torch.tensor(entry["index"], device=tensors[0].device))
+                emit(key, axes[:axis] + (entry["reindex"],) + axes[axis + 1:], [t.index_select(axis, order) for t in tensors])
                 return
         if any(axes):
             axes_out[key] = axes

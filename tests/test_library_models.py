@@ -15,6 +15,7 @@ from safetensors.torch import load as load_safetensors
 
 import matching
 from matching.architectures import example_input
+from matching.checkpoints import load_checkpoint
 from matching.spec import apply_permutation, invert, perm_sizes, random_perms, spec_from_json
 from tests.conftest import REPO_ROOT
 from tests.service_helpers import artifact, wait_for
@@ -49,6 +50,13 @@ def _torch_file(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def _saved(state, wrapper, dtype) -> bytes:
+    """``state`` in ``dtype`` as users' training code saves it: plain, or wrapped in a training checkpoint."""
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return _torch_file({"plain": state, "state_dict": {"state_dict": state, "epoch": 3},
+                        "model_optimizer": {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}}[wrapper])
 
 
 @pytest.fixture
@@ -105,10 +113,7 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
             model, spec, a, b, planted = _planted_pair(name, verify=False, num_classes=10)  # the server verifies
             ids = []
             for which, state in (("a", a), ("b", b)):
-                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-                obj = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3},
-                       "model_optimizer": {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}}[wrapper]
-                response = client.post("/v1/checkpoints", files={"file": (f"{which}.pt", _torch_file(obj))})
+                response = client.post("/v1/checkpoints", files={"file": (f"{which}.pt", _saved(state, wrapper, dtype))})
                 assert response.status_code == 201, response.text
                 ids.append(response.json()["id"])
             response = client.post("/v1/jobs", json={"checkpoints": ids, "architecture": {"name": name}})
@@ -167,22 +172,43 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
         assert (outputs[0] - outputs[1]).abs().max() <= 1e-4 * (1 + outputs[0].abs().max())
 
 
-# Library level: the rest of the models named in the issue (spec verified in float64 by infer_spec, planted
-# permutation recovered by weight matching, aligned model = A).
+# Library level, the worker's path without HTTP (files read by its loader, merged by its entry point): the rest
+# of the models named in the issue, and ShuffleNet (channel shuffle).
 # (mobilenet_v3_large: with the paper's random first pass weight matching stopped in a local optimum there,
 # objective 28685 against the planted permutation's 48678; the propagating first pass recovers it)
-LIBRARY_CASES = ["torchvision/resnext50_32x4d", "torchvision/densenet121", "torchvision/googlenet",
-                 "torchvision/convnext_tiny", "torchvision/mobilenet_v3_large"]
+LIBRARY_CASES = [("torchvision/resnet50", "plain", torch.float32), ("timm/resnet50", "model_optimizer", torch.bfloat16),
+                 ("torchvision/vgg16_bn", "state_dict", torch.float16),
+                 ("torchvision/regnet_y_400mf", "state_dict", torch.float16),
+                 ("torchvision/resnext50_32x4d", "plain", torch.float32),
+                 ("torchvision/densenet121", "state_dict", torch.bfloat16),
+                 ("torchvision/googlenet", "model_optimizer", torch.float16),
+                 ("torchvision/convnext_tiny", "plain", torch.float32),
+                 ("torchvision/shufflenet_v2_x0_5", "state_dict", torch.float32),
+                 ("torchvision/mobilenet_v3_large", "plain", torch.float32)]
 
 
-@pytest.mark.parametrize("name", LIBRARY_CASES)
-def test_library_model_planted_permutation(name):
-    model, spec, a, b, planted = _planted_pair(name, num_classes=10)
+@pytest.mark.parametrize("name,wrapper,dtype", LIBRARY_CASES)
+def test_library_model_from_saved_files(name, wrapper, dtype, tmp_path):
+    model, spec, a, b, planted = _planted_pair(name, verify=False, num_classes=10)  # merge verifies its spec
     assert sum(1 for axes in spec.axes_to_perm.values() if any(axes)) > 0.9 * sum(
         1 for k, v in a.items() if v.dim() > 0 and not k.startswith(("fc.", "classifier.", "head.")))
-    perms, _ = matching.weight_matching(spec, a, b, seed=0)
-    for perm, p in planted.items():
-        assert torch.equal(perms[perm], invert(p)), perm
+    states = []
+    for which, state in (("a", a), ("b", b)):
+        (tmp_path / f"{which}.pt").write_bytes(_saved(state, wrapper, dtype))
+        states.append(load_checkpoint(tmp_path / f"{which}.pt"))
+    outcome = matching.merge_checkpoints(states, architecture={"name": name})
+    assert spec_from_json(outcome.permutation).axes_to_perm == spec.axes_to_perm
+    for perm, p in planted.items():  # recovered exactly
+        assert outcome.permutation["permutations"][perm] == invert(p).tolist(), perm
+    aligned = outcome.aligned[0]
+    assert all(torch.equal(aligned[k], states[0][k]) for k in a)
+    x = example_input(name, model)
+    outputs = []
+    for state in (states[1], aligned):  # the aligned B computes B's function (eval mode, BN statistics random)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        with torch.no_grad():
+            outputs.append(model(x))
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-4 * (1 + outputs[0].abs().max()), name
 
 
 def test_registry_names_options_and_mnasnet_versioning():

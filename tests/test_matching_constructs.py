@@ -201,7 +201,7 @@ def test_flatten_into_linear_moves_blocks_of_inputs():
 
 
 def test_unknown_op_fixes_channels_and_spec_still_verifies():
-    class Shuffle(nn.Module):  # ShuffleNet's channel shuffle: channels change place; left unpermuted
+    class Roll(nn.Module):  # torch.roll along the channels: not understood, so those channels stay unpermuted
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(3, 8, 1)
@@ -210,15 +210,85 @@ def test_unknown_op_fixes_channels_and_spec_still_verifies():
             self.head = nn.Linear(8, 3)
 
         def forward(self, x):
-            x = F.relu(self.a(x))
-            n, c, h, w = x.shape
-            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            x = torch.roll(F.relu(self.a(x)), 1, dims=1)
             return self.head(F.relu(self.c(F.relu(self.b(x)))).mean((2, 3)))
 
-    spec = _check(Shuffle(), torch.randn(2, 3, 4, 4))
-    assert spec.axes_to_perm["a.weight"][0] is None  # its channels are shuffled
+    spec = _check(Roll(), torch.randn(2, 3, 4, 4))
+    assert spec.axes_to_perm["a.weight"][0] is None  # its channels are rolled
     assert spec.axes_to_perm["b.weight"][0]  # the rest is still permuted
     assert spec.perms[spec.axes_to_perm["c.weight"][0]]["groups"] == 2
+
+
+class ShuffleUnits(nn.Module):
+    """ShuffleNetV2: a unit splits its input in two (``chunk``), passes one half through and transforms the
+    other, concatenates them and shuffles the channels (view, transpose, view). Three units: the channels that
+    pass through are cut again in every unit."""
+
+    def __init__(self, width=12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        half = width // 2
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+                                                    nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False),
+                                                    nn.BatchNorm2d(half), nn.Conv2d(half, half, 1), nn.ReLU())
+                                      for _ in range(3))
+        self.last = nn.Conv2d(width, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        for branch in self.branches:
+            x1, x2 = x.chunk(2, dim=1)
+            x = torch.cat((x1, branch(x2)), dim=1)
+            n, c, h, w = x.size()
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.head(F.relu(self.last(x)).mean((2, 3)))
+
+
+def test_channel_shuffle_moves_units_with_their_permutations():
+    spec = _check(ShuffleUnits(), torch.randn(2, 3, 6, 6), activation=True)
+    for key in ("stem.weight", "branches.0.5.weight", "branches.2.5.weight", "last.weight"):
+        assert spec.axes_to_perm[key][0] is not None, key  # every layer's channels are permuted
+    shuffled = {p for e in spec.perms.values() for p in [e.get("reindex")] if p}
+    assert shuffled and spec.axes_to_perm["branches.1.0.weight"][1] in {p for p, e in spec.perms.items() if "reindex" in e}
+    assert len(spec.parts(spec.axes_to_perm["stem.weight"][0])) > 1  # the stem's units are cut where the units split
+
+
+class AuxiliaryHead(nn.Module):
+    """GoogLeNet/Inception: an auxiliary classifier that runs only when the model is in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.aux_conv = nn.Conv2d(8, 6, 1)
+        self.aux_fc = nn.Linear(6, 3)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        aux = self.aux_fc(F.relu(self.aux_conv(x)).mean((2, 3))) if self.training else None
+        x = self.head(F.relu(self.body(x)).mean((2, 3)))
+        return (x, aux) if self.training else x
+
+
+def test_auxiliary_head_is_permuted_and_keeps_its_outputs():
+    x = torch.randn(2, 3, 6, 6)
+    model = AuxiliaryHead()
+    spec = _check(model, x)
+    stem = spec.axes_to_perm["stem.weight"][0]
+    assert stem and spec.axes_to_perm["aux_conv.weight"][:2] == (spec.axes_to_perm["aux_conv.weight"][0], stem)
+    assert spec.axes_to_perm["aux_conv.weight"][0] and spec.axes_to_perm["aux_fc.weight"][1]
+    state = model.state_dict()
+    sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state.items()})
+    permuted = AuxiliaryHead()
+    permuted.load_state_dict(apply_permutation(spec, random_perms(sizes, torch.Generator().manual_seed(3), spec), state))
+    for m in (model, permuted):  # the top module's flag on: the auxiliary output is computed, BN still in eval
+        m.eval().training = True
+    with torch.no_grad():
+        assert torch.allclose(model(x)[1], permuted(x)[1], atol=1e-5)
 
 
 def test_untraceable_model_names_the_construct():
@@ -251,6 +321,12 @@ def test_block_structured_spec_json_validation():
         spec_from_json({**good, "perms": {"P": {"groups": "two"}}})
     with pytest.raises(matching.MatchingError, match="itself"):
         spec_from_json({"axes_to_perm": {"w": ["P"]}, "perms": {"P": {"segments": [["P", 2]]}}})
+    shuffled = spec_from_json({"axes_to_perm": {"w": ["R", None]}, "perms": {"R": {"reindex": "P", "index": [0, 2, 1, 3]}}})
+    assert perm_sizes(shuffled, {"w": (4, 3)}) == {"P": 4}
+    with pytest.raises(matching.MatchingError, match="reindexes 4 units"):
+        perm_sizes(shuffled, {"w": (5, 3)})
+    with pytest.raises(matching.MatchingError, match="perms"):  # an index that is not a permutation
+        spec_from_json({"axes_to_perm": {"w": ["R"]}, "perms": {"R": {"reindex": "P", "index": [0, 0, 1]}}})
 
 
 def test_ste_matching_keeps_block_structure():
