@@ -122,6 +122,17 @@ class Service:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread is several times faster than two competing ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def test_device() -> str:
     """The device matching and job tests run on: REBASIN_TEST_DEVICE (cpu, cuda, cuda:N), cpu by default.

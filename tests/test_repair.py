@@ -20,13 +20,7 @@ MLP_EPOCHS = 10
 BN_RESNET = {"width": 1, "norm": "batch", "num_classes": 10, "in_channels": 1}  # as in test_matching_digits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is several times faster than two competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

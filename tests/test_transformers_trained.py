@@ -19,12 +19,7 @@ GPT = dict(vocab_size=16, block_size=15, n_layer=2, n_head=4, n_embd=32)
 LAMBDAS = [i / 10 for i in range(11)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
