@@ -88,8 +88,21 @@ def plugin_path(tmp_path):
     return f"{REPO_ROOT}:{REPO_ROOT / 'docs' / 'plugin-example'}:{root}"
 
 
-# (architecture, file wrapper, dtype): the wrappers and dtypes users' training code saves
-HTTP_CASES = [("timm/efficientnet_b0", "model_optimizer", torch.bfloat16)]  # more models: library level, below
+# (architecture, file wrapper, dtype): the models named in issue 10, in the wrappers and dtypes users' training
+# code saves. (mobilenet_v3_large, efficientnet_b0 and Inception v3's auxiliary head, below: with the paper's
+# random first pass weight matching stopped in a local optimum there, e.g. objective 28685 against the planted
+# permutation's 48678 on mobilenet_v3_large, 33 of 40 permutations wrong on efficientnet_b0; the propagating
+# first pass recovers them)
+HTTP_CASES = [("torchvision/resnet50", "plain", torch.float32), ("timm/resnet50", "model_optimizer", torch.bfloat16),
+              ("torchvision/vgg16_bn", "state_dict", torch.float16),
+              ("torchvision/mobilenet_v3_large", "plain", torch.float32),
+              ("torchvision/efficientnet_b0", "model_optimizer", torch.bfloat16),
+              ("torchvision/regnet_y_400mf", "state_dict", torch.float16),
+              ("torchvision/resnext50_32x4d", "plain", torch.float32),
+              ("torchvision/densenet121", "state_dict", torch.bfloat16),
+              ("torchvision/googlenet", "model_optimizer", torch.float16),
+              ("torchvision/convnext_tiny", "plain", torch.float32),
+              ("timm/efficientnet_b0", "model_optimizer", torch.bfloat16)]
 
 
 def test_library_models_plugins_and_refusals_over_http(make_embedded_service, plugin_path):
@@ -140,7 +153,7 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
         assert "if x.sum() > 0" in detail and "permutation_spec" in detail and "rebasin spec --module" in detail
 
         for name, (job_id, model, spec, a, b, planted, dtype) in jobs.items():
-            job = wait_for(client, job_id, timeout_s=600)
+            job = wait_for(client, job_id, timeout_s=900)
             assert job["status"] == "succeeded", (name, job)
             aligned = load_safetensors(artifact(client, job, "aligned.safetensors"))
             permutation = json.loads(artifact(client, job, "permutation.json"))
@@ -172,21 +185,9 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
         assert (outputs[0] - outputs[1]).abs().max() <= 1e-4 * (1 + outputs[0].abs().max())
 
 
-# Library level, the worker's path without HTTP (files read by its loader, merged by its entry point): the rest
-# of the models named in the issue, and ShuffleNet (channel shuffle).
-# (mobilenet_v3_large, efficientnet_b0 and Inception v3's auxiliary head: with the paper's random first pass
-# weight matching stopped in a local optimum there, e.g. objective 28685 against the planted permutation's 48678
-# on mobilenet_v3_large, 33 of 40 permutations wrong on efficientnet_b0; the propagating first pass recovers them)
-LIBRARY_CASES = [("torchvision/resnet50", "plain", torch.float32), ("timm/resnet50", "model_optimizer", torch.bfloat16),
-                 ("torchvision/vgg16_bn", "state_dict", torch.float16),
-                 ("torchvision/regnet_y_400mf", "state_dict", torch.float16),
-                 ("torchvision/resnext50_32x4d", "plain", torch.float32),
-                 ("torchvision/densenet121", "state_dict", torch.bfloat16),
-                 ("torchvision/googlenet", "model_optimizer", torch.float16),
-                 ("torchvision/convnext_tiny", "plain", torch.float32),
-                 ("torchvision/shufflenet_v2_x0_5", "state_dict", torch.float32),
-                 ("torchvision/mobilenet_v3_large", "plain", torch.float32),
-                 ("torchvision/efficientnet_b0", "model_optimizer", torch.bfloat16),
+# Library level, the worker's path without HTTP (files read by its loader, merged by its entry point): models with
+# the constructs of this issue that are not named in it (channel shuffle; Inception's auxiliary head).
+LIBRARY_CASES = [("torchvision/shufflenet_v2_x0_5", "state_dict", torch.float32),
                  ("torchvision/inception_v3", "plain", torch.float32)]
 
 
