@@ -27,6 +27,7 @@ WHEN = {
     413: "Body larger than REBASIN_MAX_UPLOAD_BYTES",
     415: "Not multipart/form-data",
     422: "Invalid request",
+    429: "Over the tenant's request rate or a quota (see GET /v1/usage); retry after Retry-After seconds",
     500: "Internal error",
 }
 
@@ -67,12 +68,14 @@ def operation_method_changes_state(operation: dict) -> bool:
     return operation.get("x-method", "get") not in ("get", "head", "options")
 
 
-def _errors_of(path: str, operation: dict, keyed: bool) -> set[int]:
+def _errors_of(path: str, operation: dict, keyed: bool, tenant_scoped: bool) -> set[int]:
     params = operation.get("parameters", [])
     body = operation.get("requestBody", {}).get("content", {})
     codes = {500}
     if keyed:
         codes.add(401)
+    if tenant_scoped:
+        codes.add(429)  # the tenant's request rate, with or without keys
     if params or body:
         codes.add(422)
     if "{" in path:
@@ -91,8 +94,9 @@ def _errors_of(path: str, operation: dict, keyed: bool) -> set[int]:
     return codes
 
 
-def document(schema: dict, keyed: set[tuple[str, str]]) -> dict:
-    """``keyed``: the (path, method) of operations that need an API key (none when the server has no keys)."""
+def document(schema: dict, keyed: set[tuple[str, str]], tenant_scoped: set[tuple[str, str]] = frozenset()) -> dict:
+    """``keyed``: the (path, method) of operations that need an API key (none when the server has no keys);
+    ``tenant_scoped``: those that act for a tenant (and count against its request rate), keys or not."""
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for model in DOCUMENTED_MODELS:
@@ -116,7 +120,7 @@ def document(schema: dict, keyed: set[tuple[str, str]]) -> dict:
                 operation["security"] = [{"bearer": []}]
             responses = operation.setdefault("responses", {})
             operation["x-method"] = method
-            for code in _errors_of(path, operation, (path, method) in keyed):
+            for code in _errors_of(path, operation, (path, method) in keyed, (path, method) in tenant_scoped | keyed):
                 responses.setdefault(str(code), {"description": WHEN.get(code, HTTPStatus(code).phrase)})
             for code, response in responses.items():
                 if code.isdigit() and int(code) >= 400:
@@ -130,6 +134,9 @@ def document(schema: dict, keyed: set[tuple[str, str]]) -> dict:
             operation.pop("x-method")
             if "401" in responses:
                 responses["401"].setdefault("headers", {})["WWW-Authenticate"] = {"schema": {"type": "string"}}
+            if "429" in responses:
+                responses["429"].setdefault("headers", {})["Retry-After"] = {"schema": {"type": "integer"},
+                                                                              "description": "seconds to wait"}
     _link_created_resources(schema["paths"])
     return schema
 
@@ -157,7 +164,8 @@ def install_openapi(app: FastAPI, with_keys: bool) -> None:
         if app.openapi_schema is None:
             generated = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
                                     tags=app.openapi_tags)
-            app.openapi_schema = document(generated, keyed_operations(routes_of(app)) if with_keys else set())
+            tenant_scoped = keyed_operations(routes_of(app))
+            app.openapi_schema = document(generated, tenant_scoped if with_keys else set(), tenant_scoped)
         return app.openapi_schema
 
     app.openapi = openapi
