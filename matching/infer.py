@@ -67,8 +67,10 @@ def _pass_through_functions():
     return {module.stochastic_depth} if module is not None else set()
 
 
-# torch.fx tracing patches module-global state: two threads tracing at once (an API process answering
-# concurrent job submissions) corrupt it for good, and every later trace in the process fails.
+# torch.fx tracing patches module-global state (nn.Module.__call__ among it): two threads tracing at once (an API
+# process answering concurrent job submissions) corrupt it for good, and a model run in one thread while another
+# traces goes through the patched call and fails. Traces and the runs of inference (shape propagation,
+# verification) take this lock.
 _TRACE_LOCK = threading.Lock()
 
 
@@ -133,7 +135,7 @@ def _propagated(gm: torch.fx.GraphModule, model: nn.Module, example_input: torch
     was_training = model.training
     gm.eval()
     try:
-        with torch.no_grad():
+        with _TRACE_LOCK, torch.no_grad():
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise MatchingError(f"the example input of shape {list(example_input.shape)} does not run through "
@@ -909,8 +911,8 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Te
     err, scale = 0.0, 0.0
     for top_training in (False, True) if auxiliary else (False,):
         reference.training = permuted.training = top_training
-        with torch.no_grad():
-            outputs = zip(tree_leaves(reference(x)), tree_leaves(permuted(x)))
+        with _TRACE_LOCK, torch.no_grad():
+            outputs = list(zip(tree_leaves(reference(x)), tree_leaves(permuted(x))))
         for expected, got in ((e, g) for e, g in outputs if isinstance(e, torch.Tensor)):
             err, scale = max(err, (expected - got).abs().max().item()), max(scale, expected.abs().max().item())
     if not err <= 1e-8 * (1 + scale):
