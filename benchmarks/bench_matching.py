@@ -248,10 +248,10 @@ def main(argv=None):
         print(json.dumps(worker(*args.worker, args.runs, args.device)))
         return
     try:
-        import lap  # noqa: F401
-        solver = "lapx lapjvs for n >= 1024, scipy below"
+        import lapjv  # noqa: F401
+        solver = "lapjv"
     except ImportError:
-        solver = "scipy (lapx not installed)"
+        solver = "scipy (lapjv not installed)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, LAP solver for 'ours': {solver}, "
           f"medians of {args.runs} runs (pairs from seeds 2r and 2r+1), load average at start {os.getloadavg()[0]:.1f}\n")
     header = (f"{'case':30} {'impl':12} {'median s':>9} {'target':>6} {'objective':>12} {'sweeps':>6} {'s/sweep':>7} "

@@ -13,12 +13,10 @@ from scipy.optimize import linear_sum_assignment
 
 from matching.spec import PermutationSpec, identity_perms, matching_view, perm_sizes
 
-try:  # lapx is a dependency; scipy stays the fallback (and the solver of ``solver="scipy"``)
-    import lap as _lapx
+try:  # lapjv is a dependency; scipy stays the fallback (and the solver of ``solver="scipy"``)
+    from lapjv import lapjv as _lapjv
 except ImportError:  # pragma: no cover
-    _lapx = None
-if _lapx is not None and not hasattr(_lapx, "lapjvs"):  # pragma: no cover (lapx < 0.11)
-    _lapx = None
+    _lapjv = None
 
 
 # Stopping rule: the paper's (stop at zero gain) by default. Measured (benchmarks/README.md): rel_tol=1e-5 saves
@@ -27,23 +25,16 @@ if _lapx is not None and not hasattr(_lapx, "lapjvs"):  # pragma: no cover (lapx
 REL_TOL = 0.0
 
 
-# "auto": lapx's lapjvs from this size on, scipy below. Which is faster depends on the matrices, not only on n
-# (same objective either way; one process, alternating, same load): torchvision-init ResNet-50, n=2048: lapjvs
-# 1.0-2.8 s per solve, scipy 5.0-15.3 s; its n=256/512 LAPs, 6 sweeps: 4.6-5.8 s with lapjvs, 7.1-7.9 s with
-# scipy; trained VGG11 (n <= 512), 8 sweeps: 30-32 s with lapjvs, 11-12 s with scipy. Below 1024 scipy,
-# for the trained pair.
-LAPX_FROM = 1024
-
-
 def solve_lap(cost: torch.Tensor, solver: str = "auto") -> torch.Tensor:
     """argmax_perm sum_i cost[i, perm[i]] as an index tensor (on cost's device).
 
-    "lapx" is lapx's ``lapjvs`` (Jonker-Volgenant, float32 kernel), "scipy" scipy's; "auto" takes lapx for
-    n >= LAPX_FROM when it is installed, else scipy. Both reach the same optima (tests/test_matching_speed.py).
+    "lapjv" is the ``lapjv`` package (Jonker-Volgenant, float32, vectorised), "scipy" scipy's (float64);
+    "auto" is lapjv when it is installed. Same optima (tests/test_matching_speed.py). On the cost matrices of
+    torchvision-init ResNet-50 (benchmarks/README.md): n=2048 0.25 s per solve against lapx's lapjvs 0.63 s
+    and scipy's 4.0 s; n=512 0.006 s against 0.021 s and 0.054 s.
     """
-    if _lapx is not None and (solver == "lapx" or (solver == "auto" and len(cost) >= LAPX_FROM)):
-        cols, _ = _lapx.lapjvs(-cost.detach().to("cpu", torch.float32).numpy(), extend_cost=False, return_cost=False,
-                               jvx_like=False)
+    if _lapjv is not None and solver in ("auto", "lapjv"):
+        cols = _lapjv(np.ascontiguousarray(-cost.detach().to("cpu", torch.float32).numpy()))[0]
     else:
         _, cols = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy(), maximize=True)
     return torch.as_tensor(np.asarray(cols, dtype=np.int64), device=cost.device)
