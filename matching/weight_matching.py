@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -174,24 +173,10 @@ def _other_first(tensor: torch.Tensor, axis: int, other_axis: int) -> torch.Tens
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-@contextmanager
-def _one_core_for_laps():
-    """torch on all cores but one: the LAP solves run on that one, beside the cost updates. On the shared 2-core
-    machine under load, torch's two-thread copies and matmuls were 3-15x slower than one thread's (torchvision
-    ResNet-50: cost updates 34 s on two threads, 5.5 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@_one_core_for_laps()
 def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_iter: int = 100, seed: int = 0,
                     init_perms: dict | None = None, device: str | torch.device = "cpu", solver: str = "auto",
                     rel_tol: float = REL_TOL, tick: Callable[[int, int, str], None] | None = None,
-                    propagate: bool = True) -> tuple[dict, dict]:
+                    propagate: bool = True, fixed: Collection[str] = ()) -> tuple[dict, dict]:
     """Coordinate descent over permutations maximising sum <W_A, pi(W_B)> (Algorithm 1).
 
     Returns ({perm name: index tensor on cpu}, {objective_initial, objective_final, iterations, seconds,
@@ -199,6 +184,9 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     were not hidden behind cost updates), seconds_cost_updates}).
     Stops after a pass over all permutations that raised the objective by no more than ``rel_tol`` relative
     to it (the paper: 0), or after ``max_iter`` passes.
+
+    Permutations named in ``fixed`` keep their ``init_perms`` value (identity without one): the others are
+    matched given them.
 
     Without ``init_perms``, the first pass propagates from the input: permutations in the network's forward
     order (as they first appear in the spec, i.e. the checkpoint's key order), each cost built only from the
@@ -241,26 +229,34 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             layouts[(key, axis)] = (_other_first(a[key], axis, other_axis), _other_first(b[key], axis, other_axis))
         return layouts[(key, axis)]
 
+    def add_term(cost, key, axis, others, with_perms, alpha=1.0):
+        """cost += alpha * A_(axis) B_(axis)^T, B's other axes permuted by with_perms."""
+        if len(others) == 1:
+            (q, qax), = others
+            a3, b3 = term_layout(key, axis, qax)
+            n = a3.shape[-1]
+            cost.addmm_(a3.reshape(-1, n).T, b3.index_select(0, with_perms[q]).reshape(-1, n), alpha=alpha)
+        else:
+            b_other = _as_matrix(permuted_except(spec, with_perms, key, b[key], axis), axis)
+            cost.addmm_(_as_matrix(a[key], axis), b_other.T, alpha=alpha)
+
     def full_cost(p, unseen=frozenset()):
         cost = torch.zeros(sizes[p], sizes[p], device=device)
         for key, axis, others in terms[p]:
-            if any(q in unseen for q, _ in others):
-                continue
-            if len(others) == 1:
-                (q, qax), = others
-                a3, b3 = term_layout(key, axis, qax)
-                cost.addmm_(a3.reshape(-1, sizes[p]).T, b3.index_select(0, perms[q]).reshape(-1, sizes[p]))
-            else:
-                b_other = _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis)
-                cost.addmm_(_as_matrix(a[key], axis), b_other.T)
+            if not any(q in unseen for q, _ in others):
+                add_term(cost, key, axis, others, perms)
         return cost
 
     def update_cost(p, cost, used):
+        """``cost`` was built with the neighbours' permutations ``used`` (None: an unvisited one, whose terms it
+        lacks); bring it to the current ones."""
         for key, axis, others in terms[p]:
             moved = [(q, qax) for q, qax in others if used[q] is not perms[q]]
             if not moved:
                 continue
-            if len(others) == 1:  # the usual case (a weight between two permuted layers): update moved slices
+            if any(used[q] is None for q, _ in others):  # left out while propagating
+                add_term(cost, key, axis, others, perms)
+            elif len(others) == 1:  # the usual case (a weight between two permuted layers): update moved slices
                 q, qax = others[0]
                 changed = (used[q] != perms[q]).nonzero().squeeze(1)
                 if len(changed) == 0:
@@ -270,10 +266,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
                 delta_b = b3.index_select(0, perms[q][changed]) - b3.index_select(0, used[q][changed])
                 cost.addmm_(a3.index_select(0, changed).reshape(-1, n).T, delta_b.reshape(-1, n))
             else:  # several other permuted axes: swap the old term for the new one
-                old = {**perms, **{q: used[q] for q, _ in others}}
-                a_mat = _as_matrix(a[key], axis)
-                cost.addmm_(a_mat, _as_matrix(permuted_except(spec, old, key, b[key], axis), axis).T, alpha=-1)
-                cost.addmm_(a_mat, _as_matrix(permuted_except(spec, perms, key, b[key], axis), axis).T)
+                add_term(cost, key, axis, others, {**perms, **{q: used[q] for q, _ in others}}, alpha=-1.0)
+                add_term(cost, key, axis, others, perms)
         return cost
 
     cache: dict[str, tuple[torch.Tensor, dict]] = {}  # p -> (cost matrix, neighbour perms it was built with)
@@ -281,16 +275,16 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     trajectory = [objective_initial]
     seconds_cost = 0.0
     gen = torch.Generator().manual_seed(seed)
-    names = sorted(sizes)
+    names = sorted(p for p in sizes if p not in fixed)
     # Without a warm start, the first pass propagates from the fixed input: permutations in state-dict order, each
     # cost built only from the terms whose other permutations were already visited (an unvisited one is an
     # identity guess, noise between unrelated models). Otherwise a permutation that every block shares (a
     # transformer's residual stream), visited late, is outvoted by blocks aligned to its identity guess and the
     # descent stops there: a planted permutation of a two-block DeiT was recovered for 3 of 6 seeds, 6 of 6 with it.
-    unseen = set(sizes) if propagate and not init_perms else set()
+    unseen = set(names) if propagate and not init_perms else set()
     # the network's forward order: permutations as they first appear in the spec (the checkpoint's key order)
     forward = list(dict.fromkeys(q for axes in spec.axes_to_perm.values() for q in axes if q in sizes))
-    forward += [q for q in names if q not in forward]
+    forward = [q for q in forward if q not in fixed] + [q for q in names if q not in forward]
     pending = None  # (perm, cost, future of its LAP solve), solved in a thread while the next cost is updated
     seconds_lap = 0.0
 
@@ -336,8 +330,9 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             if p in cache and all(cache[p][1][q] is perms[q] for q in neighbours[p]):
                 continue  # nothing it depends on moved: same cost, same optimum
             t0 = time.perf_counter()
-            if propagating:  # partial costs (see above): not kept, the next pass builds full ones
+            if propagating:  # partial costs (see above), completed by update_cost in the next pass
                 cost = full_cost(p, unseen)
+                cache[p] = (cost, {q: None if q in unseen else perms[q] for q in neighbours[p]})
             else:
                 cost = update_cost(p, *cache[p]) if p in cache else full_cost(p)
                 cache[p] = (cost, {q: perms[q] for q in neighbours[p]})
