@@ -11,7 +11,7 @@ import torch.nn as nn
 from matching.evaluate import model_input
 from matching.infer import activation_points
 from matching.spec import PermutationSpec, perm_sizes
-from matching.weight_matching import solve_blocks, solve_lap, two_level_values
+from matching.weight_matching import solve_blocks, solve_lap, two_level_values, weight_matching
 
 
 def _capturing(model: nn.Module, state: dict, example: torch.Tensor, spec: PermutationSpec):
@@ -75,8 +75,12 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, 
     for perm, corr in correlations.items():
         if perm not in perms:
             perms.update(solve_structured(spec, correlations, perm))
-    for perm, n in perm_sizes(spec, {k: tuple(v.shape) for k, v in state_a.items()}).items():
-        perms.setdefault(perm, torch.arange(n))  # no activation carries it (e.g. only inside a flatten)
+    sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state_a.items()})
+    unseen = [p for p in sizes if p not in perms]
+    if unseen:  # no activation carries them (inside a fused module, e.g. nn.MultiheadAttention's heads and
+        # their dimensions): matched by their weights, given the permutations the activations set
+        found, _ = weight_matching(spec, state_a, state_b, init_perms=perms, fixed=set(perms), device=device)
+        perms.update({p: found[p] for p in unseen})
     for perm, corr in correlations.items():
         objective_initial += corr.diagonal().sum().item()
         objective_final += corr.gather(1, perms[perm].to(corr.device)[:, None]).sum().item()
@@ -84,7 +88,8 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, 
         tick(batches + 1, batches + 1, "solved")
     info = {"objective_initial": objective_initial, "objective_final": objective_final, "iterations": 1,
             "seconds": time.perf_counter() - start,
-            "objective": "sum over permutations of the Pearson correlation of matched units' activations"}
+            "objective": "sum over permutations of the Pearson correlation of matched units' activations",
+            "weight_matched": sorted(unseen)}
     return perms, info
 
 

@@ -361,6 +361,15 @@ class _Labels(AttentionRules):
                     if self.find(label) == FIXED:
                         return FIXED, 0
                     return self.new_derived(f"flat_{x.name}", ("expand", label, per_unit)), i
+        for i in range(len(out_shape)):  # the innermost factor of a merged axis (timm's Swin patch merging:
+            for k in range(cdim):  # [.., 2, 2, C] -> [.., 4C]): a segment per copy, each permuted by the channel's
+                if math.prod(out_shape[:i]) == math.prod(in_shape[:k]) and out_shape[i] == math.prod(in_shape[k:cdim + 1]):
+                    if self.find(label) == FIXED:
+                        return FIXED, 0
+                    copies = math.prod(in_shape[k:cdim])
+                    if copies == 1:
+                        return label, i
+                    return self.new_derived(f"tile_{x.name}", ("segments", [(label, in_shape[cdim])] * copies)), i
         for i in range(len(out_shape)):  # the channel split over several axes (a channel shuffle's view)
             for j in range(i + 2, len(out_shape) + 1):
                 if math.prod(out_shape[:i]) == lead and math.prod(out_shape[i:j]) == in_shape[cdim] and out_shape[i] > 1:
@@ -622,10 +631,18 @@ class _Labels(AttentionRules):
                 if not w or b is False or not isinstance(groups, int):
                     return None
                 return self.conv(w, b, x, groups, self.param_shape(w))
+            if target is torch.roll and x is not None:  # a shift along other axes (Swin's shifted windows)
+                dims = args[2] if len(args) > 2 else kw.get("dims")
+                dims = [dims] if isinstance(dims, int) else list(dims or ())
+                label, cdim = self.info[x.name]
+                if dims and all(d % len(out_shape) != cdim for d in dims):
+                    return label, cdim
+                return None
             if target is F.pad and x is not None:
                 pad = args[1] if len(args) > 1 else kw["pad"]
                 label, cdim = self.info[x.name]
-                if cdim >= len(out_shape) - len(pad) // 2:
+                from_end = len(out_shape) - 1 - cdim  # pad pairs go from the last axis backwards
+                if from_end < len(pad) // 2 and tuple(pad[2 * from_end:2 * from_end + 2]) != (0, 0):
                     return None
                 return label, cdim
             return None

@@ -328,7 +328,8 @@ class AttentionRules:
         op = target if node.op in ("call_function", "call_method") else None
         if node.op == "call_module":
             m = self.gm.get_submodule(target)
-            return ("heads", h) if h is not None and isinstance(m, (nn.Identity, nn.Dropout)) else None
+            # softmax commutes with a permutation of any axis (timm's unfused attention has an nn.Softmax)
+            return ("heads", h) if h is not None and isinstance(m, (nn.Identity, nn.Dropout, nn.Softmax)) else None
         if op is None:
             return None
         timm_kind = _timm_functions().get(op)
