@@ -233,6 +233,39 @@ def test_resubmitting_after_a_lost_answer_creates_one_job(browser, server, files
     context.close()
 
 
+def test_boolean_architecture_option_is_a_choice_sent_as_a_boolean(browser, server):
+    """gpt's ``bias`` is a bool: the form offers true/false, shows the value model A implies (false here) and
+    sends a JSON boolean, which the architecture checks (a "false" string would build biases). Start merge is
+    clicked right after typing the architecture: focus leaving the name does not reset its options."""
+    import matching
+
+    with api_client(server) as client:
+        ids = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            state = matching.build_model("gpt", vocab_size=16, block_size=8, n_embd=32, bias=False).state_dict()
+            response = client.post("/v1/checkpoints", files={"file": (f"gpt-nobias-{seed}.safetensors", save_safetensors(state))})
+            assert response.status_code == 201, response.text
+            ids.append(response.json()["id"])
+    context, page = sign_in(browser, server)
+    page.goto(server.url + "/#/new")
+    form = page.locator("#job-form")
+    form.get_by_label("Model A").select_option(ids[0])
+    form.get_by_label("Model B").select_option(ids[1])
+    form.locator('[data-field="architecture"] input').fill("gpt")
+    form.locator('[data-field="architecture"] input').dispatch_event("change")
+    bias = form.locator('[data-field="architecture.options.bias"] select')
+    page.wait_for_function("s => document.querySelector(s)?.value === 'false'", arg='[data-field="architecture.options.bias"] select')
+    assert bias.locator("option").all_inner_texts() == ["true", "false"]
+    form.get_by_role("button", name="Start merge").click()
+    page.wait_for_url(re.compile(r"#/jobs/[^/]+$"))
+    with api_client(server) as client:
+        job = wait_for(client, page.url.rsplit("/", 1)[1])
+    assert job["request"]["architecture"]["options"]["bias"] is False
+    assert job["status"] == "succeeded", job
+    context.close()
+
+
 def test_cancel_a_long_job_from_its_page(browser, server, files):
     context, page = sign_in(browser, server)
     page.goto(server.url + "/#/jobs")

@@ -321,6 +321,12 @@ function optionInput(name, spec, value) {
     select.value = value ?? spec.default ?? "";
     return select;
   }
+  if (spec.type === "bool" || spec.type === "boolean") {  // a true/false choice, sent as a JSON boolean
+    const select = h("select", {}, ["true", "false"].map((v) => h("option", { value: v }, v)));
+    select.value = String(value ?? spec.default ?? true);
+    select.dataset.kind = "bool";
+    return select;
+  }
   const type = spec.type === "integer" || spec.type === "int" ? "int" : spec.type === "number" || spec.type === "float" ? "float" : "text";
   const attrs = { type: type === "text" ? "text" : "number", inputmode: type === "text" ? null : "decimal" };
   if (type !== "text") {
@@ -338,6 +344,7 @@ function optionValue(input) {
   const raw = input.value.trim();
   if (raw === "") return undefined;
   const kind = input.dataset.kind;
+  if (kind === "bool") return raw === "true";
   if (kind === "int") return Number.isInteger(Number(raw)) ? Number(raw) : raw;
   if (kind === "float") return Number.isFinite(Number(raw)) ? Number(raw) : raw;
   if (kind === "list") return raw.split(/[\s,]+/).filter(Boolean).map((v) => (Number.isFinite(Number(v)) ? Number(v) : v));
@@ -390,13 +397,20 @@ async function newJobView() {
   // Architecture or permutation spec.
   // A free name with suggestions: torchvision/<name>, timm/<name> and plugins are valid too.
   const archSelect = h("input", { name: "architecture", list: "architecture-names", value: architectures.items[0]?.name || "",
-    autocomplete: "off", onchange: () => { renderArchOptions(); inferDefaults(); } });
+    autocomplete: "off", onchange: () => {
+      // the input fires change again when focus leaves it: keep the options shown (and what was typed in them)
+      if (archSelect.value.trim() === archShown) return;
+      renderArchOptions();
+      inferDefaults();
+    } });
   const archNames = h("datalist", { id: "architecture-names" }, architectures.items.map((a) => h("option", { value: a.name })));
   const archHelp = h("p", { class: "help" });
   const archOptions = h("div", { class: "grid" });
   let archInputs = {};
+  let archShown = null;
   function renderArchOptions(inferred = {}) {
-    const arch = architectures.items.find((a) => a.name === archSelect.value.trim());
+    archShown = archSelect.value.trim();
+    const arch = architectures.items.find((a) => a.name === archShown);
     archHelp.textContent = arch ? arch.description : "Options as the library's constructor takes them, as JSON (num_classes is inferred).";
     archInputs = {};
     if (!arch) {
