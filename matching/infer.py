@@ -170,8 +170,15 @@ class _Labels(AttentionRules):
         self.activation_nodes: list[str] = []
         self.heads: dict = {}  # node -> Heads (a tensor inside an attention layer, see matching.infer_attention)
         self.tuples: dict = {}  # node -> per element: ("info", (label, axis)) | ("heads", Heads) | None
+        self.bias_pieces: list = []  # (output label, size, [(state key or None, size)]) of concatenated biases
         for node in gm.graph.nodes:
             self.visit(node)
+        for label, n, pieces in self.bias_pieces:
+            start = 0
+            for key, size in pieces:
+                if key is not None:
+                    self.set_axes(key, [self.sliced(label, n, start, start + size)])
+                start += size
 
     # --- union-find -------------------------------------------------------------------------------------
     def find(self, x):
@@ -622,9 +629,13 @@ class _Labels(AttentionRules):
                 return self.find(label), 1
             if target is F.linear and x is not None:
                 w, b = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
-                if not w or b is False:
+                pieces = self.concatenated(node.args[2] if len(node.args) > 2 else kw.get("bias")) if b is False else None
+                if not w or b is False and pieces is None:
                     return None
-                return self.linear(w, b, x, out_shape)
+                label, axis = self.linear(w, None if pieces else b, x, out_shape)
+                if pieces:  # labelled once the output's structure is known (the attention rules cut it into q, k, v)
+                    self.bias_pieces.append((label, sum(size for _, size in pieces), pieces))
+                return label, axis
             if target in (F.conv1d, F.conv2d, F.conv3d) and x is not None:
                 w, b = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
                 groups = args[6] if len(args) > 6 else kw.get("groups", 1)
@@ -701,6 +712,26 @@ class _Labels(AttentionRules):
         if method and node.target in ("permute", "transpose") or function and node.target in (torch.permute, torch.transpose):
             return self.permuted(x, node.target if method else node.target.__name__, node.args[1:], node.kwargs)
         return None
+
+    def concatenated(self, value):
+        """[(state key or None, size)] of a bias concatenated from tensors of the module (BEiT: q bias, a zero
+        k bias kept out of the state, v bias), or None. A piece outside the state must be zero: it stays in place."""
+        if not (isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target in (torch.cat, torch.concat)):
+            return None
+        tensors = value.args[0]
+        dim = value.args[1] if len(value.args) > 1 else value.kwargs.get("dim", 0)
+        if dim not in (0, -1) or not isinstance(tensors, (list, tuple)):
+            return None
+        pieces = []
+        for t in tensors:
+            shape = self.shape(t) if isinstance(t, torch.fx.Node) and t.op == "get_attr" else None
+            if shape is None or len(shape) != 1:
+                return None
+            key = self.param_key(t)
+            if key is None and operator.attrgetter(t.target)(self.gm).count_nonzero() > 0:
+                return None
+            pieces.append((key, shape[0]))
+        return pieces
 
     def _arg(self, node, index, name):
         """State key of an argument read from the module; None if absent; False if something else."""
@@ -795,6 +826,8 @@ class _Labels(AttentionRules):
         if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) and t.name in self.info
                                                             for t in tensors) or not isinstance(dim, int):
             return None
+        if all(t.op == "get_attr" for t in tensors) and self.concatenated(node) is not None:
+            return FIXED, 0  # a bias assembled from the module's tensors: F.linear labels its pieces
         params = [t for t in tensors if t.name in self.params]
         plain = [t for t in tensors if t.name not in self.params]
         dim = dim % len(out_shape)

@@ -108,3 +108,23 @@ def test_timm_swin_shifted_windows_and_patch_merging():
     stage0 = spec.axes_to_perm["patch_embed.proj.weight"][0]
     assert [p for p, _ in spec.perms[merged]["segments"]] == [stage0] * 4
     _all_hidden_permuted(model, spec, "head.fc")
+
+
+def test_timm_beit_concatenated_qkv_bias():
+    """BEiT: F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias)) with a zero k bias kept out of the state dict;
+    the q and v biases take their segments of the projection's rows (layer scales gamma_1/2, relative bias
+    table per head)."""
+    model = timm.create_model("beit_base_patch16_224", embed_dim=32, depth=2, num_heads=4, img_size=16, patch_size=4,
+                              num_classes=5)
+    with torch.no_grad():  # timm initialises these to zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith(("q_bias", "v_bias")):
+                p.normal_()
+    spec = _check(model, torch.randn(2, 3, 16, 16), activation=True)
+    for i in range(2):
+        head = _head_perms(spec, f"blocks.{i}.attn.qkv.weight", 4)
+        rows = [p for p, _ in spec.perms[spec.axes_to_perm[f"blocks.{i}.attn.qkv.weight"][0]]["segments"]]
+        assert spec.axes_to_perm[f"blocks.{i}.attn.q_bias"] == (rows[0],)
+        assert spec.axes_to_perm[f"blocks.{i}.attn.v_bias"] == (rows[2],)
+        assert spec.axes_to_perm[f"blocks.{i}.attn.relative_position_bias_table"] == (None, head)
+    _all_hidden_permuted(model, spec, "head")
