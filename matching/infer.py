@@ -170,7 +170,8 @@ class _Labels(AttentionRules):
         self.activation_nodes: list[str] = []
         self.heads: dict = {}  # node -> Heads (a tensor inside an attention layer, see matching.infer_attention)
         self.tuples: dict = {}  # node -> per element: ("info", (label, axis)) | ("heads", Heads) | None
-        self.bias_pieces: list = []  # (output label, size, [(state key or None, size)]) of concatenated biases
+        self.joined: dict[str, list] = {}  # node -> module_pieces of a torch.cat of the module's 1-D tensors
+        self.bias_pieces: list = []  # (output label, size, those pieces) of linear layers with such a bias
         for node in gm.graph.nodes:
             self.visit(node)
         for label, n, pieces in self.bias_pieces:
@@ -629,7 +630,8 @@ class _Labels(AttentionRules):
                 return self.find(label), 1
             if target is F.linear and x is not None:
                 w, b = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
-                pieces = self.concatenated(node.args[2] if len(node.args) > 2 else kw.get("bias")) if b is False else None
+                bias = node.args[2] if len(node.args) > 2 else kw.get("bias")
+                pieces = self.joined.get(bias.name) if b is False and isinstance(bias, torch.fx.Node) else None
                 if not w or b is False and pieces is None:
                     return None
                 label, axis = self.linear(w, None if pieces else b, x, out_shape)
@@ -713,18 +715,15 @@ class _Labels(AttentionRules):
             return self.permuted(x, node.target if method else node.target.__name__, node.args[1:], node.kwargs)
         return None
 
-    def concatenated(self, value):
-        """[(state key or None, size)] of a bias concatenated from tensors of the module (BEiT: q bias, a zero
-        k bias kept out of the state, v bias), or None. A piece outside the state must be zero: it stays in place."""
-        if not (isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target in (torch.cat, torch.concat)):
-            return None
-        tensors = value.args[0]
-        dim = value.args[1] if len(value.args) > 1 else value.kwargs.get("dim", 0)
-        if dim not in (0, -1) or not isinstance(tensors, (list, tuple)):
+    def module_pieces(self, tensors, dim):
+        """[(state key or None, size)] of 1-D tensors of the module joined end to end (BEiT's bias: q bias, a
+        zero k bias kept out of the state, v bias), or None. A piece outside the state must be zero: it stays
+        in place."""
+        if dim not in (0, -1):
             return None
         pieces = []
         for t in tensors:
-            shape = self.shape(t) if isinstance(t, torch.fx.Node) and t.op == "get_attr" else None
+            shape = self.shape(t) if t.op == "get_attr" else None
             if shape is None or len(shape) != 1:
                 return None
             key = self.param_key(t)
@@ -826,8 +825,10 @@ class _Labels(AttentionRules):
         if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) and t.name in self.info
                                                             for t in tensors) or not isinstance(dim, int):
             return None
-        if all(t.op == "get_attr" for t in tensors) and self.concatenated(node) is not None:
-            return FIXED, 0  # a bias assembled from the module's tensors: F.linear labels its pieces
+        pieces = self.module_pieces(tensors, dim)
+        if pieces is not None:  # a bias assembled from the module's tensors: F.linear labels its pieces
+            self.joined[node.name] = pieces
+            return FIXED, 0
         params = [t for t in tensors if t.name in self.params]
         plain = [t for t in tensors if t.name not in self.params]
         dim = dim % len(out_shape)
