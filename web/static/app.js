@@ -427,15 +427,18 @@ async function newJobView() {
       return field(`architecture.options.${name}`, name, input, `${spec.description}${inferred[name] !== undefined ? " · value implied by model A" : ""}`);
     }));
   }
+  let inferring = 0;
   async function inferDefaults() {
+    // Answers can arrive out of order (model A chosen, then the architecture typed): only the latest is shown.
+    const asked = ++inferring;
     const first = models.querySelector("select")?.value;
     if (!first) { renderArchOptions(); return; }
+    let inferred = {};
     try {
       const answer = await api("GET", `/v1/architectures/inferred-options?name=${encodeURIComponent(archSelect.value)}&checkpoint=${encodeURIComponent(first)}`);
-      renderArchOptions(answer.options);
-    } catch {
-      renderArchOptions();
-    }
+      inferred = answer.options;
+    } catch { /* no implied values: the defaults show */ }
+    if (asked === inferring) renderArchOptions(inferred);
   }
   renderArchOptions();
   const specFile = h("input", { type: "file", accept: ".json,application/json" });
