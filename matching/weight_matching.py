@@ -33,9 +33,10 @@ def solve_lap(cost: torch.Tensor, solver: str = "auto") -> torch.Tensor:
     and scipy's 4.0 s; n=512 0.006 s against 0.021 s and 0.054 s.
 
     lapjv is given each row's shortfall from its best entry (max_j cost[i, j] - cost[i, j] >= 0: the same
-    optimum, since a row's constant does not change which columns win): small float32 values near the
-    decisions, where -cost carries the rows' offsets. On trained models' cost matrices that made it 3.5x
-    (ResNet20 x4) and 7x (VGG11, n=512) faster, and 6% slower on torchvision-init ResNet-50's.
+    optimum, since a row's constant does not change which columns win): it works in float32, and -cost
+    carries each row's offset. On trained models' cost matrices that took 3.4x (ResNet20 x4) and 7x (VGG11)
+    less time, 4% more on torchvision-init ResNet-50's (python -m benchmarks.bench_lap), and it is exact
+    where lapjv on -cost fell short (rows offset by 1e6).
     """
     if _lapjv is not None and solver in ("auto", "lapjv"):
         shortfall = cost.detach().float()
