@@ -173,13 +173,21 @@ def objective(spec: PermutationSpec, perms, state_a, state_b) -> float:
     return sum(key_objective(spec, perms, key, state_a, state_b) for key, axes in spec.axes_to_perm.items() if any(axes))
 
 
-def _other_first(tensor: torch.Tensor, axis: int, other_axis: int) -> torch.Tensor:
-    """``tensor`` as [other_axis * everything else, axis] (a contiguous copy): the slices of one unit of
-    other_axis are contiguous rows, so gathering the moved units is a row gather and the cost term a plain
-    matmul (A^T B), no strided copies."""
+def _term_layout(tensor: torch.Tensor, axis: int, other_axis: int) -> tuple[torch.Tensor, int]:
+    """``tensor`` as three dims with other_axis at the returned dim: [axis, other_axis, rest] (a view) when the
+    two lead it, else [other_axis, rest, axis] (a contiguous copy). Either way gathering units of other_axis
+    is one index_select and the cost term one matmul of ``_unit_rows`` (BLAS takes a transposed operand as
+    it is): no strided copy of A, and of B only the gather."""
+    if (axis, other_axis) == (0, 1):
+        return tensor.reshape(tensor.shape[0], tensor.shape[1], -1), 1
     rest = [d for d in range(tensor.dim()) if d not in (axis, other_axis)]
     t = tensor.permute(other_axis, *rest, axis).contiguous()
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    return t.reshape(t.shape[0], -1, t.shape[-1]), 0
+
+
+def _unit_rows(layout: torch.Tensor, other_dim: int, n: int) -> torch.Tensor:
+    """A ``_term_layout`` as [n units of its axis, everything else]."""
+    return layout.reshape(n, -1) if other_dim == 1 else layout.reshape(-1, n).T
 
 
 def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_iter: int = 100, seed: int = 0,
@@ -231,20 +239,21 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     neighbours = {p: sorted({q for _, _, others in terms[p] for q, _ in others}
                             | ({spec.perms[p]["group_perm"]} if spec.perms.get(p, {}).get("group_perm") else set()))
                   for p in terms}
-    layouts: dict = {}  # (key, axis) -> (A, B) as [other permuted axis, rest, axis], built on first use
+    layouts: dict = {}  # (key, axis) -> (A, B, dim of the other permuted axis), see _term_layout; on first use
 
     def term_layout(key, axis, other_axis):
         if (key, axis) not in layouts:
-            layouts[(key, axis)] = (_other_first(a[key], axis, other_axis), _other_first(b[key], axis, other_axis))
+            (a3, d), (b3, _) = _term_layout(a[key], axis, other_axis), _term_layout(b[key], axis, other_axis)
+            layouts[(key, axis)] = (a3, b3, d)
         return layouts[(key, axis)]
 
     def add_term(cost, key, axis, others, with_perms, alpha=1.0):
         """cost += alpha * A_(axis) B_(axis)^T, B's other axes permuted by with_perms."""
         if len(others) == 1:
             (q, qax), = others
-            a3, b3 = term_layout(key, axis, qax)
-            n = a3.shape[-1]
-            cost.addmm_(a3.reshape(-1, n).T, b3.index_select(0, with_perms[q]).reshape(-1, n), alpha=alpha)
+            a3, b3, d = term_layout(key, axis, qax)
+            n = len(cost)
+            cost.addmm_(_unit_rows(a3, d, n), _unit_rows(b3.index_select(d, with_perms[q]), d, n).T, alpha=alpha)
         else:
             b_other = _as_matrix(permuted_except(spec, with_perms, key, b[key], axis), axis)
             cost.addmm_(_as_matrix(a[key], axis), b_other.T, alpha=alpha)
@@ -270,10 +279,10 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
                 changed = (used[q] != perms[q]).nonzero().squeeze(1)
                 if len(changed) == 0:
                     continue
-                a3, b3 = term_layout(key, axis, qax)
+                a3, b3, d = term_layout(key, axis, qax)
                 n = sizes[p]
-                delta_b = b3.index_select(0, perms[q][changed]) - b3.index_select(0, used[q][changed])
-                cost.addmm_(a3.index_select(0, changed).reshape(-1, n).T, delta_b.reshape(-1, n))
+                delta_b = b3.index_select(d, perms[q][changed]) - b3.index_select(d, used[q][changed])
+                cost.addmm_(_unit_rows(a3.index_select(d, changed), d, n), _unit_rows(delta_b, d, n).T)
             else:  # several other permuted axes: swap the old term for the new one
                 add_term(cost, key, axis, others, {**perms, **{q: used[q] for q, _ in others}}, alpha=-1.0)
                 add_term(cost, key, axis, others, perms)
