@@ -177,7 +177,7 @@ def _term_layout(tensor: torch.Tensor, axis: int, other_axis: int) -> tuple[torc
     """``tensor`` as three dims with other_axis at the returned dim: [axis, other_axis, rest] (a view) when the
     two lead it, else [other_axis, rest, axis] (a contiguous copy). Either way gathering units of other_axis
     is one index_select and the cost term one matmul of ``_unit_rows`` (BLAS takes a transposed operand as
-    it is): no strided copy of A, and of B only the gather."""
+    it is). The copy is made once per tensor and axis; of the view, only B's gathers are copied."""
     if (axis, other_axis) == (0, 1):
         return tensor.reshape(tensor.shape[0], tensor.shape[1], -1), 1
     rest = [d for d in range(tensor.dim()) if d not in (axis, other_axis)]
