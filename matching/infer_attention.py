@@ -1,4 +1,4 @@
-"""Spec-inference rules for multi-head attention (a mixin of ``matching.infer._Labels``).
+"""Spec-inference rules for multi-head attention (a mixin of ``matching.infer_layers.GraphLabels``).
 
 Inside an attention layer a tensor has more than one permuted axis: after ``qkv.reshape(B, N, 3, H, d)`` the
 axes are (stack of q/k/v, head, dimension within the head). Such a tensor is tracked as a ``Heads`` value: a
@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-FIXED = "<fixed>"
+from matching.infer_labels import FIXED
 
 _HEAD_PASS_FUNCTIONS = {F.softmax, torch.softmax, F.normalize, F.dropout, torch.exp, torch.clamp}
 _HEAD_PASS_METHODS = {"softmax", "contiguous", "clone", "float", "double", "to", "type_as", "exp", "detach"}

@@ -1,0 +1,403 @@
+"""Spec inference over a traced graph: every value gets a channel label (matching.infer_labels).
+
+Layers create labels (Linear/Conv outputs), pass them through (norms, activations, pooling, dropout, gates) or
+tie them (residual adds, broadcast gates). A label that ever touches FIXED (inputs, outputs, anything not
+understood) is not permuted at all. Ops that move, cut or join axes are in matching.infer_shapes, attention in
+matching.infer_attention.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from matching.infer_attention import AttentionRules
+from matching.infer_labels import FIXED, LabelSet
+from matching.infer_shapes import ShapeRules
+
+_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish, nn.Mish,
+                nn.Hardsigmoid, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU)
+_PASS_MODULES = _ACTIVATIONS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+                                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d)
+_ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.leaky_relu,
+                         F.elu, F.relu6, F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.hardtanh, F.selu, F.celu,
+                         torch.relu_, F.relu_}
+_PASS_FUNCTIONS = _ACTIVATION_FUNCTIONS | {
+    F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
+    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
+    torch.clamp, torch.clip, torch.abs, torch.square, torch.exp, torch.neg}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid"}
+_PASS_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
+                                       "clamp", "clamp_", "clamp_min", "clamp_max", "abs", "neg", "exp", "square",
+                                       "detach"}
+_ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+                       torch.add, torch.sub, torch.mul, torch.div}
+_ELEMENTWISE_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax}
+_REDUCTION_METHODS = {"mean", "sum", "amax"}
+
+
+def _pass_through_functions():
+    """Functions (fx leaves) that are identities in eval mode and per-sample otherwise: stochastic depth. Only
+    looked up when already imported (a model using it has imported it; importing torchvision costs seconds)."""
+    module = sys.modules.get("torchvision.ops.stochastic_depth")
+    return {module.stochastic_depth} if module is not None else set()
+
+
+
+class GraphLabels(AttentionRules, ShapeRules, LabelSet):
+    """The labels of one model's graph(s): ``visit_graph`` labels every node of a traced graph module."""
+
+    def __init__(self):
+        super().__init__()
+        self.auxiliary = False  # labelled also from the graph with the top module's training flag
+        self.state_keys: set[str] = set()
+        self.pass_functions = _PASS_FUNCTIONS | _pass_through_functions()
+
+    def visit_graph(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.state_keys |= set(gm.state_dict())
+        self.info: dict[str, tuple[str, int]] = {}  # node name -> (label, channel axis)
+        self.params: dict[str, tuple[str, list[int | None]]] = {}  # node -> (state key, node dim -> param dim)
+        self.pieces: dict[str, list[tuple[str, int]]] = {}  # node returning tensors (chunk, split) -> their info
+        self.spread: dict[str, tuple[int, torch.Tensor]] = {}  # node -> (first axis, unit at each position)
+        self.activation_nodes: list[str] = []
+        self.heads: dict = {}  # node -> Heads (a tensor inside an attention layer, see matching.infer_attention)
+        self.tuples: dict = {}  # node -> per element: ("info", (label, axis)) | ("heads", Heads) | None
+        self.joined: dict[str, list] = {}  # node -> module_pieces of a torch.cat of the module's 1-D tensors
+        self.bias_pieces: list = []  # (output label, size, those pieces) of linear layers with such a bias
+        for node in gm.graph.nodes:
+            self.visit(node)
+        for label, n, pieces in self.bias_pieces:
+            start = 0
+            for key, size in pieces:
+                if key is not None:
+                    self.set_axes(key, [self.sliced(label, n, start, start + size)])
+                start += size
+
+    # --- helpers ----------------------------------------------------------------------------------------
+    @staticmethod
+    def shape(node):
+        meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def tensor_args(self, node):
+        out = []
+        torch.fx.node.map_arg((node.args, node.kwargs),
+                              lambda n: out.append(n) if n.name in self.info or n.name in self.pieces else None)
+        return out
+
+    def fix_node(self, node):
+        if node.name in self.pieces:
+            for label, _ in self.pieces[node.name]:
+                self.fix(label)
+            return
+        if node.name in self.params:
+            self.set_axes(self.params[node.name][0], [FIXED] * len(self.param_shape(self.params[node.name][0])))
+        self.fix(self.info[node.name][0])
+
+    def fix_all(self, node):
+        for n in self.tensor_args(node):
+            self.fix_node(n)
+
+    def channel_in(self, node, axis):
+        """Label of ``node``'s channel if it sits on ``axis`` (normalised), else FIXED."""
+        label, cdim = self.info[node.name]
+        if cdim == axis % len(self.shape(node)):
+            return label
+        return self.fix(label)
+
+    def param_key(self, arg):
+        """State key of a tensor read straight from the module (get_attr), else None."""
+        if isinstance(arg, torch.fx.Node) and arg.name in self.params:
+            key, dims = self.params[arg.name]
+            if dims == list(range(len(dims))):
+                return key
+        return None
+
+    # --- ops ----------------------------------------------------------------------------------------------
+    def linear(self, key_w, key_b, x, out_shape):
+        out = self.new_label(key_w.rsplit(".", 1)[0])
+        self.set_axes(key_w, [out, self.channel_in(x, -1)])
+        if key_b is not None:
+            self.set_axes(key_b, [out])
+        return out, len(out_shape) - 1
+
+    def conv(self, key_w, key_b, x, groups, weight_shape):
+        out_channels, in_per_group = weight_shape[0], weight_shape[1]
+        in_channels = in_per_group * groups
+        inp = self.channel_in(x, 1)
+        spatial = [None] * (len(weight_shape) - 2)
+        name = key_w.rsplit(".", 1)[0]
+        if groups == 1:
+            out = self.new_label(name)
+            axes = [out, inp]
+        elif groups == in_channels and out_channels == in_channels:  # depthwise: output channel i reads input i
+            out, axes = inp, [inp, None]
+        elif groups == in_channels:  # depthwise with a multiplier: channel i feeds outputs i*m .. i*m+m-1
+            out = self.new_derived(name, ("expand", inp, out_channels // in_channels)) if self.find(inp) != FIXED else FIXED
+            axes = [out, None]
+        else:  # grouped: channels move within their group, groups move together on both sides
+            if self.find(inp) in self.derived:
+                self.fix(inp)
+            inp = self.set_groups(inp, groups)
+            out = self.new_label(name)
+            if self.find(inp) == FIXED:  # the groups of the input cannot move: neither can the output's
+                self.set_groups(out, groups, FIXED)
+            else:
+                self.set_groups(out, groups, self.groups[self.find(inp)][1])
+            axes = [out, inp]
+            self.grouped.append((out, inp))
+        self.set_axes(key_w, axes + spatial)
+        if key_b is not None:
+            self.set_axes(key_b, [out])
+        return out, 1
+
+    def norm_params(self, label, keys):
+        for key in keys:
+            if key is not None:
+                self.set_axes(key, [label])
+
+    def broadcast(self, node, out_shape):
+        """Elementwise ops with broadcasting (residual adds, gates x * s[:, :, None, None], layer scale)."""
+        args = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if any(a.name not in self.info for a in args):
+            return None
+        nd = len(out_shape)
+        aligned = lambda a, d: d + nd - len(self.shape(a))
+        labelled = [a for a in args if a.name not in self.params and self.find(self.info[a.name][0]) != FIXED]
+        cdim = None
+        for a in labelled:
+            label, d = self.info[a.name]
+            if self.shape(a)[d] == out_shape[aligned(a, d)] and out_shape[aligned(a, d)] > 1:
+                cdim = aligned(a, d)
+                break
+        if cdim is None:
+            for a in args:
+                self.fix_node(a)
+            return FIXED, 0
+        label = None
+        params = []
+        for a in args:
+            shape = self.shape(a)
+            local = cdim - (nd - len(shape))
+            full = 0 <= local < len(shape) and shape[local] == out_shape[cdim]
+            if a.name in self.params:
+                params.append((a, local if full else None))
+                continue
+            own, d = self.info[a.name]
+            if full and aligned(a, d) == cdim:
+                label = own if label is None else self.union(label, own)
+            elif full or (self.find(own) != FIXED and shape[d] > 1):
+                # the output's channel axis is not this tensor's channel axis: nothing may move
+                self.fix(own)
+                label = FIXED if label is None else self.union(label, FIXED)
+        for a, local in params:  # per-channel parameters (layer scale) move with the channel
+            key, dims = self.params[a.name]
+            axes = [None] * len(self.param_shape(key))
+            if local is not None and dims[local] is not None:
+                axes[dims[local]] = label
+            self.set_axes(key, axes)
+        return self.find(label), cdim
+
+    def param_shape(self, key):
+        return tuple(self.gm.get_parameter(key).shape) if key in dict(self.gm.named_parameters()) else \
+            tuple(self.gm.get_buffer(key).shape)
+
+    def visit(self, node):
+        self.current = node.name
+        out_shape = self.shape(node)
+        if node.op == "placeholder":
+            if out_shape is not None:
+                self.info[node.name] = (FIXED, 0)
+            return
+        if node.op == "get_attr":
+            if out_shape is not None:
+                self.info[node.name] = (FIXED, 0)
+                if node.target in self.state_keys:
+                    self.params[node.name] = (node.target, list(range(len(out_shape))))
+            return
+        if self.attention_visit(node, out_shape):
+            return
+        if node.op == "output":
+            self.fix_all(node)
+            return
+        if out_shape is None:  # not a tensor: metadata reads are harmless, anything else (tuples of tensors) fixes
+            if not (node.op == "call_function" and node.target in (getattr, torch._assert)
+                    or node.op == "call_method" and node.target in ("size", "dim", "numel")
+                    or self.split(node)):
+                self.fix_all(node)
+            return
+        result = self.rule(node, out_shape)
+        if result is None:  # not understood: nothing it touches may be permuted
+            self.fix_all(node)
+            result = (FIXED, 0)
+        self.info[node.name] = result
+
+    def rule(self, node, out_shape):
+        args = node.args
+        x = args[0] if args and isinstance(args[0], torch.fx.Node) and args[0].name in self.info else None
+        kw = node.kwargs
+        if any(a.name in self.spread for a in self.tensor_args(node)):
+            return self.spread_rule(node, x, out_shape)
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(args[0], torch.fx.Node) \
+                and args[0].name in self.pieces:
+            return self.pieces[args[0].name][args[1]] if isinstance(args[1], int) else None
+        if x is not None and x.name in self.params and not (node.op == "call_function" and node.target in _ELEMENTWISE_BINARY) \
+                and not (node.op == "call_method" and node.target in _ELEMENTWISE_BINARY_METHODS):
+            if node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten") or \
+                    node.op == "call_function" and node.target in (torch.reshape, torch.unsqueeze, torch.squeeze, operator.getitem):
+                if self.param_reshaped(node, x, out_shape):
+                    return FIXED, 0
+            elif node.op == "call_method" and node.target in _PASS_METHODS:
+                self.params[node.name] = self.params[x.name]
+                return FIXED, 0
+            elif node.op == "call_method" and node.target == "expand":  # a class token broadcast over the batch
+                key, dims = self.params[x.name]
+                self.params[node.name] = (key, [d if n == m else None for d, n, m in zip(dims, self.shape(x), out_shape)])
+                return FIXED, 0
+            return None
+        if node.op == "call_module":
+            m = self.gm.get_submodule(node.target)
+            key = node.target
+            if x is None:
+                return None
+            if isinstance(m, nn.Linear):
+                return self.linear(f"{key}.weight", f"{key}.bias" if m.bias is not None else None, x, out_shape)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                return self.conv(f"{key}.weight", f"{key}.bias" if m.bias is not None else None, x, m.groups,
+                                 tuple(m.weight.shape))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                label = self.channel_in(x, 1)
+                self.norm_params(label, [f"{key}.{n}" for n in ("weight", "bias", "running_mean", "running_var")
+                                         if getattr(m, n, None) is not None])
+                return label, 1
+            if isinstance(m, nn.LayerNorm):
+                return self.layer_norm(x, out_shape, len(m.normalized_shape),
+                                       [f"{key}.weight" if m.weight is not None else None,
+                                        f"{key}.bias" if m.bias is not None else None])
+            if isinstance(m, nn.GroupNorm):
+                label = self.set_groups(self.channel_in(x, 1), m.num_groups) if m.num_groups != m.num_channels \
+                    else self.channel_in(x, 1)
+                if m.affine:
+                    self.norm_params(label, [f"{key}.weight", f"{key}.bias"])
+                return self.find(label), 1
+            if isinstance(m, _PASS_MODULES):
+                if isinstance(m, _ACTIVATIONS):
+                    self.activation_nodes.append(node.name)
+                return self.info[x.name]
+            if isinstance(m, nn.Flatten):
+                return self.reshaped(x, out_shape)
+            return None
+        if node.op == "call_function":
+            target = node.target
+            if target in self.pass_functions and x is not None:
+                if target in _ACTIVATION_FUNCTIONS:
+                    self.activation_nodes.append(node.name)
+                return self.info[x.name]
+            if target in _ELEMENTWISE_BINARY:
+                return self.broadcast(node, out_shape)
+            if target in (torch.flatten, torch.reshape) and x is not None:
+                return self.reshaped(x, out_shape)
+            if target in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims) and x is not None:
+                return self.permuted(x, target.__name__, args[1:], kw)
+            if target in (torch.cat, torch.concat, torch.concatenate):
+                return self.concat(node, args[0], args[1] if len(args) > 1 else kw.get("dim", 0), out_shape)
+            if target in _REDUCTIONS and x is not None:
+                return self.reduced(x, args[1:], kw, out_shape)
+            if target is operator.getitem and x is not None:
+                return self.indexed(x, args[1], out_shape)
+            if target is F.layer_norm and x is not None:
+                return self.layer_norm(x, out_shape, len(args[1] if len(args) > 1 else kw["normalized_shape"]),
+                                       [self._arg(node, 2, "weight"), self._arg(node, 3, "bias")])
+            if target is F.batch_norm and x is not None:
+                label = self.channel_in(x, 1)
+                keys = [self._arg(node, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+                if any(k is False for k in keys):
+                    return None
+                self.norm_params(label, keys)
+                return label, 1
+            if target is F.group_norm and x is not None:
+                groups = args[1] if len(args) > 1 else kw["num_groups"]
+                keys = [self._arg(node, 2, "weight"), self._arg(node, 3, "bias")]
+                if any(k is False for k in keys):
+                    return None
+                label = self.channel_in(x, 1)
+                if groups != self.shape(x)[1]:
+                    label = self.set_groups(label, groups)
+                self.norm_params(label, keys)
+                return self.find(label), 1
+            if target is F.linear and x is not None:
+                w, b = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
+                bias = node.args[2] if len(node.args) > 2 else kw.get("bias")
+                pieces = self.joined.get(bias.name) if b is False and isinstance(bias, torch.fx.Node) else None
+                if not w or b is False and pieces is None:
+                    return None
+                label, axis = self.linear(w, None if pieces else b, x, out_shape)
+                if pieces:  # labelled once the output's structure is known (the attention rules cut it into q, k, v)
+                    self.bias_pieces.append((label, sum(size for _, size in pieces), pieces))
+                return label, axis
+            if target in (F.conv1d, F.conv2d, F.conv3d) and x is not None:
+                w, b = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
+                groups = args[6] if len(args) > 6 else kw.get("groups", 1)
+                if not w or b is False or not isinstance(groups, int):
+                    return None
+                return self.conv(w, b, x, groups, self.param_shape(w))
+            if target is torch.roll and x is not None:  # a shift along other axes (Swin's shifted windows)
+                dims = args[2] if len(args) > 2 else kw.get("dims")
+                dims = [dims] if isinstance(dims, int) else list(dims or ())
+                label, cdim = self.info[x.name]
+                if dims and all(d % len(out_shape) != cdim for d in dims):
+                    return label, cdim
+                return None
+            if target is F.pad and x is not None:
+                pad = args[1] if len(args) > 1 else kw["pad"]
+                label, cdim = self.info[x.name]
+                from_end = len(out_shape) - 1 - cdim  # pad pairs go from the last axis backwards
+                if from_end < len(pad) // 2 and tuple(pad[2 * from_end:2 * from_end + 2]) != (0, 0):
+                    return None
+                return label, cdim
+            return None
+        if node.op == "call_method":
+            target = node.target
+            if x is None:
+                return None
+            if target in _PASS_METHODS:
+                if target in _ACTIVATION_METHODS:
+                    self.activation_nodes.append(node.name)
+                return self.info[x.name]
+            if target in ("view", "reshape", "flatten", "squeeze", "unsqueeze"):
+                return self.reshaped(x, out_shape)
+            if target in _ELEMENTWISE_BINARY_METHODS:
+                return self.broadcast(node, out_shape)
+            if target in ("permute", "transpose", "swapaxes", "swapdims"):
+                return self.permuted(x, target, args[1:], kw)
+            if target in _REDUCTION_METHODS:
+                return self.reduced(x, args[1:], kw, out_shape)
+        return None
+
+    def _arg(self, node, index, name):
+        """State key of an argument read from the module; None if absent; False if something else."""
+        value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+        if value is None:
+            return None
+        return self.param_key(value) or False
+
+    def layer_norm(self, x, out_shape, normalized_dims, keys):
+        label, cdim = self.info[x.name]
+        first = len(out_shape) - normalized_dims
+        for key in keys:
+            if key is None:
+                continue
+            axes = [None] * normalized_dims
+            if cdim >= first:  # statistics over a set of axes that holds the channel: permutation invariant
+                axes[cdim - first] = label
+            self.set_axes(key, axes)
+        return self.find(label), cdim

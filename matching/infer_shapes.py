@@ -1,0 +1,246 @@
+"""Spec-inference rules for ops that move, cut or join axes (a mixin of ``matching.infer_layers.GraphLabels``).
+
+A channel survives a reshape when it stays its own axis or becomes the outermost factor of a merged axis (a
+flattened map: each unit spans H*W entries); slices and ``chunk``/``split`` cut its label into segments;
+``torch.cat`` along the channel axis joins labels into segments, along another axis ties them; a channel
+split over several axes (a channel shuffle's view) is tracked as ``spread`` until it is merged back, which
+reindexes its units.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx
+
+from matching.infer_labels import FIXED
+
+
+class ShapeRules:
+    """Needs from the host: info, params, spread, pieces, joined, gm, current, shape, tensor_args, param_key,
+    param_shape, set_axes and the LabelSet operations."""
+
+    def reshaped(self, x, out_shape):
+        """A reshape keeps the channel if it stays its own axis with the same leading elements, or becomes the
+        outermost factor of a merged axis (a C x H x W map flattened: each channel spans H*W entries)."""
+        label, cdim = self.info[x.name]
+        in_shape = self.shape(x)
+        lead = math.prod(in_shape[:cdim])
+        if x.name in self.spread:
+            return self.merged(x, out_shape)
+        for i in range(len(out_shape)):
+            if math.prod(out_shape[:i]) != lead:
+                continue
+            for j in range(cdim + 1, len(in_shape) + 1):
+                if math.prod(in_shape[cdim:j]) == out_shape[i]:
+                    per_unit = math.prod(in_shape[cdim + 1:j])
+                    if per_unit == 1:
+                        return label, i
+                    if self.find(label) == FIXED:
+                        return FIXED, 0
+                    return self.new_derived(f"flat_{x.name}", ("expand", label, per_unit)), i
+        for i in range(len(out_shape)):  # the innermost factor of a merged axis (timm's Swin patch merging:
+            for k in range(cdim):  # [.., 2, 2, C] -> [.., 4C]): a segment per copy, each permuted by the channel's
+                if math.prod(out_shape[:i]) == math.prod(in_shape[:k]) and out_shape[i] == math.prod(in_shape[k:cdim + 1]):
+                    if self.find(label) == FIXED:
+                        return FIXED, 0
+                    copies = math.prod(in_shape[k:cdim])
+                    if copies == 1:
+                        return label, i
+                    return self.new_derived(f"tile_{x.name}", ("segments", [(label, in_shape[cdim])] * copies)), i
+        for i in range(len(out_shape)):  # the channel split over several axes (a channel shuffle's view)
+            for j in range(i + 2, len(out_shape) + 1):
+                if math.prod(out_shape[:i]) == lead and math.prod(out_shape[i:j]) == in_shape[cdim] and out_shape[i] > 1:
+                    self.spread[self.current] = (i, torch.arange(in_shape[cdim]).reshape(out_shape[i:j]))
+                    return label, i
+        return self.fix(label), 0
+
+    def merged(self, x, out_shape):
+        """A channel spread over axes (``spread``) merged back into one axis: its units in their new order."""
+        label, first = self.info[x.name]
+        units = self.spread[x.name][1]
+        lead = math.prod(self.shape(x)[:first])
+        for i in range(len(out_shape)):
+            if math.prod(out_shape[:i]) == lead and out_shape[i] == units.numel():
+                return self.reindexed(label, units.reshape(-1).tolist()), i
+        return self.fix(label), 0
+
+    def spread_permuted(self, x, dims):
+        """A permute of a spread channel's axes among themselves (the shuffle's transpose) reorders its units."""
+        label, first = self.info[x.name]
+        units = self.spread[x.name][1]
+        axes = range(first, first + units.dim())
+        where = [o for o, d in enumerate(dims) if d in axes]
+        if where != list(range(where[0], where[0] + len(where))):
+            return None
+        self.spread[self.current] = (where[0], units.permute([dims[o] - first for o in where]))
+        return label, where[0]
+
+    def param_reshaped(self, node, x, out_shape):
+        """A parameter viewed with singleton axes added or removed keeps track of its own axes."""
+        key, dims = self.params[x.name]
+        in_shape = self.shape(x)
+        if [s for s in in_shape if s != 1] != [s for s in out_shape if s != 1]:
+            return False
+        real = iter([d for d, s in zip(dims, in_shape) if s != 1])
+        self.params[node.name] = (key, [next(real) if s != 1 else None for s in out_shape])
+        return True
+
+    def split(self, node):
+        """torch.chunk / split: each piece gets its slice of the channel (or the whole channel when split along
+        another axis); ``getitem`` picks them. Returns whether it understood the node."""
+        chunking = node.op == "call_method" and node.target in ("chunk", "split") or \
+            node.op == "call_function" and node.target in (torch.chunk, torch.split)
+        x = node.args[0] if node.args else None
+        metas = node.meta.get("tensor_meta")
+        if not chunking or not isinstance(x, torch.fx.Node) or x.name not in self.info or x.name in self.params \
+                or x.name in self.spread or not isinstance(metas, (tuple, list)):
+            return False
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not isinstance(dim, int):
+            return False
+        label, cdim = self.info[x.name]
+        n = self.shape(x)[cdim]
+        if dim % len(self.shape(x)) != cdim:
+            self.pieces[node.name] = [(label, cdim)] * len(metas)
+            return True
+        bounds = [0]
+        for meta in metas:
+            bounds.append(bounds[-1] + meta.shape[cdim])
+        self.pieces[node.name] = [(self.sliced(label, n, a, b), cdim) for a, b in zip(bounds, bounds[1:])]
+        return True
+
+    def spread_rule(self, node, x, out_shape):
+        """The ops a channel spread over several axes goes through in a channel shuffle; anything else fixes it."""
+        if x is None or x.name not in self.spread or sum(a.name in self.spread for a in self.tensor_args(node)) > 1:
+            return None
+        method, function = node.op == "call_method", node.op == "call_function"
+        if method and node.target in ("contiguous", "clone"):
+            self.spread[node.name] = self.spread[x.name]
+            return self.info[x.name]
+        if method and node.target in ("view", "reshape", "flatten") or function and node.target in (torch.reshape, torch.flatten):
+            return self.reshaped(x, out_shape)
+        if method and node.target in ("permute", "transpose") or function and node.target in (torch.permute, torch.transpose):
+            return self.permuted(x, node.target if method else node.target.__name__, node.args[1:], node.kwargs)
+        return None
+
+    def module_pieces(self, tensors, dim):
+        """[(state key or None, size)] of 1-D tensors of the module joined end to end (BEiT's bias: q bias, a
+        zero k bias kept out of the state, v bias), or None. A piece outside the state must be zero: it stays
+        in place."""
+        if dim not in (0, -1):
+            return None
+        pieces = []
+        for t in tensors:
+            shape = self.shape(t) if t.op == "get_attr" else None
+            if shape is None or len(shape) != 1:
+                return None
+            key = self.param_key(t)
+            if key is None and operator.attrgetter(t.target)(self.gm).count_nonzero() > 0:
+                return None
+            pieces.append((key, shape[0]))
+        return pieces
+
+    def permuted(self, x, kind, rest, kw):
+        label, cdim = self.info[x.name]
+        nd = len(self.shape(x))
+        if kind == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else (list(rest) or kw.get("dims"))
+            if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+                return None
+            dims = [d % nd for d in dims]
+        else:
+            d0, d1 = (list(rest) + [kw.get("dim0"), kw.get("dim1")])[:2] if len(rest) >= 2 else (kw.get("dim0"), kw.get("dim1"))
+            if not isinstance(d0, int) or not isinstance(d1, int):
+                return None
+            dims = list(range(nd))
+            dims[d0 % nd], dims[d1 % nd] = d1 % nd, d0 % nd
+        if x.name in self.spread:
+            return self.spread_permuted(x, dims)
+        return label, dims.index(cdim)
+
+    def reduced(self, x, rest, kw, out_shape):
+        label, cdim = self.info[x.name]
+        nd = len(self.shape(x))
+        dims = rest[0] if rest else kw.get("dim")
+        keepdim = rest[1] if len(rest) > 1 else kw.get("keepdim", False)
+        if dims is None or not isinstance(keepdim, bool):
+            return None
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        dims = [d % nd for d in dims]
+        if cdim in dims:
+            return None
+        return label, cdim if keepdim else cdim - sum(d < cdim for d in dims)
+
+    def indexed(self, x, index, out_shape):
+        """x[:, :, None, None] and other indexing that leaves the channel axis whole."""
+        label, cdim = self.info[x.name]
+        nd = len(self.shape(x))
+        index = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.fx.Node) for i in index):
+            return None
+        if index.count(Ellipsis) > 1:
+            return None
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            real = sum(i is not None for i in index if i is not Ellipsis)
+            index = index[:at] + (slice(None),) * (nd - real) + index[at + 1:]
+        index = index + (slice(None),) * (nd - sum(i is not None for i in index))
+        in_dim = out_dim = 0
+        new_cdim = None
+        for i in index:
+            if i is None:
+                out_dim += 1
+                continue
+            if in_dim == cdim:
+                if not isinstance(i, slice) or not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)):
+                    return None
+                units = range(self.shape(x)[cdim])[i]
+                if units.step != 1 or not units:
+                    return None
+                label = self.sliced(label, self.shape(x)[cdim], units.start, units.stop)
+                new_cdim = out_dim
+            if isinstance(i, int):
+                in_dim += 1
+                continue
+            if not isinstance(i, slice):
+                return None
+            in_dim += 1
+            out_dim += 1
+        return (label, new_cdim) if new_cdim is not None else None
+
+    def concat(self, node, tensors, dim, out_shape):
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) and t.name in self.info
+                                                            for t in tensors) or not isinstance(dim, int):
+            return None
+        pieces = self.module_pieces(tensors, dim)
+        if pieces is not None:  # a bias assembled from the module's tensors: F.linear labels its pieces
+            self.joined[node.name] = pieces
+            return FIXED, 0
+        params = [t for t in tensors if t.name in self.params]
+        plain = [t for t in tensors if t.name not in self.params]
+        dim = dim % len(out_shape)
+        cdims = {self.info[t.name][1] for t in plain}
+        if len(cdims) != 1:
+            return None
+        cdim = cdims.pop()
+        if cdim != dim:  # joined along another axis (e.g. a token axis): one channel permutation for all
+            label = self.info[plain[0].name][0]
+            for t in plain[1:]:
+                label = self.union(label, self.info[t.name][0])
+            for t in params:  # a class token: its channel axis takes the permutation
+                key, dims = self.params[t.name]
+                axes = [None] * len(self.param_shape(key))
+                if dims[cdim] is None:
+                    return None
+                axes[dims[cdim]] = label
+                self.set_axes(key, axes)
+            return self.find(label), cdim
+        if params:
+            return None
+        segments = [(self.info[t.name][0], self.shape(t)[dim]) for t in tensors]
+        return self.new_derived(f"cat_{node.name}", ("segments", segments)), dim
