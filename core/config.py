@@ -73,12 +73,29 @@ class Settings(BaseSettings):
         "auto", description="Log lines as text or JSON; auto: text when stderr is a terminal, JSON otherwise."
     )
     callback_allow_private: bool = Field(False, description="Allow callbacks to loopback, link-local and private addresses (off: no SSRF).")
+    import_s3_buckets: str = Field("", description="Comma-separated S3 buckets checkpoints may be imported from (s3://bucket/key), "
+                                   "read with the deployment's credentials; empty: no S3 imports.")
+    import_http_hosts: str = Field("", description="Comma-separated host names (or IP literals) checkpoints may be imported from "
+                                   "over https://; empty: no HTTPS imports.")
+    import_http_allowed_networks: str = Field(
+        "", description="Comma-separated CIDRs an import may connect to although they are loopback, link-local or private "
+        "(an internal model store); every other such address is refused, checked on the resolved address.")
+    import_allow_plain_http: bool = Field(False, description="Allow http:// imports (unencrypted) from the allowed hosts.")
+    import_timeout_s: float = Field(30, gt=0, description="Connect and read timeout of each request an import makes.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server for models:/ and runs:/ imports and the "
+                                            "jobs' mlflow export (needs the rebasin[mlflow] extra).")
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'rebasin.db').resolve()}"
 
     def resolved_artifact_uri(self) -> str:
         return self.artifact_uri or (self.data_dir / "artifacts").resolve().as_uri()
+
+    def import_buckets(self) -> set[str]:
+        return {b.strip() for b in self.import_s3_buckets.split(",") if b.strip()}
+
+    def import_hosts(self) -> set[str]:
+        return {h.strip().lower().strip("[]") for h in self.import_http_hosts.split(",") if h.strip()}
 
     def tenant_keys(self) -> dict[str, str]:
         """Map of API key -> tenant."""

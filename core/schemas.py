@@ -39,6 +39,8 @@ PROBLEM_TYPES = {
     "worker-lost": "a job whose worker process died on every attempt (a job's error)",
     "out-of-memory": "a job that ran out of memory (a job's error)",
     "time-limit": "a job that ran past REBASIN_JOB_TIME_LIMIT_S (a job's error)",
+    "import-refused": "an import source the server's policy refuses (scheme, bucket, host, address, redirect)",
+    "import-failed": "an import whose source could not be read (an import's error)",
     "internal": "a fault of the server (a bug): the request may be retried",
 }
 

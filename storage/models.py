@@ -101,6 +101,27 @@ class DirectUpload(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
+class CheckpointImport(Base):
+    """A checkpoint fetched by reference (s3://, https://, models:/, runs:/) by a worker, then ingested like an upload."""
+
+    __tablename__ = "checkpoint_imports"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("imp"))
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    source: Mapped[str] = mapped_column(String(2048))
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")  # queued -> running -> succeeded | failed
+    checkpoint_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     # fair dispatch asks, per waiting tenant, when its last job started (worker.dispatch.next_job_id)

@@ -13,6 +13,7 @@ from storage.db import DATABASE_UNAVAILABLE, session_scope
 from storage.models import Job
 from worker import callbacks, devices
 from worker.app import celery_app
+from worker.imports import requeue_lost_imports, run_import
 from worker.jobs import execute_job, job_payload, requeue_lost_jobs
 
 log = logging.getLogger("rebasin.worker")
@@ -23,6 +24,11 @@ _sweeper: list[threading.Thread] = []
 @celery_app.task(name="rebasin.run_job")
 def run_job(job_id: str) -> None:
     execute_job(job_id, get_settings())
+
+
+@celery_app.task(name="rebasin.run_import")
+def run_checkpoint_import(import_id: str) -> None:
+    run_import(import_id, get_settings())
 
 
 @celery_app.task(
@@ -65,6 +71,8 @@ def _sweep_stale_jobs(name: str) -> None:
         try:
             for job_id in requeue_lost_jobs(settings, release_stale=release_stale):
                 log.warning("job %s: lost by its worker or the broker; queued again", job_id)
+            for import_id in requeue_lost_imports(settings, release_stale=release_stale):
+                log.warning("import %s: lost by its worker or the broker; queued again", import_id)
         except DATABASE_UNAVAILABLE as error:
             database_back_at = float("inf")
             log.warning("stale-job sweep: database unreachable (%s)", type(error.orig or error).__name__)
