@@ -15,7 +15,7 @@ from api.openapi import install_openapi, operation_id
 from api.problems import MEDIA_TYPE, install_problem_handlers
 from api.availability import install_outage_handlers
 from api.quotas import RequestRateLimiter
-from api.routers import architectures, files, health, imports, jobs, uploads, usage
+from api.routers import architectures, exports, files, health, imports, jobs, uploads, usage
 from api.routers.web import install_web
 from api.uploads import too_large
 from storage.artifacts import open_store
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestSizeLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestMetrics, latency=latency)
     app.add_middleware(RequestId)
-    for router in (imports.router, files.checkpoints, files.datasets, uploads.router, jobs.router, architectures.router, health.router, usage.router):
+    for router in (imports.router, files.checkpoints, files.datasets, uploads.router, jobs.router, exports.router, architectures.router, health.router, usage.router):
         app.include_router(router)
     install_web(app)
 

@@ -48,12 +48,12 @@ def routes_of(app) -> list:
 
 
 def allowed_methods(app, path: str) -> list[str]:
-    methods = set()
-    for route in routes_of(app):
-        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
-        if regex is not None and route_methods and regex.match(path):
-            methods |= route_methods
-    return sorted(methods)
+    matching = [route for route in routes_of(app)
+                if getattr(route, "path_regex", None) is not None and getattr(route, "methods", None) and route.path_regex.match(path)]
+    # A fixed path (/v1/checkpoints/imports) names its own resource, not a value of a neighbour's parameter
+    # (/v1/checkpoints/{resource_id}): the Allow header is the fixed path's, as the document says.
+    fixed = [route for route in matching if not getattr(route, "param_convertors", None)]
+    return sorted(set().union(*(route.methods for route in fixed or matching)))
 
 
 def install_problem_handlers(app: FastAPI) -> None:

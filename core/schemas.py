@@ -41,6 +41,8 @@ PROBLEM_TYPES = {
     "time-limit": "a job that ran past REBASIN_JOB_TIME_LIMIT_S (a job's error)",
     "import-refused": "an import source the server's policy refuses (scheme, bucket, host, address, redirect)",
     "import-failed": "an import whose source could not be read (an import's error)",
+    "mlflow-unavailable": "the mlflow option on a server without MLflow installed or configured",
+    "not-exportable": "an export of a job that has not succeeded",
     "internal": "a fault of the server (a bug): the request may be retried",
 }
 
@@ -101,6 +103,16 @@ class MatchingReport(BaseModel):
     seconds: float
 
 
+class MlflowExport(BaseModel):
+    """Log the job as an MLflow run on REBASIN_MLFLOW_TRACKING_URI (needs the rebasin[mlflow] extra)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field(min_length=1, max_length=250, description="experiment to log the run in (created if missing)")
+    register_as: str | None = Field(None, min_length=1, max_length=250,
+                                    description="register merged.safetensors as a new version of this model")
+
+
 class JobResult(BaseModel):
     """A succeeded job's report (also its ``report.json`` artifact). ``barrier``, ``curves``,
     ``evaluation`` and ``merged`` are there when the job had evaluation data."""
@@ -115,6 +127,9 @@ class JobResult(BaseModel):
     curves: Curves | None = None
     merged: Metrics | None = None
     evaluation: dict[str, Any] | None = None
+    mlflow: dict[str, Any] | None = Field(None, description="with the mlflow option: run_id, experiment_id, and with "
+                                          "register_as registered_model and model_version; error when the export failed")
+    warnings: list[str] | None = Field(None, description="what went wrong without failing the merge (an MLflow export)")
 
 
 def schema_ref(model: type[BaseModel], nullable: bool = False) -> WithJsonSchema:
@@ -209,6 +224,8 @@ class JobCreate(BaseModel):
         "auto: the worker's device; cpu; cuda or cuda:N: a GPU worker (each runs on its own GPU). Refused when "
         "the embedded server's machine has no such GPU; with a broker, the job waits for a GPU worker."))
     callback_url: HttpUrl | None = None
+    mlflow: MlflowExport | None = Field(None, description="log the job as an MLflow run once it succeeds; a failed export "
+                                        "leaves a warning in the result, retried with POST /v1/jobs/{id}/exports")
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -69,6 +69,10 @@ def parse_source(uri: str, settings: Settings) -> Source:
             raise SourceRefused("an MLflow source is models:/<name>/<version> or runs:/<run_id>/<path>")
         if not settings.mlflow_tracking_uri:
             raise SourceRefused("this server has no MLflow tracking server (REBASIN_MLFLOW_TRACKING_URI)")
+        from storage import mlflow_io
+
+        if not mlflow_io.available():
+            raise SourceRefused("MLflow is not installed on this server (pip install 'rebasin[mlflow]')")
         return Source("mlflow", uri)
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()

@@ -33,6 +33,7 @@ from storage.models import Artifact, Checkpoint, Dataset, Job, utcnow
 from worker import devices
 from worker.app import enqueue_callback, enqueue_job, queue_for
 from worker.dispatch import next_job_id, send_missing_messages
+from worker.mlflow_export import export_after_merge
 
 log = logging.getLogger("rebasin.worker")
 
@@ -421,6 +422,7 @@ def _run_claimed_job(job: Job, settings: Settings) -> str:
             # Inside the try: a full scratch disk may refuse even the directory.
             workdir = Path(tempfile.mkdtemp(prefix=f"rebasin-{job_id}-"))
             output = run_merge(job, store, monitor, workdir, settings)
+            export_after_merge(job, output, workdir / "out", settings)
             if monitor.should_cancel(fresh=True):
                 raise matching.Cancelled()
         except DATABASE_UNAVAILABLE:

@@ -15,6 +15,7 @@ from worker import callbacks, devices
 from worker.app import celery_app
 from worker.imports import requeue_lost_imports, run_import
 from worker.jobs import execute_job, job_payload, requeue_lost_jobs
+from worker.mlflow_export import export_job
 
 log = logging.getLogger("rebasin.worker")
 _stop_sweeping = threading.Event()
@@ -29,6 +30,11 @@ def run_job(job_id: str) -> None:
 @celery_app.task(name="rebasin.run_import")
 def run_checkpoint_import(import_id: str) -> None:
     run_import(import_id, get_settings())
+
+
+@celery_app.task(name="rebasin.export_job")
+def export_job_to_mlflow(job_id: str, option: dict) -> None:
+    export_job(job_id, option, get_settings())
 
 
 @celery_app.task(

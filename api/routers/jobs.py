@@ -25,6 +25,7 @@ from worker.app import enqueue_callback, enqueue_job
 from worker.callbacks import CallbackRefused, check_callback_url
 from worker.devices import DeviceUnavailable, gpu_worker_connected, resolve_worker_device
 from worker.jobs import INVALID_INPUT_TITLE, log_ending
+from api.routers.exports import check_mlflow
 
 log = logging.getLogger("rebasin.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -82,6 +83,8 @@ def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
             check_callback_url(request["callback_url"], settings.callback_allow_private)
         except CallbackRefused as error:
             raise Problem(422, "Callback URL refused", str(error), kind="callback-refused") from None
+    if body.mlflow is not None:
+        check_mlflow(settings)
     try:
         matching.check_inputs(
             [{name: tuple(t["shape"]) for name, t in c.tensors.items()} for c in checkpoints],
