@@ -1,0 +1,3 @@
+from rebasin.cli import main
+
+main()
