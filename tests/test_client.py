@@ -137,3 +137,17 @@ def test_the_client_installs_alone_and_runs_a_job_end_to_end(embedded_service, t
     assert (tmp_path / "out" / "merged.safetensors").stat().st_size > 0
     missing = client("wait", "job_does_not_exist")
     assert missing.returncode == 2 and "Not found" in missing.stderr
+
+
+def test_the_pipelines_doc_plain_python_example_runs(embedded_service, tmp_path):
+    doc = (REPO_ROOT / "docs" / "pipelines.md").read_text()
+    example = doc.split("## Plain Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "step.py").write_text(example)
+    a, b = write_models(tmp_path)
+    a.rename(tmp_path / "model_a.safetensors")
+    b.rename(tmp_path / "model_b.safetensors")
+    run = subprocess.run([sys.executable, "step.py"], cwd=tmp_path, env=process_env({"REBASIN_SERVER": embedded_service.url}),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr + embedded_service.logs()
+    assert run.stdout.startswith("matching iterations:")
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["merged.safetensors", "report.json"]

@@ -96,6 +96,14 @@ REBASIN_TENANT_REQUEST_BURST: {{ .Values.config.tenantRequestBurst | int64 | toS
 REBASIN_S3_MAX_ATTEMPTS: {{ .Values.config.s3MaxAttempts | int64 | toString | quote }}
 REBASIN_WORKER_MAX_MEMORY_PER_CHILD_MB: {{ .Values.config.workerMaxMemoryPerChildMb | int64 | toString | quote }}
 REBASIN_CALLBACK_ALLOW_PRIVATE: {{ .Values.config.callbackAllowPrivate | toString | quote }}
+REBASIN_IMPORT_S3_BUCKETS: {{ .Values.config.importS3Buckets | quote }}
+REBASIN_IMPORT_HTTP_HOSTS: {{ .Values.config.importHttpHosts | quote }}
+REBASIN_IMPORT_HTTP_ALLOWED_NETWORKS: {{ .Values.config.importHttpAllowedNetworks | quote }}
+REBASIN_IMPORT_ALLOW_PLAIN_HTTP: {{ .Values.config.importAllowPlainHttp | toString | quote }}
+REBASIN_IMPORT_TIMEOUT_S: {{ .Values.config.importTimeoutS | toString | quote }}
+{{- with .Values.config.mlflowTrackingUri }}
+REBASIN_MLFLOW_TRACKING_URI: {{ . | quote }}
+{{- end }}
 REBASIN_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 {{- end }}
 
