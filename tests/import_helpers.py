@@ -63,6 +63,7 @@ class FileServer:
     files: dict[str, bytes] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
     unsized: set[str] = field(default_factory=set)  # sent chunked, without Content-Length
+    gates: dict[str, threading.Event] = field(default_factory=dict)  # the body is sent once its gate opens
     log: list[tuple[str, str]] = field(default_factory=list)  # (Host header, path) of every request
     port: int = 0
 
@@ -100,6 +101,11 @@ class FileServer:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     try:
+                        if self.path in server_self.gates:
+                            self.wfile.write(body[:1024])
+                            self.wfile.flush()
+                            server_self.gates[self.path].wait(timeout=300)
+                            body = body[1024:]
                         self.wfile.write(body)
                     except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
                         pass

@@ -220,3 +220,31 @@ def test_an_untrusted_certificate_fails_without_retrying(monkeypatch, tls, https
     with pytest.raises(sources.SourceFailed, match="not trusted") as failure:
         sources.fetch_http(source, settings, 100, lambda: bytearray().extend)
     assert failure.value.status == 422 and not failure.value.retry
+
+
+def test_an_import_survives_the_death_of_its_worker(make_production_service, tls, https_server, s3_bucket):
+    import os
+    import signal
+    import threading
+
+    moto, bucket = s3_bucket
+    https_server.files["/slow.safetensors"] = save_safetensors(make_mlp(3).state_dict())
+    https_server.gates["/slow.safetensors"] = threading.Event()
+    service = make_production_service(**import_env(tls, bucket, moto) | {"REBASIN_JOB_HEARTBEAT_TIMEOUT_S": "3"})
+    with service.client() as client:
+        started = start_import(client, f"https://{ALLOWED_ADDRESS}:{https_server.port}/slow.safetensors").json()
+        deadline = time.monotonic() + 120
+        while "/slow.safetensors" not in https_server.paths() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        row = client.get(f"/v1/checkpoints/imports/{started['id']}").json()
+        assert row["status"] == "running" and row["attempts"] == 1, row
+        worker = service.processes[0]
+        os.killpg(worker.pid, signal.SIGKILL)  # mid-download: the worker and its pool die at once
+        worker.wait(timeout=30)
+        https_server.gates["/slow.safetensors"].set()
+        service.spawn("worker", "worker", "--device", "cpu")
+        row = wait_import(client, started["id"], timeout_s=180)
+        assert row["status"] == "succeeded" and row["attempts"] == 2, (row, service.logs())
+        assert https_server.paths().count("/slow.safetensors") == 2
+        checkpoint = client.get(f"/v1/checkpoints/{row['checkpoint_id']}").json()
+        assert checkpoint["sha256"] == hashlib.sha256(https_server.files["/slow.safetensors"]).hexdigest()
