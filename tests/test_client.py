@@ -6,6 +6,7 @@ run a job end to end."""
 import csv
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -106,8 +107,10 @@ def test_the_client_installs_alone_and_runs_a_job_end_to_end(embedded_service, t
             repack_wheel(name, wheelhouse)
         except metadata.PackageNotFoundError:
             pass  # not a dependency of this httpx version
+    # Built from a copy: a build leaves build/ and *.egg-info beside the sources.
+    shutil.copytree(REPO_ROOT / "client", tmp_path / "client", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(wheelhouse),
-                    str(REPO_ROOT / "client")], check=True, cwd=tmp_path, timeout=300, capture_output=True)
+                    str(tmp_path / "client")], check=True, cwd=tmp_path, timeout=300, capture_output=True)
     venv = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)  # no system site packages
     env = {k: v for k, v in process_env({}).items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}

@@ -3,6 +3,7 @@ a job with the ``mlflow`` option logs a run (params, barrier metrics, curves by 
 the merged checkpoint; ``models:/name/1`` imports and merges; with the server stopped the merge succeeds with a
 warning, and a later ``POST /v1/jobs/{id}/exports`` logs it. Without MLflow the option is a 422."""
 
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +18,12 @@ from tests.conftest import die_with_test_run, free_port, process_env
 from tests.data_helpers import write_digits
 from tests.service_helpers import make_mlp, run_job, upload, wait_for
 
-pytest.importorskip("mlflow")  # the dev extras install it: CI=true runs this
+try:
+    import mlflow  # noqa: F401  (the dev extras install it)
+except ImportError:
+    if os.environ.get("CI", "").lower() == "true":
+        raise  # CI must run these: a skip there would pass without them
+    pytest.skip("mlflow is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
 
 class MlflowServer:
@@ -45,7 +51,6 @@ class MlflowServer:
         pytest.fail("mlflow server did not come up:\n" + (self.root / "mlflow.log").read_text()[-3000:])
 
     def stop(self) -> None:
-        import os
         import signal
 
         if self.process is not None and self.process.poll() is None:
