@@ -89,9 +89,10 @@ def _principal_of(request: Request, presented: str) -> Principal | None:
 
 
 @router.delete("/v1/session", status_code=204, response_class=Response, summary="Sign out a browser: its session ends on the server")
-def sign_out(request: Request, session: SessionDep):
+def sign_out(request: Request, session: SessionDep, settings: SettingsDep):
     check_same_origin(request)
     if token := request.cookies.get(SESSION_COOKIE):
+        request.state.principal = read_session(session, settings, request.app.state.keys.env_keys, token)  # for the audit log
         end_session(session, token[:256])
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=behind_tls(request))
