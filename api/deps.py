@@ -70,7 +70,8 @@ def authenticate(request: Request) -> Principal:
     if open_mode_blocking(app):
         if scheme.lower() != "bearer" or not presented:
             check_same_origin(request)
-        return Principal(tenant=OPEN_MODE_TENANT, scope="admin", id="open")
+        # Not admin: keys are made with `rebasin keys create` (which ends open mode), not by anyone on loopback.
+        return Principal(tenant=OPEN_MODE_TENANT, scope="write", id="open")
     if scheme.lower() == "bearer" and presented:
         if app.state.oidc is not None and looks_like_jwt(presented):
             return app.state.oidc.verify(presented)

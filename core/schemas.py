@@ -301,13 +301,13 @@ class KeyCreate(BaseModel):
     tenant: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
     name: str = Field("", max_length=255)
     scope: KeyScope = "write"
-    expires_in_s: int | None = Field(None, ge=60, le=100 * 365 * 86400, description="the key stops working this long after creation")
+    expires_in_s: int | None = Field(None, strict=True, ge=60, le=100 * 365 * 86400, description="the key stops working this long after creation")
 
 
 class KeyRotate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    overlap_s: int = Field(3600, ge=0, le=30 * 86400, description="how long the old secret keeps working")
+    overlap_s: int = Field(3600, strict=True, ge=0, le=30 * 86400, description="how long the old secret keeps working")
 
 
 class KeyOut(BaseModel):

@@ -84,10 +84,11 @@ def test_generated_client_uploads_submits_polls_downloads_and_reads_problems(emb
 
 @pytest.mark.parametrize("keys", [False, True], ids=["open", "api-keys"])
 def test_schemathesis_finds_nothing(make_embedded_service, tmp_path, keys):
+    # an admin key: the key-management operations are fuzzed too.
     # no request-rate limit: on a quiet machine schemathesis outpaces 50 requests a second and would test 429s
     # (documented on every tenant operation, and exercised in tests/test_faults.py) instead of the operations
     service = make_embedded_service(REBASIN_TENANT_REQUESTS_PER_S="0",
-                                    **({"REBASIN_API_KEYS": "team:secret-key"} if keys else {}))
+                                    **({"REBASIN_API_KEYS": "team:secret-key:admin"} if keys else {}))
     auth = ["-H", "Authorization: Bearer secret-key"] if keys else []
     run = subprocess.run(
         [Path(sys.executable).with_name("schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{service.url}/openapi.json",

@@ -125,12 +125,26 @@ def check_admin_api_and_sign_out(a, b):
 
 
 def test_limits_are_shared_by_the_replicas(make_production_service):
-    """Active jobs: 50 concurrent submissions against a quota of 5 make exactly 5 jobs. Request rate: a tenant
+    """Stored bytes: concurrent uploads never pass the quota together. Active jobs: 50 concurrent submissions against a quota of 5 make exactly 5 jobs. Request rate: a tenant
     sending to both replicas at once gets the configured rate (one bucket in Redis), not twice it."""
-    rate, burst, duration_s = 20.0, 60, 4.0
-    env = {"REBASIN_API_KEYS": "quota:quota-key,rate:rate-key", "REBASIN_TENANT_REQUESTS_PER_S": str(rate),
-           "REBASIN_TENANT_REQUEST_BURST": str(burst), "REBASIN_TENANT_MAX_ACTIVE_JOBS": "5"}
+    rate, burst, duration_s = 20.0, 60, 5.0
+    files = [save_safetensors(make_mlp(seed).state_dict()) for seed in range(10)]
+    assert len({len(f) for f in files}) == 1
+    env = {"REBASIN_API_KEYS": "quota:quota-key,rate:rate-key,storage:storage-key", "REBASIN_TENANT_REQUESTS_PER_S": str(rate),
+           "REBASIN_TENANT_REQUEST_BURST": str(burst), "REBASIN_TENANT_MAX_ACTIVE_JOBS": "5",
+           "REBASIN_TENANT_MAX_STORED_BYTES": str(int(3.5 * len(files[0])))}
     replicas = [make_production_service(workers=0, **env), make_production_service(workers=0, **env)]
+
+    # Stored bytes: ten concurrent uploads, each within the quota on its own; exactly three fit.
+    def store(i: int) -> int:
+        return httpx.post(f"{replicas[i % 2].url}/v1/checkpoints", files={"file": (f"m{i}.safetensors", files[i])},
+                          headers={"Authorization": "Bearer storage-key"}, timeout=60).status_code
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        codes = list(pool.map(store, range(10)))
+    assert codes.count(201) == 3 and codes.count(429) == 7, codes
+    usage = httpx.get(f"{replicas[0].url}/v1/usage", headers={"Authorization": "Bearer storage-key"}).json()
+    assert usage["usage"]["stored_bytes"] == 3 * len(files[0])
 
     headers = {"Authorization": "Bearer quota-key"}
     with httpx.Client(base_url=replicas[0].url, headers=headers, timeout=60) as client:
@@ -146,18 +160,21 @@ def test_limits_are_shared_by_the_replicas(make_production_service):
     jobs = httpx.get(f"{replicas[1].url}/v1/jobs", headers=headers).json()["items"]
     assert len(jobs) == 5
 
-    sent = []  # (monotonic time sent, status)
+    sent = []  # (monotonic time halfway between sending and the answer: about when the server saw it, status)
     lock = threading.Lock()
+    start = threading.Barrier(6)
 
-    def hammer(url: str, stop_at: float) -> None:
+    def hammer(url: str) -> None:
         with httpx.Client(base_url=url, headers={"Authorization": "Bearer rate-key"}, timeout=30) as client:
-            while (now := time.monotonic()) < stop_at:
+            client.get("/healthz")  # connected before the clock starts (health checks are not counted)
+            start.wait()
+            stop_at = time.monotonic() + duration_s
+            while (before := time.monotonic()) < stop_at:
                 code = client.get("/v1/usage").status_code
                 with lock:
-                    sent.append((now, code))
+                    sent.append(((before + time.monotonic()) / 2, code))
 
-    stop_at = time.monotonic() + duration_s
-    threads = [threading.Thread(target=hammer, args=(s.url, stop_at)) for s in replicas for _ in range(3)]
+    threads = [threading.Thread(target=hammer, args=(s.url,)) for s in replicas for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:

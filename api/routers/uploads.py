@@ -295,7 +295,8 @@ def complete_upload_sync(
             received = _download(s3, row.object_key, HashingFileWriter(workdir / "upload", settings.max_upload_bytes))
             info = validate_file(kind, received.path, workdir)
             resource = create_resource(
-                session, s3, tenant, kind, info, received, row.name, write_original=lambda key: s3.copy(row.object_key, key)
+                session, s3, tenant, kind, info, received, row.name, write_original=lambda key: s3.copy(row.object_key, key),
+                settings=settings,
             )
     except Problem as problem:
         if problem.kind not in ("parts-rejected", "validation"):  # those went back to pending: the client may retry
