@@ -9,6 +9,7 @@ on the embedded default.
 """
 
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -21,6 +22,8 @@ from core.config import Settings
 from core.schemas import Quotas, Usage, UsageOut
 from storage.models import ACTIVE_STATUSES, Artifact, Blob, Job
 
+log = logging.getLogger("rebasin.api")
+REDIS_RETRY_S = 5
 # When to try again after a refusal that only time or the tenant's own action lifts.
 ACTIVE_JOBS_RETRY_AFTER_S = 30
 STORAGE_RETRY_AFTER_S = 300
@@ -99,6 +102,10 @@ class RedisRateLimiter:
         self._sync = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._script = self._async.register_script(GCRA_SCRIPT)
         self._sync_script = self._sync.register_script(GCRA_SCRIPT)
+        # Redis unreachable: each process limits on its own (as on the embedded default) rather than refuse
+        # every request or let every one through; Redis is tried again after a pause.
+        self._local = RequestRateLimiter(rate, burst)
+        self._redis_down_until = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -111,13 +118,26 @@ class RedisRateLimiter:
     async def check(self, tenant: str) -> None:
         if not self.enabled:
             return
-        wait_s = float(await self._script(keys=[self._key(tenant)], args=[1 / self.rate, self.burst, "take"]))
-        refuse_if_waiting(self, tenant, wait_s)
+        import redis
+
+        wait_s = None
+        if time.monotonic() >= self._redis_down_until:
+            try:
+                wait_s = float(await self._script(keys=[self._key(tenant)], args=[1 / self.rate, self.burst, "take"]))
+            except redis.RedisError as error:
+                log.warning("request rate: Redis unreachable (%s); limiting per process for %d s", error, REDIS_RETRY_S)
+                self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+        refuse_if_waiting(self, tenant, self._local.take(tenant) if wait_s is None else wait_s)
 
     def available(self, tenant: str) -> int | None:
         if not self.enabled:
             return None
-        tokens = float(self._sync_script(keys=[self._key(tenant)], args=[1 / self.rate, self.burst, "peek"]))
+        import redis
+
+        try:
+            tokens = float(self._sync_script(keys=[self._key(tenant)], args=[1 / self.rate, self.burst, "peek"]))
+        except redis.RedisError:
+            return self._local.available(tenant)
         return max(0, min(self.burst, int(tokens)))
 
 
