@@ -51,7 +51,7 @@ class AuditLog:
         )
         try:
             await anyio.to_thread.run_sync(self._write, event)
-        except Exception:  # noqa: BLE001 - the request's own work is done; losing its row is logged loudly
+        except Exception:
             log.exception("could not write the audit row of %s %s", scope["method"], scope["path"])
 
     def _write(self, event: AuditEvent) -> None:

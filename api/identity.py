@@ -9,6 +9,7 @@ time on the embedded default, where the one process also forgets at once).
 
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings
 from storage.models import ApiKey, WebSession, utcnow
 
+log = logging.getLogger("rebasin.api")
 SCOPES = ("read", "write", "admin")
 SECRET_PREFIX = "rbk_"
 REVOCATION_VERSION_KEY = "rebasin:auth:version"
@@ -33,7 +35,6 @@ class Principal:
     tenant: str
     scope: str
     id: str  # a managed key's id, "env:<digest prefix>", "oidc:<subject>", or "open"
-    session: str | None = None  # the session's token hash when the request came with the session cookie
 
     def allows(self, scope: str) -> bool:
         return SCOPES.index(self.scope) >= SCOPES.index(scope)
@@ -67,8 +68,9 @@ class Revocations:
         if self._redis is not None:
             try:
                 self._redis.incr(REVOCATION_VERSION_KEY)
-            except Exception:  # noqa: BLE001 - replicas still forget within auth_cache_s
-                pass
+            except Exception as error:  # noqa: BLE001 - replicas still forget within auth_cache_s
+                log.warning("could not tell the other replicas of a revocation through Redis (%s); they forget "
+                            "within REBASIN_AUTH_CACHE_S", error)
 
     def current(self) -> tuple[int, bytes | None]:
         if self._redis is None:
@@ -193,17 +195,17 @@ def create_key(session: Session, settings: Settings, tenant: str, scope: str, na
     return row, secret
 
 
-def end_sessions_of(session: Session, principal_id: str, at: datetime | None = None) -> None:
+def end_sessions_of(session: Session, principal_id: str) -> None:
     session.execute(update(WebSession).where(WebSession.principal == principal_id, WebSession.ended_at.is_(None))
-                    .values(ended_at=at or utcnow()))
+                    .values(ended_at=utcnow()))
 
 
-def revoke_key(session: Session, row: ApiKey, at: datetime | None = None) -> ApiKey:
-    """Revoke now (or at ``at``, for a rotation's overlap); the key's sessions end with it."""
-    when = at or utcnow()
-    if row.revoked_at is None or row.revoked_at > when:
-        row.revoked_at = when
-    end_sessions_of(session, row.id, when if at is None else None)
+def revoke_key(session: Session, row: ApiKey) -> ApiKey:
+    """Revoke now; the key's browser sessions end with it."""
+    now = utcnow()
+    if row.revoked_at is None or row.revoked_at > now:
+        row.revoked_at = now
+    end_sessions_of(session, row.id)
     session.commit()
     return row
 
@@ -226,3 +228,12 @@ def key_status(row: ApiKey) -> str:
     if row.expires_at is not None and row.expires_at <= now:
         return "expired"
     return "rotating" if row.revoked_at is not None else "active"
+
+
+def key_record(row: ApiKey, secret: str | None = None) -> dict:
+    """What the CLI and the admin API show of a key (the secret only right after it was made)."""
+    out = {
+        "id": row.id, "tenant": row.tenant, "name": row.name, "scope": row.scope, "status": key_status(row),
+        "created_at": row.created_at, "expires_at": row.expires_at, "revoked_at": row.revoked_at, "rotated_to": row.rotated_to,
+    }
+    return out | ({"secret": secret} if secret else {})

@@ -10,7 +10,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 from fastapi import Request
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from api.identity import Principal
@@ -60,7 +60,7 @@ def read_session(session: Session, settings: Settings, env_keys: dict, token: st
     now = utcnow()
     row = session.execute(
         select(WebSession, ApiKey.revoked_at, ApiKey.expires_at)
-        .outerjoin(ApiKey, and_(ApiKey.id == WebSession.principal))
+        .outerjoin(ApiKey, ApiKey.id == WebSession.principal)
         .where(WebSession.token_hash == token_hash(token))
     ).first()
     if row is None:
@@ -75,7 +75,7 @@ def read_session(session: Session, settings: Settings, env_keys: dict, token: st
     if now - web.last_seen_at > TOUCH_EVERY:
         session.execute(update(WebSession).where(WebSession.token_hash == web.token_hash).values(last_seen_at=now))
         session.commit()
-    return Principal(tenant=web.tenant, scope=web.scope, id=web.principal, session=web.token_hash)
+    return Principal(tenant=web.tenant, scope=web.scope, id=web.principal)
 
 
 def csrf_token(session_token: str) -> str:

@@ -3,14 +3,12 @@ embedded one under the data directory). Revocations reach running servers at onc
 is Redis, else within REBASIN_AUTH_CACHE_S."""
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
 from cli.errors import CommandError, UsageError
 from cli.service import _settings, prepare_database
-
-KEY_FIELDS = ("id", "tenant", "name", "scope", "status", "created_at", "expires_at", "revoked_at", "rotated_to")
 
 
 def _open(args):
@@ -22,14 +20,9 @@ def _open(args):
 
 
 def _out(row, secret: str | None = None) -> dict:
-    from api.identity import key_status
+    from api.identity import key_record
 
-    out = {"id": row.id, "tenant": row.tenant, "name": row.name, "scope": row.scope, "status": key_status(row)}
-    for name in ("created_at", "expires_at", "revoked_at"):
-        value = getattr(row, name)
-        out[name] = value.isoformat() if value else None
-    out["rotated_to"] = row.rotated_to
-    return out | ({"secret": secret} if secret else {})
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in key_record(row, secret).items()}
 
 
 def _duration(text: str | None) -> timedelta | None:

@@ -1,6 +1,6 @@
 """The audit log, read by tenants (their own rows) and administrators (everyone's)."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -23,7 +23,7 @@ def _instant(text: str) -> datetime:
     except ValueError:
         raise Problem(422, "Invalid request", f"since: {text!r} is not a date-time", kind="validation",
                       errors=[{"field": "since", "message": "not a date-time"}]) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @router.get("", response_model=Page[AuditEventOut],

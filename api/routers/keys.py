@@ -17,14 +17,6 @@ from storage.models import ApiKey
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=problems(403))
 
 
-def key_out(row: ApiKey, secret: str | None = None) -> dict:
-    out = {
-        "id": row.id, "tenant": row.tenant, "name": row.name, "scope": row.scope, "status": identity.key_status(row),
-        "created_at": row.created_at, "expires_at": row.expires_at, "revoked_at": row.revoked_at, "rotated_to": row.rotated_to,
-    }
-    return out | ({"secret": secret} if secret else {})
-
-
 def _key(session, key_id: str) -> ApiKey:
     row = session.get(ApiKey, key_id)
     if row is None:
@@ -38,7 +30,7 @@ def create_key(body: KeyCreate, response: Response, session: SessionDep, setting
     row, secret = identity.create_key(session, settings, body.tenant, body.scope, body.name, expires)
     request.app.state.keys.forget()
     response.headers["Location"] = f"/v1/keys/{row.id}"
-    return key_out(row, secret)
+    return identity.key_record(row, secret)
 
 
 @router.get("", response_model=Page[KeyOut], summary="List API keys, newest first")
@@ -53,19 +45,19 @@ def list_keys(
     if tenant is not None:
         query = query.where(ApiKey.tenant == tenant)
     items, token = paginate(session, query, ApiKey, page_size, page_token)
-    return {"items": [key_out(row) for row in items], "next_page_token": token}
+    return {"items": [identity.key_record(row) for row in items], "next_page_token": token}
 
 
 @router.get("/{key_id}", response_model=KeyOut, summary="An API key (never its secret)")
 def get_key(key_id: str, session: SessionDep, admin: AdminDep):
-    return key_out(_key(session, key_id))
+    return identity.key_record(_key(session, key_id))
 
 
 @router.delete("/{key_id}", response_model=KeyOut, summary="Revoke an API key: it and its browser sessions stop working at once")
 def revoke_key(key_id: str, session: SessionDep, admin: AdminDep, request: Request):
     row = identity.revoke_key(session, _key(session, key_id))
     request.app.state.keys.forget()
-    return key_out(row)
+    return identity.key_record(row)
 
 
 @router.post("/{key_id}/rotate", status_code=201, response_model=KeyCreated,
@@ -75,4 +67,4 @@ def rotate_key(key_id: str, body: KeyRotate, response: Response, session: Sessio
     row, secret = identity.rotate_key(session, settings, _key(session, key_id), timedelta(seconds=body.overlap_s))
     request.app.state.keys.forget()
     response.headers["Location"] = f"/v1/keys/{row.id}"
-    return key_out(row, secret)
+    return identity.key_record(row, secret)

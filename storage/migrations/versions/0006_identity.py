@@ -7,7 +7,6 @@ Create Date: 2026-12-07 16:20:00
 import sqlalchemy as sa
 from alembic import op
 
-
 revision = '0006_identity'
 down_revision = '0005_jobs_tenant_started'
 branch_labels = None
