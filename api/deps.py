@@ -16,6 +16,8 @@ from storage.artifacts import ArtifactStore
 from storage.db import get_sessionmaker
 
 OPEN_MODE_TENANT = "default"
+# Not admin: keys are made with `rebasin keys create` (which ends open mode), not by anyone on loopback.
+OPEN_MODE_PRINCIPAL = Principal(tenant=OPEN_MODE_TENANT, scope="write", id="open")
 
 
 # Dependencies that do no I/O are async: FastAPI would run a plain def in the thread pool.
@@ -70,8 +72,7 @@ def authenticate(request: Request) -> Principal:
     if open_mode_blocking(app):
         if scheme.lower() != "bearer" or not presented:
             check_same_origin(request)
-        # Not admin: keys are made with `rebasin keys create` (which ends open mode), not by anyone on loopback.
-        return Principal(tenant=OPEN_MODE_TENANT, scope="write", id="open")
+        return OPEN_MODE_PRINCIPAL
     if scheme.lower() == "bearer" and presented:
         if app.state.oidc is not None and looks_like_jwt(presented):
             return app.state.oidc.verify(presented)
@@ -90,9 +91,14 @@ def authenticate(request: Request) -> Principal:
 
 
 def _fast_principal(request: Request) -> Principal | None:
-    """A REBASIN_API_KEYS key is checked without I/O, on the event loop: the common case costs no thread hop."""
+    """Open mode and REBASIN_API_KEYS keys are checked without I/O, on the event loop: no thread hop."""
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or open_mode(request.app) is not False:
+    mode = open_mode(request.app)
+    if mode is True:
+        if scheme.lower() != "bearer" or not presented.strip():
+            check_same_origin(request)
+        return OPEN_MODE_PRINCIPAL
+    if scheme.lower() != "bearer" or mode is None:
         return None
     found = request.app.state.keys.env_keys.get(env_key_digest(presented.strip()))
     return Principal(tenant=found[0], scope=found[1], id=f"env:{env_key_digest(presented.strip())[:12]}") if found else None
