@@ -8,17 +8,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core import __version__
 from core.config import Settings, get_settings
-from api.deps import hash_key
+from api.audit import AuditLog
+from api.identity import KeyStore, Revocations
+from api.oidc import OidcVerifier
 from core.logs import request_id_var
 from api.metrics import RequestMetrics, create_registry
 from api.openapi import install_openapi, operation_id
 from api.problems import MEDIA_TYPE, install_problem_handlers
 from api.availability import install_outage_handlers
-from api.quotas import RequestRateLimiter
-from api.routers import architectures, exports, files, health, imports, jobs, uploads, usage
+from api.quotas import make_rate_limiter
+from api.routers import architectures, audit, exports, files, health, imports, jobs, keys, uploads, usage
 from api.routers.web import install_web
 from api.uploads import too_large
 from storage.artifacts import open_store
+from storage.db import get_sessionmaker
 from worker.app import configure_celery
 
 MULTIPART_OVERHEAD = 1024 * 1024
@@ -77,17 +80,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   generate_unique_id_function=operation_id)
     app.state.settings = settings
     # Only digests of the API keys are kept: a memory dump does not reveal them.
-    app.state.tenant_by_key_digest = {hash_key(key): tenant for key, tenant in settings.tenant_keys().items()}
+    sessionmaker = get_sessionmaker(settings.resolved_database_url())
+    app.state.keys = KeyStore(settings, sessionmaker, Revocations(settings.redis_url()))
+    app.state.oidc = OidcVerifier(settings) if settings.oidc_issuer else None
     app.state.store = open_store(settings.resolved_artifact_uri(), settings.s3_endpoint_url, settings.s3_max_attempts)
-    app.state.rate_limiter = RequestRateLimiter(settings.tenant_requests_per_s, settings.tenant_request_burst)
+    app.state.rate_limiter = make_rate_limiter(settings)
     registry, latency = create_registry(settings.resolved_database_url())
     install_problem_handlers(app)
-    install_openapi(app, with_keys=bool(app.state.tenant_by_key_digest))
+    install_openapi(app)
     install_outage_handlers(app)
     app.add_middleware(RequestSizeLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(RequestMetrics, latency=latency)
+    app.add_middleware(AuditLog, sessionmaker=sessionmaker)
     app.add_middleware(RequestId)
-    for router in (imports.router, files.checkpoints, files.datasets, uploads.router, jobs.router, exports.router, architectures.router, health.router, usage.router):
+    for router in (imports.router, files.checkpoints, files.datasets, uploads.router, jobs.router, exports.router,
+                   architectures.router, health.router, usage.router, keys.router, audit.router):
         app.include_router(router)
     install_web(app)
 

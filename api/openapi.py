@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from api.deps import get_tenant
+from api.deps import get_principal, open_mode_blocking
 from api.problems import routes_of
 from core.schemas import DOCUMENTED_MODELS
 
@@ -20,7 +20,8 @@ BINARY = {"type": "string", "format": "binary"}
 WHEN = {
     400: "Bad request: a malformed body, page token or Idempotency-Key",
     401: "No valid API key",
-    403: "A browser session's request without its CSRF token, or from another origin",
+    403: "A key or token whose scope does not allow the request, or a browser session's request without its CSRF "
+         "token or from another origin",
     404: "Not found (or another tenant's)",
     409: "Conflict with the resource's state",
     410: "Gone",
@@ -51,7 +52,7 @@ def download_responses(what: str) -> dict:
 
 
 def _needs_key(dependant) -> bool:
-    return any(d.call is get_tenant or _needs_key(d) for d in dependant.dependencies)
+    return any(d.call is get_principal or _needs_key(d) for d in dependant.dependencies)
 
 
 def keyed_operations(routes) -> set[tuple[str, str]]:
@@ -107,7 +108,8 @@ def document(schema: dict, keyed: set[tuple[str, str]], tenant_scoped: set[tuple
         schemas.pop(fastapi_default, None)
     components["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer",
-                   "description": "An API key from REBASIN_API_KEYS (`tenant:key` pairs); not needed when the server runs without keys."}
+                   "description": "An API key (managed with `rebasin keys` or /v1/keys, or from REBASIN_API_KEYS), or an OIDC access token "
+                                  "when REBASIN_OIDC_ISSUER is set; not needed when the server runs without keys."}
     }
     seen = {}
     for path, item in schema.get("paths", {}).items():
@@ -159,13 +161,18 @@ def _link_created_resources(paths: dict) -> None:
                 }
 
 
-def install_openapi(app: FastAPI, with_keys: bool) -> None:
+def install_openapi(app: FastAPI) -> None:
+    """The document says which operations need a key once the server has any (keys can be added while it runs)."""
+    documents = {}
+
     def openapi() -> dict:
-        if app.openapi_schema is None:
+        with_keys = not open_mode_blocking(app)
+        if with_keys not in documents:
             generated = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
                                     tags=app.openapi_tags)
             tenant_scoped = keyed_operations(routes_of(app))
-            app.openapi_schema = document(generated, tenant_scoped if with_keys else set(), tenant_scoped)
+            documents[with_keys] = document(generated, tenant_scoped if with_keys else set(), tenant_scoped)
+        app.openapi_schema = documents[with_keys]
         return app.openapi_schema
 
     app.openapi = openapi

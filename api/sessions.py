@@ -1,56 +1,86 @@
-"""Browser sessions: a signed, HttpOnly cookie in place of the API key, a CSRF token bound to it, and the
-same-origin check for state changes that browsers ask for."""
+"""Browser sessions, kept on the server: the HttpOnly cookie holds a random token, the database its SHA-256 with
+who signed in, so sign-out, a key's revocation or an administrator ends a session at once on every replica.
+A session has an idle and an absolute lifetime. The CSRF token is bound to the session token; the same-origin
+check for state changes is what browsers ask for."""
 
-import base64
 import hashlib
 import hmac
-import json
-import time
+import secrets
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from fastapi import Request
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session
 
+from api.identity import Principal
 from api.problems import Problem
 from core.config import Settings
+from storage.models import ApiKey, WebSession, utcnow
 
 SESSION_COOKIE = "rebasin_session"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-SESSION_MAX_AGE_S = 12 * 3600
+MAX_TOKEN_LENGTH = 128
+# last_seen_at is written at most this often (not on every request), which is the idle lifetime's precision.
+TOUCH_EVERY = timedelta(seconds=60)
 
 
 def _b64(data: bytes) -> str:
+    import base64
+
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _session_secret(settings: Settings) -> bytes:
-    # Derived from all the keys: replicas agree without configuration, a tenant (who knows one key) cannot
-    # forge it, and changing the keys ends every session.
-    return hashlib.sha256(b"rebasin-session\0" + settings.api_keys.encode()).digest()
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
-def make_session_token(settings: Settings, key_digest: str) -> str:
-    """A signed cookie value naming the key by its digest (the key itself never reaches the browser again)."""
-    payload = _b64(json.dumps({"k": key_digest, "e": int(time.time()) + SESSION_MAX_AGE_S}).encode())
-    return f"{payload}.{_b64(hmac.new(_session_secret(settings), payload.encode(), 'sha256').digest())}"
+def start_session(session: Session, settings: Settings, principal: Principal, key_digest: str | None) -> str:
+    """A new session for ``principal``; returns the cookie's token (only its hash is stored)."""
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    session.add(WebSession(token_hash=token_hash(token), tenant=principal.tenant, scope=principal.scope,
+                           principal=principal.id, key_digest=key_digest, created_at=now, last_seen_at=now,
+                           expires_at=now + timedelta(seconds=settings.session_max_s)))
+    session.commit()
+    return token
 
 
-def read_session_token(settings: Settings, token: str) -> str | None:
-    """The key digest of a valid, unexpired session token, else None."""
-    payload, _, signature = token.partition(".")
-    expected = _b64(hmac.new(_session_secret(settings), payload.encode(), "sha256").digest())
-    if not hmac.compare_digest(signature.encode(), expected.encode()):  # bytes: a cookie may hold any text
+def end_session(session: Session, token: str) -> None:
+    session.execute(update(WebSession).where(WebSession.token_hash == token_hash(token), WebSession.ended_at.is_(None))
+                    .values(ended_at=utcnow()))
+    session.commit()
+
+
+def read_session(session: Session, settings: Settings, env_keys: dict, token: str | None) -> Principal | None:
+    """The caller of a live session (not ended, within both lifetimes, its key still valid), else None."""
+    if not token or len(token) > MAX_TOKEN_LENGTH:
         return None
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except ValueError:
+    now = utcnow()
+    row = session.execute(
+        select(WebSession, ApiKey.revoked_at, ApiKey.expires_at)
+        .outerjoin(ApiKey, ApiKey.id == WebSession.principal)
+        .where(WebSession.token_hash == token_hash(token))
+    ).first()
+    if row is None:
         return None
-    return claims.get("k") if isinstance(claims, dict) and claims.get("e", 0) > time.time() else None
+    web, revoked_at, expires_at = row
+    if web.ended_at is not None or web.expires_at <= now or now - web.last_seen_at > timedelta(seconds=settings.session_idle_s):
+        return None
+    if any(t is not None and t <= now for t in (revoked_at, expires_at)):
+        return None
+    if web.key_digest is not None and web.key_digest not in env_keys:  # REBASIN_API_KEYS changed since sign-in
+        return None
+    if now - web.last_seen_at > TOUCH_EVERY:
+        session.execute(update(WebSession).where(WebSession.token_hash == web.token_hash).values(last_seen_at=now))
+        session.commit()
+    return Principal(tenant=web.tenant, scope=web.scope, id=web.principal)
 
 
-def csrf_token(settings: Settings, session_token: str) -> str:
-    """Bound to the session: a page on another origin can neither read it nor compute it."""
-    return _b64(hmac.new(_session_secret(settings), b"csrf\0" + session_token.encode(), "sha256").digest())
+def csrf_token(session_token: str) -> str:
+    """Bound to the session: a page on another origin can neither read the cookie nor compute this."""
+    return _b64(hmac.new(session_token.encode(), b"rebasin-csrf", "sha256").digest())
 
 
 def check_same_origin(request: Request) -> None:
@@ -65,19 +95,22 @@ def check_same_origin(request: Request) -> None:
         raise Problem(403, "Cross-origin request refused", "State-changing requests must come from this server's own pages.", kind="cross-origin")
 
 
-def session_tenant(request: Request) -> str | None:
-    """The tenant of the request's session cookie, if it holds a valid session for a current key."""
-    token = request.cookies.get(SESSION_COOKIE)
-    digest = token and read_session_token(request.app.state.settings, token)
-    return request.app.state.tenant_by_key_digest.get(digest) if digest else None
-
-
 def check_csrf(request: Request) -> None:
     """A state change authenticated by the session cookie must come from this origin and carry the session's
     CSRF token (a header that a page on another origin can neither read nor forge)."""
     if request.method in SAFE_METHODS:
         return
     check_same_origin(request)
-    expected = csrf_token(request.app.state.settings, request.cookies[SESSION_COOKIE])
+    expected = csrf_token(request.cookies[SESSION_COOKIE])
     if not hmac.compare_digest(request.headers.get(CSRF_HEADER, "").encode(), expected.encode()):
         raise Problem(403, "CSRF token missing", f"Send the session's CSRF token in the {CSRF_HEADER} header.", kind="csrf")
+
+
+
+def delete_old_sessions(sessionmaker) -> int:
+    """Sessions that ended or expired a day ago are of no more use (their sign-ins are in the audit log)."""
+    cutoff = utcnow() - timedelta(days=1)
+    with sessionmaker() as session:
+        deleted = session.execute(delete(WebSession).where(or_(WebSession.expires_at < cutoff, WebSession.ended_at < cutoff)))
+        session.commit()
+        return deleted.rowcount or 0

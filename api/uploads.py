@@ -21,11 +21,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from core.config import Settings
+from api import quotas
 from api.problems import Problem
 from storage.artifacts import ArtifactStore, sha256_file
 from storage.ingest import IngestError, TensorFileInfo, check_dataset, inspect_upload
-from storage.models import Checkpoint, Dataset, new_id
-from storage.objects import add_reference, undo_reference
+from storage.models import Blob, Checkpoint, Dataset, new_id
+from storage.objects import add_reference, content_key, undo_reference
 
 CHUNK = 1024 * 1024
 MAX_FORM_FIELD_BYTES = 1024  # the ``name`` field
@@ -226,6 +227,7 @@ def create_resource(
     original: ReceivedFile,
     name: str,
     write_original: Callable[[str], None] | None = None,
+    settings: Settings | None = None,
 ):
     """Commit the validated bytes (content-addressed) and the record together; on failure neither remains.
 
@@ -239,7 +241,14 @@ def create_resource(
         sha256, size = sha256_file(info.path), info.path.stat().st_size
         write = lambda key: store.move_file(key, info.path)  # noqa: E731
     resource_id = new_id(kind.id_prefix)
+    process_lock = None
     try:
+        if settings is not None and settings.tenant_max_stored_bytes > 0:
+            # Checked again under the tenant's lock with the bytes this adds: concurrent uploads, each within the
+            # quota on its own (checked when they started), cannot together pass it.
+            process_lock = quotas.lock_tenant(session, tenant)
+            known = session.get(Blob, content_key(tenant, sha256)) is not None
+            quotas.check_storage(session, tenant, settings, 0 if known else size)
         key, wrote = add_reference(session, store, tenant, sha256, size, write)
         try:
             row = kind.model(
@@ -262,4 +271,7 @@ def create_resource(
     except BaseException:
         session.rollback()
         raise
+    finally:
+        if process_lock is not None:
+            process_lock.release()
     return row

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from cli import demo, remote, service
+from cli.keys import add_keys_command
 from cli.errors import EXIT_UNREACHABLE, EXIT_USAGE, CommandError
 from core import __version__
 from matching.cli import DefaultsHelpFormatter, add_merge_command, add_method_argument, add_spec_command
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            formatter_class=DefaultsHelpFormatter)
     _data_dir_argument(upgrade)
     upgrade.set_defaults(func=service.cmd_db_upgrade)
+
+    add_keys_command(commands, DefaultsHelpFormatter, EXIT_STATUS_HELP, _data_dir_argument)
 
     submit = command("submit", "upload checkpoints to a server and start a merge job", remote.cmd_submit,
                      "Upload local checkpoint files (or use ids of uploaded ones) and start a merge job; prints its id. "

@@ -56,6 +56,16 @@ def prepare_database(settings: Settings) -> None:
         )
 
 
+def _has_managed_keys(settings: Settings) -> bool:
+    from sqlalchemy import select
+
+    from storage.db import session_scope
+    from storage.models import ApiKey
+
+    with session_scope(settings.resolved_database_url()) as session:
+        return session.scalar(select(ApiKey.id).limit(1)) is not None
+
+
 WORKER_STOP_TIMEOUT_S = 1.0
 
 
@@ -79,13 +89,13 @@ def cmd_serve(args) -> None:
 
     settings = _settings(args)
     configure_logging(args.log_level, settings.log_format)
-    if not settings.tenant_keys() and not _is_loopback(args.host):
-        raise UsageError(
-            f"refusing to serve on {args.host} without API keys; set REBASIN_API_KEYS "
-            "(tenant:key pairs) or bind a loopback address."
-        )
     sock = _listen(args.host, args.port)
     prepare_database(settings)
+    if not _is_loopback(args.host) and not (settings.tenant_keys() or settings.oidc_issuer or _has_managed_keys(settings)):
+        raise UsageError(
+            f"refusing to serve on {args.host} without API keys; set REBASIN_API_KEYS "
+            "(tenant:key pairs), create one with `rebasin keys create`, set REBASIN_OIDC_ISSUER, or bind a loopback address."
+        )
     worker = None
     embedded_broker = settings.broker_url is None
     if embedded_broker and not args.no_worker:

@@ -20,7 +20,33 @@ class Settings(BaseSettings):
     artifact_uri: str | None = Field(None, description="file:///path or s3://bucket/prefix; default: data_dir/artifacts.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2); unset for AWS.")
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://host:6379/0; default: filesystem queue under data_dir.")
-    api_keys: str = Field("", description="Comma-separated tenant:key pairs; empty = open mode, loopback only.")
+    api_keys: str = Field(
+        "",
+        description="Comma-separated tenant:key pairs, each optionally ending in :read, :write (the default) or :admin; "
+        "with no keys here, none managed in the database (rebasin keys create) and no OIDC issuer: open mode, loopback only.",
+    )
+    key_pepper: str = Field(
+        "",
+        description="Server secret mixed into the stored hashes of managed API keys (HMAC-SHA256): a copy of the "
+        "database alone cannot check guessed keys. Every replica needs the same; changing it voids every managed key.",
+    )
+    auth_cache_s: float = Field(
+        3, ge=0, le=60, description="Seconds an API replica trusts a managed key it has checked; a revocation "
+        "reaches every replica within this (at once through Redis when REBASIN_BROKER_URL is redis://).",
+    )
+    session_idle_s: int = Field(2 * 3600, ge=60, description="A browser session unused this long ends.")
+    session_max_s: int = Field(12 * 3600, ge=60, description="A browser session ends this long after sign-in, used or not.")
+    oidc_issuer: str | None = Field(
+        None, description="OIDC issuer URL: bearer JWTs it signs are accepted (JWKS found through its discovery document)."
+    )
+    oidc_audience: str = Field("rebasin", description="The aud a token must carry.")
+    oidc_tenant_claim: str = Field("tenant", description="Claim naming the token's tenant (dots reach into objects).")
+    oidc_scope_claim: str = Field(
+        "scope", description="Claim with the token's scopes (space-separated or a list); rebasin:read, rebasin:write or "
+        "rebasin:admin, the highest wins."
+    )
+    oidc_jwks_cache_s: int = Field(3600, ge=10, description="Seconds the issuer's signing keys are kept before they are fetched again.")
+    audit_retention_days: int = Field(90, ge=0, description="Audit rows older than this are deleted (0 = kept for ever).")
     max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest accepted upload, in bytes.")
     stale_upload_after_s: int = Field(
         24 * 3600,
@@ -58,7 +84,8 @@ class Settings(BaseSettings):
         "past it answers 429 (0 = unlimited).",
     )
     tenant_requests_per_s: float = Field(
-        50, ge=0, description="Sustained API requests a second per tenant and API process; faster answers 429 (0 = unlimited)."
+        50, ge=0, description="Sustained API requests a second per tenant, shared by all API replicas through Redis when "
+        "REBASIN_BROKER_URL is redis:// (else per process); faster answers 429 (0 = unlimited)."
     )
     tenant_request_burst: int = Field(200, ge=1, description="Requests a tenant may send at once before the rate limit applies.")
     s3_max_attempts: int = Field(
@@ -99,14 +126,27 @@ class Settings(BaseSettings):
 
     def tenant_keys(self) -> dict[str, str]:
         """Map of API key -> tenant."""
+        return {key: tenant for key, (tenant, _) in self.scoped_keys().items()}
+
+    def scoped_keys(self) -> dict[str, tuple[str, str]]:
+        """Map of API key -> (tenant, scope) from REBASIN_API_KEYS."""
         pairs = [p.strip() for p in self.api_keys.split(",") if p.strip()]
         keys = {}
         for pair in pairs:
             tenant, sep, key = pair.partition(":")
+            scope = "write"
+            head, _, last = key.rpartition(":")
+            if head and last in ("read", "write", "admin"):
+                key, scope = head, last
             if not sep or not tenant or not key:
-                raise ValueError("REBASIN_API_KEYS must be comma-separated tenant:key pairs")
-            keys[key] = tenant
+                raise ValueError("REBASIN_API_KEYS must be comma-separated tenant:key pairs (each may end in :read, :write or :admin)")
+            keys[key] = (tenant, scope)
         return keys
+
+    def redis_url(self) -> str | None:
+        """Redis shared by the replicas (the broker's), for limits and revocations; None on the embedded default."""
+        url = self.broker_url or ""
+        return url if url.startswith(("redis://", "rediss://")) else None
 
 
 @lru_cache

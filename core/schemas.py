@@ -15,6 +15,10 @@ PROBLEM_BASE = "https://rebasin.dev/problems/"
 PROBLEM_TYPES = {
     "validation": "the request does not match the schema; `errors` lists each field",
     "unauthorized": "no valid API key (`Authorization: Bearer <key>`)",
+    "invalid-token": "an OIDC bearer token that failed a check; `check` names it: malformed, algorithm, kid, signature, "
+    "expired, not-yet-valid, audience, issuer, missing-claim, tenant, scope",
+    "insufficient-scope": "a key or token whose scope (read, write, admin) does not allow the request",
+    "identity-provider-unavailable": "the OIDC issuer's signing keys could not be fetched",
     "not-found": "no such resource for this tenant, or no such path",
     "method-not-allowed": "the path exists, the method does not (the `Allow` header lists those that do)",
     "invalid-file": "an upload that is not a valid checkpoint or dataset file",
@@ -305,3 +309,57 @@ class UsageOut(BaseModel):
     tenant: str
     quotas: Quotas
     usage: Usage
+
+
+KeyScope = Literal["read", "write", "admin"]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
+    name: str = Field("", max_length=255)
+    scope: KeyScope = "write"
+    expires_in_s: int | None = Field(None, strict=True, ge=60, le=100 * 365 * 86400, description="the key stops working this long after creation")
+
+
+class KeyRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_s: int = Field(3600, strict=True, ge=0, le=30 * 86400, description="how long the old secret keeps working")
+
+
+class KeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    tenant: str
+    name: str
+    scope: KeyScope
+    status: Literal["active", "rotating", "revoked", "expired"] = Field(
+        description="rotating: replaced, works until revoked_at"
+    )
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    rotated_to: str | None
+
+
+class KeyCreated(KeyOut):
+    secret: str = Field(description="the key itself: shown this once, only its hash is stored")
+
+
+class AuditEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    created_at: datetime
+    tenant: str | None = Field(description="null: the caller was not identified")
+    principal: str | None = Field(description="key id, env:<digest prefix>, oidc:<subject>, or open")
+    action: str = Field(description="the operation id, e.g. create_job")
+    method: str
+    path: str
+    object_id: str | None
+    status_code: int
+    client: str | None = Field(description="the client's address")
+    request_id: str | None

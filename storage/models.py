@@ -205,3 +205,56 @@ class Worker(Base):
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "running")
+
+
+class ApiKey(Base):
+    """A managed API key. Only a keyed hash of its secret is stored (the secret is shown once, at creation)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    scope: Mapped[str] = mapped_column(String(16))  # read | write | admin
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)  # HMAC-SHA256 of the secret, hex
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    rotated_to: Mapped[str | None] = mapped_column(String(40), nullable=True)  # the key that replaced this one
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class WebSession(Base):
+    """A browser session: the cookie holds a random token, the row its SHA-256, so ending a session is one update."""
+
+    __tablename__ = "web_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    # Who signed in: a managed key's id, "env:<digest prefix>" for a REBASIN_API_KEYS key, or "oidc:<subject>".
+    principal: Mapped[str] = mapped_column(String(255), index=True)
+    key_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)  # REBASIN_API_KEYS keys: checked each time
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)  # absolute lifetime
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class AuditEvent(Base):
+    """One state-changing request: who, what, which object, when, from where, and the result."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_tenant_created_at", "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("aud"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    tenant: Mapped[str | None] = mapped_column(String(100), nullable=True)  # None: the caller was not identified
+    principal: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)  # the operation id, e.g. create_job
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(1024))
+    object_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    status_code: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)

@@ -4,6 +4,7 @@ real ``rebasin serve``."""
 
 import importlib
 import io
+import json
 import subprocess
 import sys
 import time
@@ -82,13 +83,20 @@ def test_generated_client_uploads_submits_polls_downloads_and_reads_problems(emb
     assert isinstance(conflict, Problem) and conflict.status == 409 and "succeeded" in conflict.detail
 
 
-@pytest.mark.parametrize("keys", [False, True], ids=["open", "api-keys"])
+@pytest.mark.parametrize("keys", [False, True], ids=["open", "managed-key"])
 def test_schemathesis_finds_nothing(make_embedded_service, tmp_path, keys):
+    # with keys: an admin key stored (hashed) in the database, made by `rebasin keys create` before the server
+    # starts, so the key-management operations are fuzzed too.
     # no request-rate limit: on a quiet machine schemathesis outpaces 50 requests a second and would test 429s
     # (documented on every tenant operation, and exercised in tests/test_faults.py) instead of the operations
-    service = make_embedded_service(REBASIN_TENANT_REQUESTS_PER_S="0",
-                                    **({"REBASIN_API_KEYS": "team:secret-key"} if keys else {}))
-    auth = ["-H", "Authorization: Bearer secret-key"] if keys else []
+    env = {"REBASIN_TENANT_REQUESTS_PER_S": "0"}
+    auth = []
+    if keys:
+        env["REBASIN_DATA_DIR"] = str(tmp_path / "data")
+        made = subprocess.run([sys.executable, "-m", "cli", "keys", "create", "--tenant", "team", "--scope", "admin", "--json"],
+                              env=process_env(env), capture_output=True, text=True, timeout=300, check=True)
+        auth = ["-H", f"Authorization: Bearer {json.loads(made.stdout)['secret']}"]
+    service = make_embedded_service(**env)
     run = subprocess.run(
         [Path(sys.executable).with_name("schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{service.url}/openapi.json",
          "--checks", "all", "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--workers", "1", "--seed", "1",

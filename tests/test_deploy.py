@@ -44,7 +44,7 @@ NAMESPACE = "ml"
 # Standard AWS variables the service relies on besides its own settings.
 AWS_VARS = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"]
 # Settings whose values are credentials: they must come from Secrets.
-SECRET_VARS = {"REBASIN_DATABASE_URL", "REBASIN_BROKER_URL", "REBASIN_API_KEYS",
+SECRET_VARS = {"REBASIN_DATABASE_URL", "REBASIN_BROKER_URL", "REBASIN_API_KEYS", "REBASIN_KEY_PEPPER",
                "REBASIN_CALLBACK_SECRET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 VALUE_SETS = {
@@ -500,6 +500,11 @@ def test_every_setting_is_settable_from_the_chart(chart):
         "REBASIN_JOB_HEARTBEAT_TIMEOUT_S": "45.5",
         "REBASIN_WORKER_MAX_MEMORY_PER_CHILD_MB": "30000",
         "REBASIN_CALLBACK_ALLOW_PRIVATE": "true",
+        "REBASIN_AUTH_CACHE_S": "2.5",
+        "REBASIN_SESSION_MAX_S": "28800",
+        "REBASIN_AUDIT_RETENTION_DAYS": "365",
+        "REBASIN_OIDC_ISSUER": "https://login.example.com/realms/ml",
+        "REBASIN_OIDC_AUDIENCE": "rebasin-prod",
         "REBASIN_ARTIFACT_URI": "s3://my-bucket/prefix",
         "REBASIN_S3_ENDPOINT_URL": "https://minio.storage.svc:9000",
         "AWS_DEFAULT_REGION": "eu-west-1",
@@ -507,13 +512,14 @@ def test_every_setting_is_settable_from_the_chart(chart):
     for var, value in expect.items():
         assert api_env[var] == {"value": value}, var
         assert worker_env[var] == {"value": value}, var
-    # Workers share everything but the API keys.
-    assert set(worker_env) == set(api_env) - {"REBASIN_API_KEYS"}
+    # Workers share everything but the API keys and their pepper.
+    assert set(worker_env) == set(api_env) - {"REBASIN_API_KEYS", "REBASIN_KEY_PEPPER"}
+    assert api_env["REBASIN_KEY_PEPPER"]["valueFrom"]["secretKeyRef"] == {"name": "rebasin-key-pepper", "key": "pepper"}
     # And the values parse with the real Settings class.
     plain = {k: v["value"] for k, v in api_env.items() if "value" in v}
     plain.update({"REBASIN_DATABASE_URL": "postgresql+psycopg://u:p@db/rebasin",
                   "REBASIN_BROKER_URL": "redis://redis:6379/0", "REBASIN_API_KEYS": "t:k",
-                  "REBASIN_CALLBACK_SECRET": "s"})
+                  "REBASIN_CALLBACK_SECRET": "s", "REBASIN_KEY_PEPPER": "p"})
     Settings(**{k[len("REBASIN_"):].lower(): v for k, v in plain.items() if k.startswith("REBASIN_")})
 
 

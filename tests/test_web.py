@@ -419,10 +419,14 @@ def test_second_tenant_sees_nothing_and_sign_out_ends_access(browser, server, fi
     assert "rebasin_session" not in page.evaluate("document.cookie")
     assert page.evaluate("fetch('/v1/checkpoints').then(r => r.status)") == 200
 
+    copied = {"rebasin_session": cookie["value"]}
+    assert httpx.get(f"{server.url}/v1/checkpoints", cookies=copied).status_code == 200
     page.get_by_role("button", name="Sign out").click()
     page.get_by_label("API key").wait_for()
     assert not any(c["name"] == "rebasin_session" for c in context.cookies())
     assert page.evaluate("fetch('/v1/checkpoints').then(r => r.status)") == 401
+    # The session ended on the server: a copy of the cookie taken before sign-out is refused too.
+    assert httpx.get(f"{server.url}/v1/checkpoints", cookies=copied).status_code == 401
     page.goto(server.url + "/#/files")
     page.get_by_label("API key").fill("not-a-key")
     page.get_by_role("button", name="Sign in").click()

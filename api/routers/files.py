@@ -93,7 +93,8 @@ def make_router(kind_name: str, schema) -> APIRouter:
                 # Validation reads the whole file and the DB session is synchronous: both off the event loop.
                 info = await run_in_threadpool(validate_file, kind, received.path, workdir)
                 row = await run_in_threadpool(
-                    create_resource, session, store, tenant, kind, info, received, name or received.filename or ""
+                    create_resource, session, store, tenant, kind, info, received, name or received.filename or "",
+                    settings=settings,
                 )
             except BaseException:
                 if key is not None:

@@ -71,6 +71,15 @@ def _waiting_for_gpu(device: str, session, settings) -> str | None:
 
 
 def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
+    process_lock = quotas.lock_tenant(session, tenant) if settings.tenant_max_active_jobs > 0 else None
+    try:
+        return _check_and_create_job(body, session, tenant, settings)
+    finally:
+        if process_lock is not None:
+            process_lock.release()
+
+
+def _check_and_create_job(body: JobCreate, session, tenant: str, settings) -> Job:
     quotas.check_active_jobs(session, tenant, settings)
     checkpoints = _owned(session, Checkpoint, tenant, body.checkpoints, "checkpoint")
     dataset_roles = {role: i for role, i in (("dataset", body.dataset), ("eval_dataset", body.eval_dataset)) if i}

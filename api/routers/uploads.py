@@ -36,6 +36,9 @@ from core.schemas import CheckpointOut, DatasetOut
 from api.uploads import CHUNK, KINDS, HashingFileWriter, create_resource, staging_workdir, too_large, validate_file
 from storage.artifacts import DIRECT_UPLOADS_PREFIX, ArtifactStore, S3Store
 from storage.housekeeping import sweep_storage
+from storage.db import get_sessionmaker
+from api.audit import delete_old_events
+from api.sessions import delete_old_sessions
 from storage.models import DirectUpload, new_id, utcnow
 from storage.objects import tenant_namespace
 
@@ -104,9 +107,13 @@ def _extra_staging_dir(settings: Settings, store: ArtifactStore):
 
 
 def sweep_once(settings: Settings, store: ArtifactStore) -> dict[str, int]:
-    return sweep_storage(
+    counts = sweep_storage(
         settings.resolved_database_url(), store, _extra_staging_dir(settings, store), settings.stale_upload_after_s
     )
+    sessionmaker = get_sessionmaker(settings.resolved_database_url())
+    counts["audit_events_deleted"] = delete_old_events(sessionmaker, settings.audit_retention_days)
+    counts["sessions_deleted"] = delete_old_sessions(sessionmaker)
+    return counts
 
 
 @asynccontextmanager
@@ -288,7 +295,8 @@ def complete_upload_sync(
             received = _download(s3, row.object_key, HashingFileWriter(workdir / "upload", settings.max_upload_bytes))
             info = validate_file(kind, received.path, workdir)
             resource = create_resource(
-                session, s3, tenant, kind, info, received, row.name, write_original=lambda key: s3.copy(row.object_key, key)
+                session, s3, tenant, kind, info, received, row.name, write_original=lambda key: s3.copy(row.object_key, key),
+                settings=settings,
             )
     except Problem as problem:
         if problem.kind not in ("parts-rejected", "validation"):  # those went back to pending: the client may retry

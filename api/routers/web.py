@@ -10,16 +10,10 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 import web
-from api.deps import OPEN_MODE_TENANT, SettingsDep, hash_key
-from api.sessions import (
-    CSRF_HEADER,
-    SESSION_COOKIE,
-    SESSION_MAX_AGE_S,
-    check_same_origin,
-    csrf_token,
-    make_session_token,
-    session_tenant,
-)
+from api.deps import OPEN_MODE_TENANT, SessionDep, SettingsDep, open_mode_blocking
+from api.identity import Principal, env_key_digest
+from api.oidc import looks_like_jwt
+from api.sessions import CSRF_HEADER, SESSION_COOKIE, check_same_origin, csrf_token, end_session, read_session, start_session
 from api.openapi import problems
 from api.problems import Problem
 
@@ -48,12 +42,12 @@ def behind_tls(request: Request) -> bool:
 
 def _session_out(request: Request, token: str | None, tenant: str | None) -> dict:
     settings = request.app.state.settings
-    open_mode = not request.app.state.tenant_by_key_digest
+    open_mode = open_mode_blocking(request.app)
     return {
         "open_mode": open_mode,
         "signed_in": open_mode or tenant is not None,
         "tenant": OPEN_MODE_TENANT if open_mode else tenant,
-        "csrf_token": csrf_token(settings, token) if token and tenant else None,
+        "csrf_token": csrf_token(token) if token and tenant else None,
         "csrf_header": CSRF_HEADER,
         # Files this large go straight to S3 (presigned multipart); smaller ones, or any on a local store, stream.
         "direct_upload_min_bytes": settings.direct_upload_part_bytes if settings.resolved_artifact_uri().startswith("s3://") else None,
@@ -61,29 +55,45 @@ def _session_out(request: Request, token: str | None, tenant: str | None) -> dic
 
 
 @router.get("/v1/session", summary="The browser's session: signed in or not, and its CSRF token")
-def get_session(request: Request):
-    tenant = session_tenant(request)
-    return _session_out(request, request.cookies.get(SESSION_COOKIE) if tenant else None, tenant)
+def get_session(request: Request, session: SessionDep, settings: SettingsDep):
+    token = request.cookies.get(SESSION_COOKIE)
+    principal = read_session(session, settings, request.app.state.keys.env_keys, token)
+    return _session_out(request, token if principal else None, principal.tenant if principal else None)
 
 
 @router.post("/v1/session", responses=problems(401, on_401="Not a valid API key"), summary="Sign in a browser: the API key becomes an HttpOnly, SameSite=Strict session cookie")
-def sign_in(request: Request, response: Response, settings: SettingsDep, api_key: Annotated[str, Body(embed=True, max_length=1024)]):
+def sign_in(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+            api_key: Annotated[str, Body(embed=True, max_length=4096)]):
     check_same_origin(request)
-    digest = hash_key(api_key.strip())
-    tenant = request.app.state.tenant_by_key_digest.get(digest)
-    if tenant is None:
+    presented = api_key.strip()
+    principal = _principal_of(request, presented)
+    if principal is None:
         raise Problem(401, "Unauthorized", "This API key is not valid on this server.", errors=[{"field": "api_key", "message": "not a valid API key"}])
-    token = make_session_token(settings, digest)
+    request.state.principal = principal  # for the audit log
+    env_digest = env_key_digest(presented)
+    token = start_session(session, settings, principal, env_digest if env_digest in request.app.state.keys.env_keys else None)
     response.set_cookie(
-        SESSION_COOKIE, token, max_age=SESSION_MAX_AGE_S, path="/", httponly=True, samesite="strict",
+        SESSION_COOKIE, token, max_age=settings.session_max_s, path="/", httponly=True, samesite="strict",
         secure=behind_tls(request),
     )
-    return _session_out(request, token, tenant)
+    return _session_out(request, token, principal.tenant)
 
 
-@router.delete("/v1/session", status_code=204, response_class=Response, summary="Sign out a browser")
-def sign_out(request: Request):
+def _principal_of(request: Request, presented: str) -> Principal | None:
+    if not presented:
+        return None
+    oidc = request.app.state.oidc
+    if oidc is not None and looks_like_jwt(presented):
+        return oidc.verify(presented)
+    return request.app.state.keys.principal(presented)
+
+
+@router.delete("/v1/session", status_code=204, response_class=Response, summary="Sign out a browser: its session ends on the server")
+def sign_out(request: Request, session: SessionDep, settings: SettingsDep):
     check_same_origin(request)
+    if token := request.cookies.get(SESSION_COOKIE):
+        request.state.principal = read_session(session, settings, request.app.state.keys.env_keys, token)  # for the audit log
+        end_session(session, token[:256])
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=behind_tls(request))
     return response

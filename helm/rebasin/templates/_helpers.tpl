@@ -105,6 +105,17 @@ REBASIN_IMPORT_TIMEOUT_S: {{ .Values.config.importTimeoutS | toString | quote }}
 REBASIN_MLFLOW_TRACKING_URI: {{ . | quote }}
 {{- end }}
 REBASIN_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+REBASIN_AUTH_CACHE_S: {{ .Values.config.authCacheS | toString | quote }}
+REBASIN_SESSION_IDLE_S: {{ .Values.config.sessionIdleS | int64 | toString | quote }}
+REBASIN_SESSION_MAX_S: {{ .Values.config.sessionMaxS | int64 | toString | quote }}
+REBASIN_AUDIT_RETENTION_DAYS: {{ .Values.config.auditRetentionDays | int64 | toString | quote }}
+{{- with .Values.oidc.issuer }}
+REBASIN_OIDC_ISSUER: {{ . | quote }}
+{{- end }}
+REBASIN_OIDC_AUDIENCE: {{ .Values.oidc.audience | quote }}
+REBASIN_OIDC_TENANT_CLAIM: {{ .Values.oidc.tenantClaim | quote }}
+REBASIN_OIDC_SCOPE_CLAIM: {{ .Values.oidc.scopeClaim | quote }}
+REBASIN_OIDC_JWKS_CACHE_S: {{ .Values.oidc.jwksCacheS | int64 | toString | quote }}
 {{- end }}
 
 {{/* The database URL, as a container env entry (all the migrations Job needs). */}}
@@ -118,7 +129,8 @@ REBASIN_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 
 {{/*
 Secret settings, as container env entries. Argument: (dict "root" $ "apiKeys" bool);
-only the API gets the API keys. The callback secret is optional (set only with
+only the API gets the API keys and the key pepper (optional, set only with keyPepper.existingSecret).
+The callback secret is optional (set only with
 callbacks.existingSecret) and goes to the API and the workers.
 */}}
 {{- define "rebasin.secretEnv" -}}
@@ -156,6 +168,13 @@ callbacks.existingSecret) and goes to the API and the workers.
     secretKeyRef:
       name: {{ include "rebasin.apiKeysSecret" $root }}
       key: {{ $root.Values.apiKeys.key }}
+{{- with $root.Values.keyPepper.existingSecret }}
+- name: REBASIN_KEY_PEPPER
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $root.Values.keyPepper.key }}
+{{- end }}
 {{- end }}
 {{- end }}
 
