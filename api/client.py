@@ -11,6 +11,8 @@ retried POST never creates a second checkpoint or job.
 """
 
 import os
+import tarfile
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -78,7 +80,17 @@ class Client:
         return self._request("POST", f"/v1/{kind}", retry=True, upload=Path(path), data=data, headers=headers).json()
 
     def upload_checkpoint(self, path: str | Path, name: str | None = None) -> dict:
-        return self._upload("checkpoints", path, name)
+        """A checkpoint file, or a model folder (a directory with config.json), sent as one tar archive."""
+        path = Path(path)
+        if not path.is_dir():
+            return self._upload("checkpoints", path, name)
+        with tempfile.TemporaryDirectory() as scratch:
+            archive = Path(scratch) / f"{path.resolve().name or 'model'}.tar"
+            with tarfile.open(archive, "w") as tar:
+                for file in sorted(path.iterdir()):
+                    if file.is_file() and not file.is_symlink():  # the server takes regular files only
+                        tar.add(file, arcname=file.name)
+            return self._upload("checkpoints", archive, name or path.resolve().name)
 
     def upload_dataset(self, path: str | Path, name: str | None = None) -> dict:
         return self._upload("datasets", path, name)

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://host:6379/0; default: filesystem queue under data_dir.")
     api_keys: str = Field("", description="Comma-separated tenant:key pairs; empty = open mode, loopback only.")
     max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest accepted upload, in bytes.")
+    archive_max_members: int = Field(
+        10_000, ge=1, description="Most members in an uploaded model-folder archive (.tar, .tar.gz, .zip)."
+    )
+    archive_max_unpacked_bytes: int = Field(
+        32 * 1024**3, gt=0, description="Most bytes an uploaded model-folder archive may unpack to, in all."
+    )
     stale_upload_after_s: int = Field(
         24 * 3600,
         ge=60,

@@ -12,6 +12,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from matching.errors import MatchingError
+from matching.hf import logits as output_logits
+
+# Targets equal to this are not scored (masked-LM targets: only the masked positions have a label; padding).
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -37,8 +41,16 @@ def _check_split(inputs, targets, prefix, where):
         raise MatchingError(f"{where}: '{prefix}inputs' contains NaN or Inf")
     if not inputs.is_floating_point() and inputs.min() < 0:
         raise MatchingError(f"{where}: '{prefix}inputs' token ids must be non-negative")
-    if targets.min() < 0:
-        raise MatchingError(f"{where}: '{prefix}targets' must be non-negative class indices")
+    if targets.min() < 0 and not (sequence and bool(((targets >= 0) | (targets == IGNORE_INDEX)).all())):
+        raise MatchingError(f"{where}: '{prefix}targets' must be non-negative class indices (token targets may be "
+                            f"{IGNORE_INDEX} where a position is not scored)")
+    if sequence and not bool((targets != IGNORE_INDEX).any()):
+        raise MatchingError(f"{where}: every one of '{prefix}targets' is {IGNORE_INDEX}: nothing to score")
+
+
+def model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits for a batch: its output, or a Hugging Face ModelOutput's ``.logits``."""
+    return output_logits(model(x))
 
 
 def model_input(x: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
@@ -107,11 +119,12 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(inputs), batch_size):
         x = inputs[start:start + batch_size].to(device)
-        y = targets[start:start + batch_size].to(device)
-        logits = model(x).float().flatten(0, -2)  # [N, T, vocab] next-token logits: one prediction per position
-        loss += F.cross_entropy(logits, y.flatten(), reduction="sum")
-        correct += (logits.argmax(-1) == y.flatten()).sum()
-    return {"loss": loss.item() / targets.numel(), "accuracy": correct.item() / targets.numel()}
+        y = targets[start:start + batch_size].to(device).flatten()
+        logits = model_logits(model, x).float().flatten(0, -2)  # [N, T, vocab] logits: one prediction per position
+        loss += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+        correct += (logits.argmax(-1) == y).sum()  # an ignored target (-100) is never a prediction
+    scored = max(1, int((targets != IGNORE_INDEX).sum()))
+    return {"loss": loss.item() / scored, "accuracy": correct.item() / scored}
 
 
 def interpolation_curves(model: nn.Module, state_a: dict, state_b: dict, lambdas: list[float], splits: dict,

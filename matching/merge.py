@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 from matching.architectures import build_model, example_input, infer_options
 from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
-                               load_dataset, model_input, reset_batchnorm, subsample)
+                               load_dataset, model_input, model_logits, reset_batchnorm, subsample)
+from matching.folders import FolderLayout, write_folder, write_folder_tar
+from matching.hf import check_configs, tied_aliases
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
@@ -75,17 +77,33 @@ def _options(options: dict | None) -> dict:
 _SPEC_CACHE: dict[tuple, PermutationSpec] = {}
 
 
-def _model_and_spec(architecture, shapes) -> tuple[torch.nn.Module, PermutationSpec, dict]:
+def _hf_options(user: dict, configs: list[dict | None] | None) -> dict:
+    """Architecture ``hf``: the model is built from the checkpoints' own config.json, which must agree."""
+    if configs is None or "config" in user:
+        return user
+    if any(config is None for config in configs):
+        raise MatchingError("architecture 'hf' builds the model from each checkpoint's config.json: give every "
+                            "checkpoint as a model folder (config.json and its weights, as save_pretrained writes them)")
+    check_configs(configs)
+    return {**user, "config": configs[0]}
+
+
+def _model_and_spec(architecture, shapes, configs=None) -> tuple[torch.nn.Module, PermutationSpec, dict]:
     if not isinstance(architecture, dict) or not isinstance(architecture.get("name"), str):
         raise MatchingError('architecture must be an object {"name": ..., "options": {...}}')
     name = architecture["name"]
     user = architecture.get("options") or {}
     if not isinstance(user, dict):
         raise MatchingError("architecture options must be an object")
+    if name == "hf":
+        user = _hf_options(user, configs)
     options = {**infer_options(name, shapes), **user}
     model = build_model(name, **options)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Buffers a checkpoint may leave out, and names that share a parameter with another one (tied embeddings,
+    # which save_pretrained writes once): filled in by _full_state.
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    optional |= {alias for alias, source in tied_aliases(model).items() if source in shapes}
     missing = sorted(set(expected) - set(shapes) - optional)
     extra = sorted(set(shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k])
@@ -106,11 +124,13 @@ def _model_and_spec(architecture, shapes) -> tuple[torch.nn.Module, PermutationS
 
 def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, architecture: dict | None = None,
                  permutation_spec: dict | None = None, options: dict | None = None, has_dataset: bool = False,
-                 has_eval_dataset: bool = False, example_shapes: list[tuple[int, ...]] = ()) -> None:
+                 has_eval_dataset: bool = False, example_shapes: list[tuple[int, ...]] = (),
+                 configs: list[dict | None] | None = None) -> None:
     """Cheap validation from checkpoint shapes (and the per-example input shapes of the datasets) only;
-    raises MatchingError with an actionable message."""
+    raises MatchingError with an actionable message. ``configs``: the checkpoints' config.json (model folders;
+    None for a plain checkpoint), which architecture ``hf`` builds the model from."""
     model, _, _, arch_options = _check(shapes, method, architecture, permutation_spec, options, has_dataset,
-                                       has_eval_dataset)
+                                       has_eval_dataset, configs)
     for example_shape in example_shapes if model is not None else ():
         check_example_shape(architecture["name"], arch_options, tuple(example_shape))
 
@@ -142,7 +162,7 @@ def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int,
                         f"{name!r} with options {arch_options} cannot take{_takes(name, probe)}")
 
 
-def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False):
+def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False, configs=None):
     if method not in METHODS:
         raise MatchingError(f"unknown method {method!r}; use one of {list(METHODS)}")
     opts = _options(options)
@@ -176,7 +196,7 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
         spec = spec_from_json(permutation_spec)
         perm_sizes(spec, first)
         return None, spec, opts, None
-    model, spec, arch_options = _model_and_spec(architecture, first)
+    model, spec, arch_options = _model_and_spec(architecture, first, configs)
     return model, spec, opts, arch_options
 
 
@@ -221,8 +241,12 @@ def _check_finite(states):
 
 
 def _full_state(model, state):
-    """The checkpoint with the model's defaults for optional buffers it lacks (num_batches_tracked)."""
+    """The checkpoint with what it may leave out: a tied name gets the tensor it is tied to, an optional buffer
+    (num_batches_tracked) the model's default."""
     full = dict(state)
+    for alias, source in tied_aliases(model).items():
+        if alias not in full and source in full:
+            full[alias] = full[source]
     for key, value in model.state_dict().items():
         full.setdefault(key, value.clone())
     return full
@@ -253,7 +277,7 @@ def _check_data_fits(model, dataset: Dataset, name: str, device, architecture: s
             continue
         try:
             with torch.no_grad():
-                logits = model.eval()(model_input(inputs[:2], device))
+                logits = model_logits(model.eval(), model_input(inputs[:2], device))
         except (RuntimeError, ValueError, IndexError):
             raise MatchingError(f"{name} inputs of shape {list(inputs.shape[1:])} per example do not fit the model"
                                 f"{_takes(architecture, model)}") from None
@@ -266,14 +290,16 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
                       dataset: str | Path | None = None, eval_dataset: str | Path | None = None,
                       options: dict | None = None, device: str = "cpu",
                       progress: Callable[[str, int, int, str], None] | None = None,
-                      should_cancel: Callable[[], bool] | None = None) -> MergeOutcome:
-    """Align checkpoints (2: B to A; >= 3: MergeMany), merge them, and evaluate when there is eval data."""
+                      should_cancel: Callable[[], bool] | None = None,
+                      configs: list[dict | None] | None = None) -> MergeOutcome:
+    """Align checkpoints (2: B to A; >= 3: MergeMany), merge them, and evaluate when there is eval data.
+    ``configs``: each checkpoint's config.json when it is a model folder (architecture ``hf`` needs them)."""
     started = time.perf_counter()
     tick = _ticker(progress, should_cancel)
     tick("validate", 0, 1, "checking inputs")
     shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in states]
     model, spec, opts, arch_options = _check(shapes, method, architecture, permutation_spec, options,
-                                             dataset is not None, eval_dataset is not None)
+                                             dataset is not None, eval_dataset is not None, configs)
     _check_finite(states)
     dev = _resolve_device(device)
     dtypes = {k: v.dtype for k, v in states[0].items()}
@@ -305,7 +331,8 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     report: dict = {"method": method, "num_checkpoints": len(states),
                     "options": {k: v for k, v in opts.items() if k in METHOD_OPTIONS[method]}}
     if arch_options is not None:
-        report["architecture"] = {"name": architecture["name"], "options": arch_options}
+        shown = {k: v for k, v in arch_options.items() if k != "config"}  # hf: the config is the checkpoint's own
+        report["architecture"] = {"name": architecture["name"], "options": shown}
     if len(states) == 2:
         perms, match_info = _align_pair(method, spec, model, states[0], states[1], train, opts, dev, tick)
         aligned = [apply_permutation(spec, perms, states[1])]
@@ -451,24 +478,32 @@ def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_spli
     return out
 
 
-def write_artifacts(outcome: MergeOutcome, out_dir: Path) -> list[Path]:
+def write_artifacts(outcome: MergeOutcome, out_dir: Path, layout: FolderLayout | None = None,
+                    folders: str = "tar") -> list[Path]:
     """merged.safetensors, aligned.safetensors (MergeMany: aligned_<i>.safetensors), permutation.json,
-    report.json, and barrier.png when there was evaluation data."""
+    report.json, and barrier.png when there was evaluation data. With the ``layout`` of model-folder inputs, the
+    models are model folders laid out the same way instead: ``merged.tar``, ``aligned.tar`` (``aligned_<i>.tar``),
+    or with ``folders="dir"`` the directories ``merged/``, ``aligned/`` (what ``rebasin download`` unpacks)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def save(state, name):
-        path = out_dir / name
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    def save(state, stem):
+        if layout is None:
+            path = out_dir / f"{stem}.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        elif folders == "dir":
+            path = write_folder(state, layout, out_dir / stem)
+        else:
+            path = write_folder_tar(state, layout, out_dir / f"{stem}.tar")
         written.append(path)
 
-    save(outcome.merged, "merged.safetensors")
+    save(outcome.merged, "merged")
     if len(outcome.aligned) == 1:
-        save(outcome.aligned[0], "aligned.safetensors")
+        save(outcome.aligned[0], "aligned")
     else:
         for i, state in enumerate(outcome.aligned):
-            save(state, f"aligned_{i}.safetensors")
+            save(state, f"aligned_{i}")
     for name, obj in (("permutation.json", outcome.permutation), ("report.json", outcome.report)):
         path = out_dir / name
         path.write_text(json.dumps(obj, indent=1, allow_nan=False))
