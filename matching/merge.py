@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -254,30 +255,28 @@ def _full_state(model, state):
 
 def _to_device(dataset: Dataset, dev: torch.device) -> Dataset:
     move = lambda t: None if t is None else t.to(dev)
-    return Dataset(move(dataset.inputs), move(dataset.targets), move(dataset.eval_inputs), move(dataset.eval_targets))
+    return Dataset(*(move(getattr(dataset, f.name)) for f in dataclasses.fields(Dataset)))
 
 
 def _eval_split(dataset: Dataset | None, eval_dataset: Dataset | None):
     """Held-out data when there is one: eval_dataset's eval split, else its inputs; else the dataset's eval
-    split; else the training inputs (reported as such)."""
-    if eval_dataset is not None:
-        if eval_dataset.eval_inputs is not None:
-            return eval_dataset.eval_inputs, eval_dataset.eval_targets, "eval_dataset:eval"
-        return eval_dataset.inputs, eval_dataset.targets, "eval_dataset"
-    if dataset is not None:
-        if dataset.eval_inputs is not None:
-            return dataset.eval_inputs, dataset.eval_targets, "dataset:eval"
-        return dataset.inputs, dataset.targets, "dataset:train"
-    return None, None, None
+    split; else the training inputs (reported as such). (inputs, targets, split name, attention mask)"""
+    for data, name in ((eval_dataset, "eval_dataset"), (dataset, "dataset")):
+        if data is not None:
+            if data.eval_inputs is not None:
+                return data.eval_inputs, data.eval_targets, f"{name}:eval", data.eval_attention_mask
+            return data.inputs, data.targets, name if data is eval_dataset else "dataset:train", data.attention_mask
+    return None, None, None, None
 
 
 def _check_data_fits(model, dataset: Dataset, name: str, device, architecture: str):
-    for inputs, targets in ((dataset.inputs, dataset.targets), (dataset.eval_inputs, dataset.eval_targets)):
+    for inputs, targets, mask in ((dataset.inputs, dataset.targets, dataset.attention_mask),
+                                  (dataset.eval_inputs, dataset.eval_targets, dataset.eval_attention_mask)):
         if inputs is None:
             continue
         try:
             with torch.no_grad():
-                logits = model_logits(model.eval(), model_input(inputs[:2], device))
+                logits = model_logits(model.eval(), model_input(inputs[:2], device), None if mask is None else mask[:2])
         except (RuntimeError, ValueError, IndexError):
             raise MatchingError(f"{name} inputs of shape {list(inputs.shape[1:])} per example do not fit the model"
                                 f"{_takes(architecture, model)}") from None
@@ -317,7 +316,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
                 _check_data_fits(model, data, name, dev, architecture["name"])
     elif train is not None or held_out is not None:
         train = held_out = None  # a bare spec has no model to evaluate: data is ignored (documented)
-    eval_inputs, eval_targets, eval_split = _eval_split(train, held_out)
+    eval_inputs, eval_targets, eval_split, eval_mask = _eval_split(train, held_out)
     # Data for BN reset and REPAIR statistics: the dataset's training inputs, else the eval dataset's `inputs` (its
     # training split when it also has an eval split, else the evaluation data itself).
     bn_inputs, bn_split = None, None
@@ -369,7 +368,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
 
     if model is not None and eval_inputs is not None:
         train_split = _train_split(train, held_out)
-        report.update(_evaluation(model, spec, states, aligned, merged, opts, (model_input(eval_inputs, eval_inputs.device), eval_targets, eval_split),
+        report.update(_evaluation(model, spec, states, aligned, merged, opts, (model_input(eval_inputs, eval_inputs.device), eval_targets, eval_split, eval_mask),
                                   train_split, bn_inputs, mode == "repair", tick))
     report["seconds_total"] = time.perf_counter() - started
     cast = lambda s: {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in s.items() if k in dtypes}
@@ -400,7 +399,8 @@ def _train_split(train: Dataset | None, held_out: Dataset | None):
     else:
         return None
     inputs, targets = subsample(model_input(data.inputs, data.inputs.device), data.targets, TRAIN_EVAL_MAX_EXAMPLES)
-    return inputs, targets, name, len(data.inputs)
+    mask = None if data.attention_mask is None else subsample(data.attention_mask, max_examples=TRAIN_EVAL_MAX_EXAMPLES)[0]
+    return inputs, targets, name, len(data.inputs), mask
 
 
 def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, init_perms=None):
@@ -425,10 +425,10 @@ def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_spli
     lambdas = [i / (opts["lambdas"] - 1) for i in range(opts["lambdas"])]
     a, b = states[0], states[1]
     aligned_a, aligned_b = (a, aligned[0]) if len(states) == 2 else (aligned[0], aligned[1])
-    inputs, targets, split = held_out
-    splits = {"held_out": (inputs, targets)}
+    inputs, targets, split, mask = held_out
+    splits = {"held_out": (inputs, targets, mask)}
     if train_split is not None and train_split[2] != split:
-        splits["train"] = train_split[:2]
+        splits["train"] = (*train_split[:2], train_split[4])
     curves = {
         "naive": interpolation_curves(model, a, b, lambdas, splits, bn_inputs,
                                       tick=lambda i, n, m: tick("evaluate_naive", i, n, m)),
@@ -459,20 +459,20 @@ def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_spli
                                    "num_examples_in_split": train_split[3], "bn_reset": bn_reset, "repair": repair}
         out["barrier_train"], out["curves_train"] = on(train_key)
     model.load_state_dict(merged)
-    out["merged"] = evaluate(model, inputs, targets)
+    out["merged"] = evaluate(model, inputs, targets, mask)
     if "train" in splits:
         out["merged_train"] = evaluate(model, *splits["train"])
     if len(states) > 2:
         inputs_eval = []
         for s in states:
             model.load_state_dict(s)
-            inputs_eval.append(evaluate(model, inputs, targets))
+            inputs_eval.append(evaluate(model, inputs, targets, mask))
         naive_avg = {k: (torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v)
                      for k, v in states[0].items()}
         model.load_state_dict(naive_avg)
         if bn_inputs is not None and has_batchnorm(model):
             reset_batchnorm(model, bn_inputs)
-        out["merge_many"] = {"inputs": inputs_eval, "naive_average": evaluate(model, inputs, targets),
+        out["merge_many"] = {"inputs": inputs_eval, "naive_average": evaluate(model, inputs, targets, mask),
                              "merged": out["merged"],
                              "curves_between": "aligned inputs 0 and 1 (naive: inputs 0 and 1)"}
     return out

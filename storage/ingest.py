@@ -261,4 +261,8 @@ def check_dataset(info: TensorFileInfo) -> int:
         split("eval_inputs", "eval_targets")
         if info.shapes["eval_inputs"][1:] != info.shapes["inputs"][1:]:
             raise IngestError("'eval_inputs' must have the same per-example shape as 'inputs'")
+    for prefix in ("", "eval_"):
+        mask = f"{prefix}attention_mask"
+        if mask in info.shapes and (info.shapes[mask] != info.shapes.get(f"{prefix}inputs") or info.dtypes[f"{prefix}inputs"] != "I64"):
+            raise IngestError(f"{mask!r} must have the shape of {prefix + 'inputs'!r}, which must be int64 token ids")
     return num_examples

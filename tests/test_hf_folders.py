@@ -279,3 +279,39 @@ def test_unsafe_archives_are_refused_and_leave_nothing(make_embedded_service, fo
     objects = [p for p in (data / "artifacts").rglob("*") if p.is_file()]
     assert len(objects) == 1, objects  # only the accepted one; the staging area is empty
     assert not [p for p in (data / "artifacts").rglob("*") if "upload-" in str(p) and p.is_file()]
+
+
+def test_masked_lm_evaluation_uses_the_attention_mask(tmp_path):
+    """An encoder's MLM loss over the masked positions only, with padding masked out: what the model computes
+    when it is given the mask, which differs from what it computes without it."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    from matching.evaluate import interpolation_curves, load_dataset
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                       vocab_size=VOCAB, max_position_embeddings=16, initializer_range=0.3)).eval()
+    ids = torch.randint(5, VOCAB, (6, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[::2, 6:] = 0  # padding at the end of every other example
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[:, [1, 4]] = ids[:, [1, 4]]  # the masked-LM positions, scored
+    ids[:, [1, 4]] = 4  # the [MASK] token
+    save_file({"inputs": ids, "targets": targets, "attention_mask": mask}, tmp_path / "mlm.safetensors")
+    data = load_dataset(tmp_path / "mlm.safetensors")
+    assert torch.equal(data.attention_mask, mask)
+
+    logits = model(ids, attention_mask=mask).logits
+    scored = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[scored], targets[scored]).item()
+    unmasked = evaluate(model, ids, targets)["loss"]
+    assert evaluate(model, data.inputs, data.targets, data.attention_mask)["loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(unmasked - expected) > 1e-3  # the mask matters: padding changes what BERT computes
+    state = model.state_dict()
+    curves = interpolation_curves(model, state, state, [0.0, 1.0], {"held_out": (ids, targets, mask)})
+    assert curves["held_out"]["loss"] == pytest.approx([expected, expected], rel=1e-5)
+
+    save_file({"inputs": ids, "targets": targets, "attention_mask": mask[:, :5].contiguous()}, tmp_path / "bad.safetensors")
+    with pytest.raises(MatchingError, match="attention_mask"):
+        load_dataset(tmp_path / "bad.safetensors")
