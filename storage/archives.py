@@ -52,7 +52,8 @@ def archive_kind(path: Path) -> str | None:
     return None
 
 
-def _relative(name: str) -> PurePosixPath:
+def _relative(name: str) -> PurePosixPath | None:
+    """The member's path inside the archive, checked; None for the archive's top itself (``.``, ``./``)."""
     if "\\" in name or "\x00" in name:
         raise IngestError(f"archive member {name[:100]!r}: backslashes and NUL are not allowed in names")
     path = PurePosixPath(name)
@@ -61,9 +62,7 @@ def _relative(name: str) -> PurePosixPath:
     if ".." in path.parts:
         raise IngestError(f"archive member {name[:100]!r} leads out of the folder ('..')")
     parts = [p for p in path.parts if p != "."]
-    if not parts:
-        raise IngestError(f"archive member {name[:100]!r} has no name")
-    return PurePosixPath(*parts)
+    return PurePosixPath(*parts) if parts else None
 
 
 class _Unpacker:
@@ -72,14 +71,16 @@ class _Unpacker:
         self.members = self.unpacked = 0
         self.seen: set[PurePosixPath] = set()
 
-    def count(self, name: str) -> PurePosixPath:
+    def count(self, name: str) -> PurePosixPath | None:
         self.members += 1
         if self.members > self.limits.max_members:
             raise IngestError(f"the archive has more than {self.limits.max_members} members (REBASIN_ARCHIVE_MAX_MEMBERS)")
         return _relative(name)
 
-    def file(self, relative: PurePosixPath, size: int, source) -> None:
+    def file(self, relative: PurePosixPath | None, size: int, source) -> None:
         """Write one regular member of the declared ``size`` from the readable ``source``."""
+        if relative is None:
+            raise IngestError("an archive member that is a file has no name")
         if relative in self.seen:
             raise IngestError(f"archive member {str(relative)[:100]!r} appears twice")
         self.seen.add(relative)

@@ -259,7 +259,8 @@ def test_unsafe_archives_are_refused_and_leave_nothing(make_embedded_service, fo
         "not a regular file": [*good, (_info("dev", tarfile.CHRTYPE), None)],
         "more than 6 members": [*good, *[(_info(f"f{i}.txt"), b"x") for i in range(5)]],
         "past the limit of 200000 bytes": [*good, (_info("big.bin"), bytes(200_000))],
-        "appears twice": [*good, (_info("config.json"), b"{}")],
+        "appears twice": [*good, (_info("./config.json"), b"{}")],
+        "has no name": [*good, (_info("./"), b"x")],
         "no model folder": good[1:],
         "no weights": good[:1],
     }
@@ -315,3 +316,28 @@ def test_masked_lm_evaluation_uses_the_attention_mask(tmp_path):
     save_file({"inputs": ids, "targets": targets, "attention_mask": mask[:, :5].contiguous()}, tmp_path / "bad.safetensors")
     with pytest.raises(MatchingError, match="attention_mask"):
         load_dataset(tmp_path / "bad.safetensors")
+
+
+def test_readme_hugging_face_section_runs_as_written(embedded_service, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, process_env
+    from tests.test_first_minutes import rebasin_on_path
+
+    section = (REPO_ROOT / "README.md").read_text().split("## Hugging Face models", 1)[1]
+    script = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    session = tmp_path / "session"
+    session.mkdir()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{rebasin_on_path(tmp_path / 'bin')}"  # python: this one
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=session, capture_output=True, text=True,
+                         timeout=600, env=process_env({"REBASIN_SERVER": embedded_service.url, "PATH": path,
+                                                       "HF_HUB_OFFLINE": "1"}))
+    assert run.returncode == 0, run.stdout + run.stderr + embedded_service.logs()
+    assert json.loads(run.stdout.strip().splitlines()[-1])["format"] == "hf-folder", run.stdout
+    for out in ("gpt2-merged", "gpt2-remote"):
+        assert len(ModelFolder(session / out / "merged").layout.shards) > 1
+        assert (session / out / "aligned" / "model.safetensors.index.json").is_file()
+    ids = torch.randint(256, (2, 16))
+    assert torch.allclose(token_logits(session / "gpt2-remote" / "aligned", ids), token_logits(session / "gpt2-1", ids), atol=1e-4)
