@@ -160,6 +160,24 @@ def example_inputs(model: nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def check_input_shape(model: nn.Module, example_shape: tuple[int, ...]) -> None:
+    """Whether the model takes dataset inputs of this per-example shape: token ids [T] up to its longest sequence,
+    or images [C, H, W] with its channels. (Checked from its config: transformers models do not run on the meta
+    device, and running them for real at submission would cost what the job costs.)"""
+    config = model.config
+    if is_vision(model):
+        channels = getattr(config, "num_channels", 3)
+        if len(example_shape) != 3 or example_shape[0] != channels:
+            raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, but this "
+                                f"{config.model_type} model takes images [{channels}, H, W] (pixel_values)")
+        return
+    longest = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                    if isinstance(getattr(config, k, None), int)), None)
+    if len(example_shape) != 1 or (longest is not None and example_shape[0] > longest):
+        raise MatchingError(f"dataset inputs have per-example shape {list(example_shape)}, but this {config.model_type} "
+                            f"model takes token ids [T]" + (f" with T <= {longest}" if longest else ""))
+
+
 def logits(output) -> torch.Tensor:
     """The logits of a model's output: a tensor as it is, a ModelOutput's ``.logits`` (else its first field:
     a base model's ``last_hidden_state``)."""

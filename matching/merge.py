@@ -18,7 +18,7 @@ from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
                                load_dataset, model_input, model_logits, reset_batchnorm, subsample)
 from matching.folders import FolderLayout, write_folder, write_folder_tar
-from matching.hf import check_configs, tied_aliases
+from matching.hf import check_configs, check_input_shape, tied_aliases
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
@@ -116,7 +116,8 @@ def _model_and_spec(architecture, shapes, configs=None) -> tuple[torch.nn.Module
             parts.append(f"unexpected tensors {extra[:5]}")
         if wrong:
             parts.append("wrong shapes " + ", ".join(f"{k}: {list(shapes[k])} (expected {list(expected[k])})" for k in wrong[:5]))
-        raise MatchingError(f"checkpoint does not fit architecture {name!r} with options {options}: " + "; ".join(parts))
+        shown = {k: v for k, v in options.items() if k != "config"}  # hf: the checkpoint's own config.json
+        raise MatchingError(f"checkpoint does not fit architecture {name!r} with options {shown}: " + "; ".join(parts))
     cache_key = (name, json.dumps(options, sort_keys=True))
     if cache_key not in _SPEC_CACHE:
         _SPEC_CACHE[cache_key] = infer_spec(model, example_input(name, model))
@@ -147,6 +148,9 @@ def _takes(name: str, model: torch.nn.Module) -> str:
 
 def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int, ...]) -> None:
     """Whether the model takes inputs of this per-example shape, traced on the meta device (no memory, no compute)."""
+    if name == "hf":
+        with torch.device("meta"):
+            return check_input_shape(build_model(name, **arch_options), example_shape)
     try:
         with torch.device("meta"):
             probe = build_model(name, **arch_options).eval()

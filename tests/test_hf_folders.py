@@ -143,6 +143,21 @@ def test_hf_architecture_builds_from_config_and_refuses_what_it_must(folders):
     with pytest.raises(MatchingError, match="n_layer.*2.*3"):
         hf.check_configs([config, {**config, "n_layer": 3}])
     hf.check_configs([config, {**config, "resid_pdrop": 0.3, "transformers_version": "5.0.0", "dtype": "bfloat16"}])
+    # Dataset shapes are checked against the config (transformers models do not run on the meta device).
+    from matching.merge import check_example_shape
+
+    check_example_shape("hf", {"config": config}, (16,))
+    for shape in ((17,), (3, 16, 16)):
+        with pytest.raises(MatchingError, match=r"takes token ids \[T\] with T <= 16"):
+            check_example_shape("hf", {"config": config}, shape)
+    vit = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=8, num_labels=3, architectures=["ViTForImageClassification"])
+    model = hf.build(vit.to_dict())
+    inputs = hf.example_inputs(model)
+    assert list(inputs) == ["pixel_values"] and hf.logits(model(**inputs)).shape == (2, 3)
+    check_example_shape("hf", {"config": vit.to_dict()}, (3, 16, 16))
+    with pytest.raises(MatchingError, match=r"takes images \[3, H, W\]"):
+        check_example_shape("hf", {"config": vit.to_dict()}, (16,))
 
 
 def test_evaluation_reads_hf_outputs_and_ignores_minus_100(folders):
