@@ -196,6 +196,11 @@ def test_cli_merges_folders(folders, tmp_path, capsys):
                 "--out", str(tmp_path / "bf16")]) == 0
     assert ModelFolder(tmp_path / "bf16" / "merged").tensors["transformer.wte.weight"][0] == torch.bfloat16
     _check_outputs(tmp_path / "bf16", folders["a_bf16"], folders["b_bf16"])
+    # MergeMany: one aligned folder per input, each computing its input's function.
+    assert run(["merge", str(folders["a"]), str(folders["b"]), str(folders["b_sharded"]), "--spec", str(tmp_path / "spec.json"),
+                "--out", str(tmp_path / "many"), "--max-iter", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "many").iterdir() if p.is_dir()) == ["aligned_0", "aligned_1", "aligned_2", "merged"]
+    assert torch.allclose(token_logits(tmp_path / "many" / "aligned_2", IDS), token_logits(folders["b"], IDS), atol=1e-4)
     # Folders and files are not mixed.
     assert run(["merge", str(folders["a"]), str(out / "permutation.json"), "--spec", str(tmp_path / "spec.json"),
                 "--out", str(tmp_path / "x")]) == 2
