@@ -110,7 +110,7 @@ def cmd_download(args) -> None:
 
 def _download(client, job_id: str, out: str) -> list[Path]:
     """Every artifact into ``out``; the model folders (aligned.tar, merged.tar) unpacked into folders."""
-    from storage.archives import unpack_folder
+    from storage.archives import ArchiveLimits, unpack_folder
 
     paths = []
     for path in client.download(job_id, out):
@@ -119,7 +119,8 @@ def _download(client, job_id: str, out: str) -> list[Path]:
             scratch = path.with_name(f".{folder.name}.unpacking")
             shutil.rmtree(scratch, ignore_errors=True)
             try:
-                root = unpack_folder(path, scratch, "tar")
+                # An uncompressed tar unpacks to no more than its own size.
+                root = unpack_folder(path, scratch, "tar", ArchiveLimits(100_000, path.stat().st_size))
                 shutil.rmtree(folder, ignore_errors=True)
                 root.rename(folder)
             finally:
