@@ -7,7 +7,7 @@ checkpoints are merged only when their configs agree on every field that shapes 
 
 Other helpers for the rest of the library: ``example_inputs(model)`` (keyword inputs to trace and verify with:
 token ids and an attention mask, or pixel values), ``logits(output)`` (a ModelOutput's ``.logits``), and
-``tied_aliases(model)`` (state-dict names that share a parameter with another, which save_pretrained leaves out).
+``tied_groups(model)`` (state-dict names that share one parameter, of which save_pretrained writes one).
 """
 
 from __future__ import annotations
@@ -124,17 +124,13 @@ def build(config: dict) -> nn.Module:
     return model.float().eval()
 
 
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """{state-dict name: the name it shares its parameter with} (tied input/output embeddings): save_pretrained
-    writes only the second, and loading sets both from it."""
-    first: dict[int, str] = {}
-    aliases = {}
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict names that share one parameter (tied input/output embeddings), two or more a group:
+    save_pretrained writes one of each group, and loading sets them all from it."""
+    names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
 
 
 def is_vision(model: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
                                load_dataset, model_input, model_logits, reset_batchnorm, subsample)
 from matching.folders import FolderLayout, write_folder, write_folder_tar
-from matching.hf import check_configs, check_input_shape, tied_aliases
+from matching.hf import check_configs, check_input_shape, tied_groups
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
@@ -104,7 +104,9 @@ def _model_and_spec(architecture, shapes, configs=None) -> tuple[torch.nn.Module
     # Buffers a checkpoint may leave out, and names that share a parameter with another one (tied embeddings,
     # which save_pretrained writes once): filled in by _full_state.
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    optional |= {alias for alias, source in tied_aliases(model).items() if source in shapes}
+    for group in tied_groups(model):
+        if any(name in shapes for name in group):
+            optional |= set(group) - set(shapes)
     missing = sorted(set(expected) - set(shapes) - optional)
     extra = sorted(set(shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k])
@@ -249,9 +251,10 @@ def _full_state(model, state):
     """The checkpoint with what it may leave out: a tied name gets the tensor it is tied to, an optional buffer
     (num_batches_tracked) the model's default."""
     full = dict(state)
-    for alias, source in tied_aliases(model).items():
-        if alias not in full and source in full:
-            full[alias] = full[source]
+    for group in tied_groups(model):
+        present = next((name for name in group if name in full), None)
+        for name in group if present is not None else ():
+            full.setdefault(name, full[present])
     for key, value in model.state_dict().items():
         full.setdefault(key, value.clone())
     return full

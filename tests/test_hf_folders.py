@@ -134,7 +134,7 @@ def test_pytorch_model_bin_is_read_through_the_safe_loader(folders, tmp_path):
 def test_hf_architecture_builds_from_config_and_refuses_what_it_must(folders):
     config = json.loads((folders["a"] / "config.json").read_text())
     model = hf.build(config)
-    assert type(model).__name__ == "GPT2LMHeadModel" and hf.tied_aliases(model) == {"lm_head.weight": "transformer.wte.weight"}
+    assert type(model).__name__ == "GPT2LMHeadModel" and hf.tied_groups(model) == [["transformer.wte.weight", "lm_head.weight"]]
     assert set(hf.example_inputs(model)) == {"input_ids", "attention_mask"}
     no_class = {k: v for k, v in config.items() if k != "architectures"}
     assert type(hf.build(no_class)).__name__ == "GPT2Model"  # the AutoModel of its model_type
@@ -143,6 +143,11 @@ def test_hf_architecture_builds_from_config_and_refuses_what_it_must(folders):
     with pytest.raises(MatchingError, match="n_layer.*2.*3"):
         hf.check_configs([config, {**config, "n_layer": 3}])
     hf.check_configs([config, {**config, "resid_pdrop": 0.3, "transformers_version": "5.0.0", "dtype": "bfloat16"}])
+    # save_pretrained wrote the tied lm_head once, as the embedding: the job's full state has it again.
+    from matching.merge import _full_state
+
+    state, _ = load_folder(folders["a"])
+    assert "lm_head.weight" not in state and _full_state(model, state)["lm_head.weight"] is state["transformer.wte.weight"]
     # Dataset shapes are checked against the config (transformers models do not run on the meta device).
     from matching.merge import check_example_shape
 
