@@ -254,6 +254,10 @@ def test_folder_checkpoints_over_http(embedded_service, folders, tmp_path, capsy
         refused = client.post("/v1/jobs", json={"method": "weight_matching", "checkpoints": [a["id"], d["id"]],
                                                 "architecture": {"name": "hf"}})
         assert refused.status_code == 422 and "trust_remote_code" in refused.json()["detail"], refused.text
+        plain = client.post("/v1/checkpoints", files={"file": ("b.safetensors", (folders["b"] / "model.safetensors").read_bytes())})
+        refused = client.post("/v1/jobs", json={"method": "weight_matching", "checkpoints": [a["id"], plain.json()["id"]],
+                                                "architecture": {"name": "hf"}})
+        assert refused.status_code == 422 and "as a model folder" in refused.json()["detail"], refused.text
 
     # The CLI: submit folders, download unpacks the tars into folders.
     spec_path = tmp_path / "spec.json"
