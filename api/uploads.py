@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from core.config import Settings
 from api import quotas
 from api.problems import Problem
+from storage.archives import ArchiveLimits
 from storage.artifacts import ArtifactStore, sha256_file
 from storage.ingest import IngestError, TensorFileInfo, check_dataset, inspect_upload
 from storage.models import Blob, Checkpoint, Dataset, new_id
@@ -207,10 +208,14 @@ async def receive_multipart_file(request: Request, path: Path, limit: int) -> tu
     return received, form.name
 
 
-def validate_file(kind: ResourceKind, path: Path, workdir: Path) -> TensorFileInfo:
-    """Ingest checks for one kind; a PyTorch file comes back converted (``info.path`` differs)."""
+def validate_file(kind: ResourceKind, path: Path, workdir: Path, settings: Settings) -> TensorFileInfo:
+    """Ingest checks for one kind; a PyTorch file or a model folder's archive comes back converted (``info.path``
+    differs). Checkpoints may be model folders, datasets not."""
+    folders = None
+    if kind.noun == "checkpoint":
+        folders = ArchiveLimits(settings.archive_max_members, settings.archive_max_unpacked_bytes)
     try:
-        info = inspect_upload(path, workdir / "converted.safetensors")
+        info = inspect_upload(path, workdir / "converted.safetensors", folders)
         if kind.check is not None:
             kind.check(info)
     except IngestError as error:
@@ -238,7 +243,10 @@ def create_resource(
         sha256, size = original.sha256, original.size_bytes
         write = write_original or (lambda key: store.move_file(key, original.path))
     else:
-        sha256, size = sha256_file(info.path), info.path.stat().st_size
+        # A model folder keeps the sha256 of the archive the user sent (its normalisation is deterministic, so
+        # the same archive is still stored once); a converted PyTorch file is named by what is stored.
+        sha256 = original.sha256 if info.format == "hf-folder" else sha256_file(info.path)
+        size = info.path.stat().st_size
         write = lambda key: store.move_file(key, info.path)  # noqa: E731
     resource_id = new_id(kind.id_prefix)
     process_lock = None

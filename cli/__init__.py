@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit = command("submit", "upload checkpoints to a server and start a merge job", remote.cmd_submit,
                      "Upload local checkpoint files (or use ids of uploaded ones) and start a merge job; prints its id. "
                      "With --wait or --out: wait for it, then print the barrier table (and download).")
-    submit.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="local files (uploaded) or checkpoint ids")
+    submit.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="local files or model folders (uploaded; a folder as one tar) or checkpoint ids")
     spec_or_arch = submit.add_mutually_exclusive_group(required=True)
     spec_or_arch.add_argument("--arch", metavar="NAME", help="registered architecture name")
     spec_or_arch.add_argument("--spec", metavar="SPEC.json", help="permutation spec JSON file")
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--json", action="store_true", help="print the finished job as JSON instead of the table")
     _client_arguments(wait)
 
-    download = command("download", "download a job's artifacts", remote.cmd_download)
+    download = command("download", "download a job's artifacts", remote.cmd_download,
+                       "Download a job's artifacts; model folders (aligned.tar, merged.tar) are unpacked into folders.")
     download.add_argument("job_id", metavar="JOB_ID")
     download.add_argument("--out", required=True, metavar="DIR", help="directory to write the artifacts into")
     _client_arguments(download)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def cmd_submit(args) -> None:
     with connect(args) as client:
         def resolve(value: str | None, upload) -> str | None:
             # Local files are uploaded; anything else is taken as the id of an upload on the server.
-            return upload(value)["id"] if value and Path(value).is_file() else value
+            local = value and (Path(value).is_file() or (upload == client.upload_checkpoint and Path(value).is_dir()))
+            return upload(value)["id"] if local else value
 
         body = {
             "method": METHOD_NAMES.get(args.method, args.method),
@@ -86,7 +88,7 @@ def cmd_submit(args) -> None:
         if args.wait or args.out:
             job = _wait(client, job["id"], args.json)
             if args.out:
-                for path in client.download(job["id"], args.out):
+                for path in _download(client, job["id"], args.out):
                     print(path)
 
 
@@ -102,5 +104,28 @@ def cmd_download(args) -> None:
             raise JobFailed(f"job {args.job_id} {job['status']}: it has no artifacts")
         if job["status"] != "succeeded":
             raise UsageError(f"job {args.job_id} is {job['status']}: no artifacts yet (run rebasin wait first)")
-        for path in client.download(args.job_id, args.out):
+        for path in _download(client, args.job_id, args.out):
             print(path)
+
+
+def _download(client, job_id: str, out: str) -> list[Path]:
+    """Every artifact into ``out``; the model folders (aligned.tar, merged.tar) unpacked into folders."""
+    from storage.archives import ArchiveLimits, unpack_folder
+
+    paths = []
+    for path in client.download(job_id, out):
+        if path.suffix == ".tar":
+            folder = path.with_suffix("")
+            scratch = path.with_name(f".{folder.name}.unpacking")
+            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                # An uncompressed tar unpacks to no more than its own size.
+                root = unpack_folder(path, scratch, "tar", ArchiveLimits(100_000, path.stat().st_size))
+                shutil.rmtree(folder, ignore_errors=True)
+                root.rename(folder)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            path.unlink()
+            path = folder
+        paths.append(path)
+    return paths

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     oidc_jwks_cache_s: int = Field(3600, ge=10, description="Seconds the issuer's signing keys are kept before they are fetched again.")
     audit_retention_days: int = Field(90, ge=0, description="Audit rows older than this are deleted (0 = kept for ever).")
     max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest accepted upload, in bytes.")
+    archive_max_members: int = Field(
+        10_000, ge=1, description="Most members in an uploaded model-folder archive (.tar, .tar.gz, .zip)."
+    )
+    archive_max_unpacked_bytes: int = Field(
+        32 * 1024**3, gt=0, description="Most bytes an uploaded model-folder archive may unpack to, in all."
+    )
     stale_upload_after_s: int = Field(
         24 * 3600,
         ge=60,

@@ -151,9 +151,10 @@ class TensorFileOut(BaseModel):
 
     id: str
     name: str
-    sha256: str
-    size_bytes: int
-    format: str
+    sha256: str = Field(description="of the stored safetensors; of the uploaded archive for an hf-folder checkpoint")
+    size_bytes: int = Field(description="of the stored safetensors")
+    format: str = Field(description="what was uploaded: safetensors, pytorch (stored converted to safetensors), or "
+                        "hf-folder (a model folder's archive, stored as one safetensors that holds its layout)")
     num_tensors: int
     created_at: datetime
 

@@ -20,6 +20,10 @@ merge_checkpoints(states, method=..., architecture=... | permutation_spec=..., d
   data (``report["repair"]["data"]``); "reset"/"repair" without any data are refused. It shapes
   merged.safetensors and adds the ``aligned_repair`` curve; ``naive``/``aligned`` keep their meaning (BN
   models: reset at every lambda when there is data).
+- Model folders (Hugging Face ``save_pretrained`` layout, matching.folders): ``load_folder(dir)`` gives the state
+  dict and the ``FolderLayout``; ``merge_checkpoints(..., configs=[layout.config, ...])`` lets architecture ``hf``
+  (matching.hf) build the model from config.json; ``write_artifacts(outcome, out, layout=...)`` writes the models as
+  folders laid out the same way (``merged.tar``/``aligned.tar``, or directories with ``folders="dir"``).
 - Options: seed, max_iter, lambdas (number of points, default 25), merge_lambda (0.5), steps (STE, 200),
   learning_rate (STE, 1e-3), batch_size (activation/STE, 256), repair.
 """

@@ -290,6 +290,29 @@ BUILTINS = {a.name: a for a in [
               "n_embd": _opt("int", 64, "width of the residual stream (inferred)"),
               "bias": _opt("bool", True, "biases in Linear and LayerNorm layers (inferred)")}),
 ]}
+
+
+def _hf(config=None):
+    from matching import hf
+
+    if config is None:
+        raise MatchingError("architecture 'hf' builds the model from the checkpoint's own config.json: upload the "
+                            "checkpoint as a model folder (config.json and its weights, as save_pretrained writes them)")
+    return hf.build(config)
+
+
+def _hf_example(model, batch):
+    from matching import hf
+
+    return hf.example_inputs(model, batch)
+
+
+BUILTINS["hf"] = Architecture(
+    "hf", _hf, "Hugging Face transformers model (GPT-2, BERT, LLaMA, ViT, ...) built from the checkpoint's own "
+    "config.json: the class its 'architectures' names, else the AutoModel of its model_type; for checkpoints uploaded "
+    "as model folders (config.json and weights as save_pretrained writes them). Custom code (auto_map) is refused.",
+    {"config": _opt("object", None, "the checkpoint's config.json (read from the model folder: leave it out)")},
+    infer_options=lambda shapes: {}, example_input=_hf_example, family="builtin")
 ARCHITECTURES = BUILTINS  # backwards-compatible name
 
 

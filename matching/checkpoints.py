@@ -7,7 +7,11 @@ Archives whose loaders unpickle arbitrary objects (TorchScript, ``torch.export``
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -16,6 +20,12 @@ from matching.errors import MatchingError
 
 PICKLE_PROTOCOL_MARKERS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model")
+TORCH_TO_SAFETENSORS = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
+    torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64", torch.uint64: "U64",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
 
 
 def is_safetensors(path: str | Path) -> bool:
@@ -96,3 +106,33 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise MatchingError(f"{path}: {error}") from None
     except OSError as error:
         raise MatchingError(f"{path}: {error.strerror or error}") from None
+
+
+def write_safetensors(state: Mapping[str, torch.Tensor], out: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time (safetensors' own save builds the whole file in memory)."""
+    layout = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()}
+    write_safetensors_from(layout, state.__getitem__, out, metadata)
+
+
+def write_safetensors_from(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], get: Callable[[str], torch.Tensor],
+                           out: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the tensors ``layout`` names (dtype, shape), asking ``get(name)`` for each one only when its bytes are
+    written: at most one tensor is in memory (the caller may read them lazily, e.g. from ``safe_open``)."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header so tensor data starts aligned
+    with open(out, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for name, (dtype, shape) in layout.items():
+            tensor = get(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise MatchingError(f"tensor {name!r} changed while it was written")
+            # Contiguous copies also break memory shared between tensors (tied weights).
+            if tensor.numel():
+                handle.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

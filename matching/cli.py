@@ -86,11 +86,13 @@ def add_merge_command(subparsers) -> argparse.ArgumentParser:
         "merge", help="align and merge checkpoints offline (the same job the service runs)",
         formatter_class=DefaultsHelpFormatter,
         description="Align checkpoints modulo permutation symmetries (Git Re-Basin) and merge them. Two checkpoints: "
-                    "B is aligned to A; three or more: MergeMany. Writes merged.safetensors, aligned*.safetensors, "
-                    "permutation.json, report.json (and barrier.png with evaluation data) into --out, and prints "
-                    "the barrier table.")
+                    "B is aligned to A; three or more: MergeMany. Writes merged.safetensors, aligned*.safetensors "
+                    "(model folders: the folders merged/ and aligned*/, laid out as the inputs), permutation.json, "
+                    "report.json (and barrier.png with evaluation data) into --out, and prints the barrier table.")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help=".safetensors or a torch.save state dict (.pt/.pth/.bin, also wrapped as {'state_dict': ...})")
+                   help=".safetensors or a torch.save state dict (.pt/.pth/.bin, also wrapped as {'state_dict': ...}), or "
+                        "a model folder as save_pretrained writes it (config.json and its weights): then --arch hf builds "
+                        "the model from config.json, and the outputs are the folders merged/ and aligned/")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--arch", metavar="NAME", help="registered architecture, e.g. mlp, vgg, resnet20, torchvision/resnet18")
@@ -122,7 +124,7 @@ def run_merge(args) -> int:
     try:
         if len(args.checkpoints) < 2:
             raise MatchingError("give at least two checkpoints")
-        states = [load_checkpoint(path) for path in args.checkpoints]
+        states, layouts = _load_inputs(args.checkpoints)
         architecture = spec = None
         if args.arch:
             architecture = {"name": args.arch, "options": parse_key_values(args.arch_option, "--arch-option")}
@@ -135,9 +137,10 @@ def run_merge(args) -> int:
                    if getattr(args, name, None) is not None}
         outcome = merge_checkpoints(states, method=METHOD_NAMES.get(args.method, args.method), architecture=architecture,
                                     permutation_spec=spec, dataset=args.data, eval_dataset=args.eval_data,
-                                    options=options, device=args.device, progress=bar.update)
+                                    options=options, device=args.device, progress=bar.update,
+                                    configs=[layout.config for layout in layouts] if layouts else None)
         bar.close()
-        files = write_artifacts(outcome, args.out)
+        files = write_artifacts(outcome, args.out, layout=layouts[0] if layouts else None, folders="dir")
     except (MatchingError, Cancelled) as exc:
         bar.close()
         print(f"rebasin: {exc}", file=sys.stderr)
@@ -149,6 +152,19 @@ def run_merge(args) -> int:
     print(format_report(outcome.report))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _load_inputs(paths) -> tuple[list[dict], list]:
+    """The checkpoints' state dicts, and their layouts when they are model folders (all or none of them)."""
+    from matching.folders import is_model_folder, load_folder
+
+    folders = [is_model_folder(path) for path in paths]
+    if not any(folders):
+        return [load_checkpoint(path) for path in paths], []
+    if not all(folders):
+        raise MatchingError("give every checkpoint as a model folder (a directory with config.json) or none of them")
+    loaded = [load_folder(path) for path in paths]
+    return [state for state, _ in loaded], [layout for _, layout in loaded]
 
 
 def format_report(report: dict) -> str:

@@ -12,6 +12,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from matching.errors import MatchingError
+from matching.hf import logits as output_logits
+
+# Targets equal to this are not scored (masked-LM targets: only the masked positions have a label; padding).
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -20,6 +24,10 @@ class Dataset:
     targets: torch.Tensor
     eval_inputs: torch.Tensor | None = None
     eval_targets: torch.Tensor | None = None
+    # Token datasets with padding: 1 where a token is real, 0 where it is padding (passed to the model as
+    # ``attention_mask``; its targets there should be IGNORE_INDEX).
+    attention_mask: torch.Tensor | None = None
+    eval_attention_mask: torch.Tensor | None = None
 
 
 def _check_split(inputs, targets, prefix, where):
@@ -37,8 +45,16 @@ def _check_split(inputs, targets, prefix, where):
         raise MatchingError(f"{where}: '{prefix}inputs' contains NaN or Inf")
     if not inputs.is_floating_point() and inputs.min() < 0:
         raise MatchingError(f"{where}: '{prefix}inputs' token ids must be non-negative")
-    if targets.min() < 0:
-        raise MatchingError(f"{where}: '{prefix}targets' must be non-negative class indices")
+    if targets.min() < 0 and not (sequence and bool(((targets >= 0) | (targets == IGNORE_INDEX)).all())):
+        raise MatchingError(f"{where}: '{prefix}targets' must be non-negative class indices (token targets may be "
+                            f"{IGNORE_INDEX} where a position is not scored)")
+    if sequence and not bool((targets != IGNORE_INDEX).any()):
+        raise MatchingError(f"{where}: every one of '{prefix}targets' is {IGNORE_INDEX}: nothing to score")
+
+
+def model_logits(model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits for a batch: its output, or a Hugging Face ModelOutput's ``.logits``."""
+    return output_logits(model(x) if attention_mask is None else model(x, attention_mask=attention_mask))
 
 
 def model_input(x: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
@@ -60,7 +76,14 @@ def load_dataset(path: str | Path) -> Dataset:
         raise MatchingError(f"{where}: give both 'eval_inputs' and 'eval_targets', or neither")
     if "eval_inputs" in tensors:
         _check_split(tensors["eval_inputs"], tensors["eval_targets"], "eval_", where)
-    return Dataset(tensors["inputs"], tensors["targets"], tensors.get("eval_inputs"), tensors.get("eval_targets"))
+    for prefix in ("", "eval_"):
+        mask = tensors.get(f"{prefix}attention_mask")
+        if mask is not None and (mask.shape != tensors.get(f"{prefix}inputs", torch.empty(0)).shape
+                                 or tensors[f"{prefix}inputs"].is_floating_point() or not ((mask == 0) | (mask == 1)).all()):
+            raise MatchingError(f"{where}: '{prefix}attention_mask' must be 0/1 of the shape of '{prefix}inputs' "
+                                "(int64 token ids [N, T])")
+    return Dataset(tensors["inputs"], tensors["targets"], tensors.get("eval_inputs"), tensors.get("eval_targets"),
+                   tensors.get("attention_mask"), tensors.get("eval_attention_mask"))
 
 
 def interpolate(state_a: dict, state_b: dict, lam: float) -> dict:
@@ -99,7 +122,9 @@ def reset_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 50
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1000) -> dict:
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             *, batch_size: int = 1000) -> dict:
+    """Mean loss and accuracy over the scored targets (not IGNORE_INDEX)."""
     model.eval()
     device = next(model.parameters()).device
     # Summed on the device and read once: a read per batch would wait for the GPU at every batch.
@@ -107,17 +132,19 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(inputs), batch_size):
         x = inputs[start:start + batch_size].to(device)
-        y = targets[start:start + batch_size].to(device)
-        logits = model(x).float().flatten(0, -2)  # [N, T, vocab] next-token logits: one prediction per position
-        loss += F.cross_entropy(logits, y.flatten(), reduction="sum")
-        correct += (logits.argmax(-1) == y.flatten()).sum()
-    return {"loss": loss.item() / targets.numel(), "accuracy": correct.item() / targets.numel()}
+        y = targets[start:start + batch_size].to(device).flatten()
+        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+        logits = model_logits(model, x, mask).float().flatten(0, -2)  # [N, T, vocab] logits: one prediction per position
+        loss += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+        correct += (logits.argmax(-1) == y).sum()  # an ignored target (-100) is never a prediction
+    scored = max(1, int((targets != IGNORE_INDEX).sum()))
+    return {"loss": loss.item() / scored, "accuracy": correct.item() / scored}
 
 
 def interpolation_curves(model: nn.Module, state_a: dict, state_b: dict, lambdas: list[float], splits: dict,
                          bn_inputs=None, repair=None, tick=None) -> dict:
     """{split name: {"loss": [...], "accuracy": [...]}} along the line from A to B, each point evaluated on every
-    split of ``splits`` ({name: (inputs, targets)}). BN models get their statistics re-estimated at each point
+    split of ``splits`` ({name: (inputs, targets[, attention_mask])}). BN models get their statistics re-estimated at each point
     (on ``bn_inputs``); with ``repair`` (a ``matching.repair.Repair`` of this pair) each point is then repaired."""
     reset = bn_inputs is not None and has_batchnorm(model)
     curves = {name: {"loss": [], "accuracy": []} for name in splits}
@@ -127,8 +154,8 @@ def interpolation_curves(model: nn.Module, state_a: dict, state_b: dict, lambdas
             reset_batchnorm(model, bn_inputs)
         if repair is not None:
             repair.apply(model, [1 - lam, lam])
-        for name, (inputs, targets) in splits.items():
-            result = evaluate(model, inputs, targets)
+        for name, split in splits.items():
+            result = evaluate(model, *split)
             curves[name]["loss"].append(result["loss"])
             curves[name]["accuracy"].append(result["accuracy"])
         if tick is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -15,7 +16,9 @@ from safetensors.torch import save_file
 from matching.architectures import build_model, example_input, infer_options
 from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
-                               load_dataset, model_input, reset_batchnorm, subsample)
+                               load_dataset, model_input, model_logits, reset_batchnorm, subsample)
+from matching.folders import FolderLayout, write_folder, write_folder_tar
+from matching.hf import check_configs, check_input_shape, tied_groups
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
@@ -75,17 +78,35 @@ def _options(options: dict | None) -> dict:
 _SPEC_CACHE: dict[tuple, PermutationSpec] = {}
 
 
-def _model_and_spec(architecture, shapes) -> tuple[torch.nn.Module, PermutationSpec, dict]:
+def _hf_options(user: dict, configs: list[dict | None] | None) -> dict:
+    """Architecture ``hf``: the model is built from the checkpoints' own config.json, which must agree."""
+    if configs is None or "config" in user:
+        return user
+    if any(config is None for config in configs):
+        raise MatchingError("architecture 'hf' builds the model from each checkpoint's config.json: give every "
+                            "checkpoint as a model folder (config.json and its weights, as save_pretrained writes them)")
+    check_configs(configs)
+    return {**user, "config": configs[0]}
+
+
+def _model_and_spec(architecture, shapes, configs=None) -> tuple[torch.nn.Module, PermutationSpec, dict]:
     if not isinstance(architecture, dict) or not isinstance(architecture.get("name"), str):
         raise MatchingError('architecture must be an object {"name": ..., "options": {...}}')
     name = architecture["name"]
     user = architecture.get("options") or {}
     if not isinstance(user, dict):
         raise MatchingError("architecture options must be an object")
+    if name == "hf":
+        user = _hf_options(user, configs)
     options = {**infer_options(name, shapes), **user}
     model = build_model(name, **options)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Buffers a checkpoint may leave out, and names that share a parameter with another one (tied embeddings,
+    # which save_pretrained writes once): filled in by _full_state.
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    for group in tied_groups(model):
+        if any(name in shapes for name in group):
+            optional |= set(group) - set(shapes)
     missing = sorted(set(expected) - set(shapes) - optional)
     extra = sorted(set(shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k])
@@ -97,7 +118,8 @@ def _model_and_spec(architecture, shapes) -> tuple[torch.nn.Module, PermutationS
             parts.append(f"unexpected tensors {extra[:5]}")
         if wrong:
             parts.append("wrong shapes " + ", ".join(f"{k}: {list(shapes[k])} (expected {list(expected[k])})" for k in wrong[:5]))
-        raise MatchingError(f"checkpoint does not fit architecture {name!r} with options {options}: " + "; ".join(parts))
+        shown = {k: v for k, v in options.items() if k != "config"}  # hf: the checkpoint's own config.json
+        raise MatchingError(f"checkpoint does not fit architecture {name!r} with options {shown}: " + "; ".join(parts))
     cache_key = (name, json.dumps(options, sort_keys=True))
     if cache_key not in _SPEC_CACHE:
         _SPEC_CACHE[cache_key] = infer_spec(model, example_input(name, model))
@@ -106,11 +128,13 @@ def _model_and_spec(architecture, shapes) -> tuple[torch.nn.Module, PermutationS
 
 def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, architecture: dict | None = None,
                  permutation_spec: dict | None = None, options: dict | None = None, has_dataset: bool = False,
-                 has_eval_dataset: bool = False, example_shapes: list[tuple[int, ...]] = ()) -> None:
+                 has_eval_dataset: bool = False, example_shapes: list[tuple[int, ...]] = (),
+                 configs: list[dict | None] | None = None) -> None:
     """Cheap validation from checkpoint shapes (and the per-example input shapes of the datasets) only;
-    raises MatchingError with an actionable message."""
+    raises MatchingError with an actionable message. ``configs``: the checkpoints' config.json (model folders;
+    None for a plain checkpoint), which architecture ``hf`` builds the model from."""
     model, _, _, arch_options = _check(shapes, method, architecture, permutation_spec, options, has_dataset,
-                                       has_eval_dataset)
+                                       has_eval_dataset, configs)
     for example_shape in example_shapes if model is not None else ():
         check_example_shape(architecture["name"], arch_options, tuple(example_shape))
 
@@ -126,6 +150,9 @@ def _takes(name: str, model: torch.nn.Module) -> str:
 
 def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int, ...]) -> None:
     """Whether the model takes inputs of this per-example shape, traced on the meta device (no memory, no compute)."""
+    if name == "hf":
+        with torch.device("meta"):
+            return check_input_shape(build_model(name, **arch_options), example_shape)
     try:
         with torch.device("meta"):
             probe = build_model(name, **arch_options).eval()
@@ -142,7 +169,7 @@ def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int,
                         f"{name!r} with options {arch_options} cannot take{_takes(name, probe)}")
 
 
-def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False):
+def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False, configs=None):
     if method not in METHODS:
         raise MatchingError(f"unknown method {method!r}; use one of {list(METHODS)}")
     opts = _options(options)
@@ -176,7 +203,7 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
         spec = spec_from_json(permutation_spec)
         perm_sizes(spec, first)
         return None, spec, opts, None
-    model, spec, arch_options = _model_and_spec(architecture, first)
+    model, spec, arch_options = _model_and_spec(architecture, first, configs)
     return model, spec, opts, arch_options
 
 
@@ -221,8 +248,13 @@ def _check_finite(states):
 
 
 def _full_state(model, state):
-    """The checkpoint with the model's defaults for optional buffers it lacks (num_batches_tracked)."""
+    """The checkpoint with what it may leave out: a tied name gets the tensor it is tied to, an optional buffer
+    (num_batches_tracked) the model's default."""
     full = dict(state)
+    for group in tied_groups(model):
+        present = next((name for name in group if name in full), None)
+        for name in group if present is not None else ():
+            full.setdefault(name, full[present])
     for key, value in model.state_dict().items():
         full.setdefault(key, value.clone())
     return full
@@ -230,30 +262,28 @@ def _full_state(model, state):
 
 def _to_device(dataset: Dataset, dev: torch.device) -> Dataset:
     move = lambda t: None if t is None else t.to(dev)
-    return Dataset(move(dataset.inputs), move(dataset.targets), move(dataset.eval_inputs), move(dataset.eval_targets))
+    return Dataset(*(move(getattr(dataset, f.name)) for f in dataclasses.fields(Dataset)))
 
 
 def _eval_split(dataset: Dataset | None, eval_dataset: Dataset | None):
     """Held-out data when there is one: eval_dataset's eval split, else its inputs; else the dataset's eval
-    split; else the training inputs (reported as such)."""
-    if eval_dataset is not None:
-        if eval_dataset.eval_inputs is not None:
-            return eval_dataset.eval_inputs, eval_dataset.eval_targets, "eval_dataset:eval"
-        return eval_dataset.inputs, eval_dataset.targets, "eval_dataset"
-    if dataset is not None:
-        if dataset.eval_inputs is not None:
-            return dataset.eval_inputs, dataset.eval_targets, "dataset:eval"
-        return dataset.inputs, dataset.targets, "dataset:train"
-    return None, None, None
+    split; else the training inputs (reported as such). (inputs, targets, split name, attention mask)"""
+    for data, name in ((eval_dataset, "eval_dataset"), (dataset, "dataset")):
+        if data is not None:
+            if data.eval_inputs is not None:
+                return data.eval_inputs, data.eval_targets, f"{name}:eval", data.eval_attention_mask
+            return data.inputs, data.targets, name if data is eval_dataset else "dataset:train", data.attention_mask
+    return None, None, None, None
 
 
 def _check_data_fits(model, dataset: Dataset, name: str, device, architecture: str):
-    for inputs, targets in ((dataset.inputs, dataset.targets), (dataset.eval_inputs, dataset.eval_targets)):
+    for inputs, targets, mask in ((dataset.inputs, dataset.targets, dataset.attention_mask),
+                                  (dataset.eval_inputs, dataset.eval_targets, dataset.eval_attention_mask)):
         if inputs is None:
             continue
         try:
             with torch.no_grad():
-                logits = model.eval()(model_input(inputs[:2], device))
+                logits = model_logits(model.eval(), model_input(inputs[:2], device), None if mask is None else mask[:2])
         except (RuntimeError, ValueError, IndexError):
             raise MatchingError(f"{name} inputs of shape {list(inputs.shape[1:])} per example do not fit the model"
                                 f"{_takes(architecture, model)}") from None
@@ -266,14 +296,16 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
                       dataset: str | Path | None = None, eval_dataset: str | Path | None = None,
                       options: dict | None = None, device: str = "cpu",
                       progress: Callable[[str, int, int, str], None] | None = None,
-                      should_cancel: Callable[[], bool] | None = None) -> MergeOutcome:
-    """Align checkpoints (2: B to A; >= 3: MergeMany), merge them, and evaluate when there is eval data."""
+                      should_cancel: Callable[[], bool] | None = None,
+                      configs: list[dict | None] | None = None) -> MergeOutcome:
+    """Align checkpoints (2: B to A; >= 3: MergeMany), merge them, and evaluate when there is eval data.
+    ``configs``: each checkpoint's config.json when it is a model folder (architecture ``hf`` needs them)."""
     started = time.perf_counter()
     tick = _ticker(progress, should_cancel)
     tick("validate", 0, 1, "checking inputs")
     shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in states]
     model, spec, opts, arch_options = _check(shapes, method, architecture, permutation_spec, options,
-                                             dataset is not None, eval_dataset is not None)
+                                             dataset is not None, eval_dataset is not None, configs)
     _check_finite(states)
     dev = _resolve_device(device)
     dtypes = {k: v.dtype for k, v in states[0].items()}
@@ -291,7 +323,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
                 _check_data_fits(model, data, name, dev, architecture["name"])
     elif train is not None or held_out is not None:
         train = held_out = None  # a bare spec has no model to evaluate: data is ignored (documented)
-    eval_inputs, eval_targets, eval_split = _eval_split(train, held_out)
+    eval_inputs, eval_targets, eval_split, eval_mask = _eval_split(train, held_out)
     # Data for BN reset and REPAIR statistics: the dataset's training inputs, else the eval dataset's `inputs` (its
     # training split when it also has an eval split, else the evaluation data itself).
     bn_inputs, bn_split = None, None
@@ -305,7 +337,8 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     report: dict = {"method": method, "num_checkpoints": len(states),
                     "options": {k: v for k, v in opts.items() if k in METHOD_OPTIONS[method]}}
     if arch_options is not None:
-        report["architecture"] = {"name": architecture["name"], "options": arch_options}
+        shown = {k: v for k, v in arch_options.items() if k != "config"}  # hf: the config is the checkpoint's own
+        report["architecture"] = {"name": architecture["name"], "options": shown}
     if len(states) == 2:
         perms, match_info = _align_pair(method, spec, model, states[0], states[1], train, opts, dev, tick)
         aligned = [apply_permutation(spec, perms, states[1])]
@@ -342,7 +375,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
 
     if model is not None and eval_inputs is not None:
         train_split = _train_split(train, held_out)
-        report.update(_evaluation(model, spec, states, aligned, merged, opts, (model_input(eval_inputs, eval_inputs.device), eval_targets, eval_split),
+        report.update(_evaluation(model, spec, states, aligned, merged, opts, (model_input(eval_inputs, eval_inputs.device), eval_targets, eval_split, eval_mask),
                                   train_split, bn_inputs, mode == "repair", tick))
     report["seconds_total"] = time.perf_counter() - started
     cast = lambda s: {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in s.items() if k in dtypes}
@@ -373,7 +406,8 @@ def _train_split(train: Dataset | None, held_out: Dataset | None):
     else:
         return None
     inputs, targets = subsample(model_input(data.inputs, data.inputs.device), data.targets, TRAIN_EVAL_MAX_EXAMPLES)
-    return inputs, targets, name, len(data.inputs)
+    mask = None if data.attention_mask is None else subsample(data.attention_mask, max_examples=TRAIN_EVAL_MAX_EXAMPLES)[0]
+    return inputs, targets, name, len(data.inputs), mask
 
 
 def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, init_perms=None):
@@ -398,10 +432,10 @@ def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_spli
     lambdas = [i / (opts["lambdas"] - 1) for i in range(opts["lambdas"])]
     a, b = states[0], states[1]
     aligned_a, aligned_b = (a, aligned[0]) if len(states) == 2 else (aligned[0], aligned[1])
-    inputs, targets, split = held_out
-    splits = {"held_out": (inputs, targets)}
+    inputs, targets, split, mask = held_out
+    splits = {"held_out": (inputs, targets, mask)}
     if train_split is not None and train_split[2] != split:
-        splits["train"] = train_split[:2]
+        splits["train"] = (*train_split[:2], train_split[4])
     curves = {
         "naive": interpolation_curves(model, a, b, lambdas, splits, bn_inputs,
                                       tick=lambda i, n, m: tick("evaluate_naive", i, n, m)),
@@ -432,43 +466,51 @@ def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_spli
                                    "num_examples_in_split": train_split[3], "bn_reset": bn_reset, "repair": repair}
         out["barrier_train"], out["curves_train"] = on(train_key)
     model.load_state_dict(merged)
-    out["merged"] = evaluate(model, inputs, targets)
+    out["merged"] = evaluate(model, inputs, targets, mask)
     if "train" in splits:
         out["merged_train"] = evaluate(model, *splits["train"])
     if len(states) > 2:
         inputs_eval = []
         for s in states:
             model.load_state_dict(s)
-            inputs_eval.append(evaluate(model, inputs, targets))
+            inputs_eval.append(evaluate(model, inputs, targets, mask))
         naive_avg = {k: (torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v)
                      for k, v in states[0].items()}
         model.load_state_dict(naive_avg)
         if bn_inputs is not None and has_batchnorm(model):
             reset_batchnorm(model, bn_inputs)
-        out["merge_many"] = {"inputs": inputs_eval, "naive_average": evaluate(model, inputs, targets),
+        out["merge_many"] = {"inputs": inputs_eval, "naive_average": evaluate(model, inputs, targets, mask),
                              "merged": out["merged"],
                              "curves_between": "aligned inputs 0 and 1 (naive: inputs 0 and 1)"}
     return out
 
 
-def write_artifacts(outcome: MergeOutcome, out_dir: Path) -> list[Path]:
+def write_artifacts(outcome: MergeOutcome, out_dir: Path, layout: FolderLayout | None = None,
+                    folders: str = "tar") -> list[Path]:
     """merged.safetensors, aligned.safetensors (MergeMany: aligned_<i>.safetensors), permutation.json,
-    report.json, and barrier.png when there was evaluation data."""
+    report.json, and barrier.png when there was evaluation data. With the ``layout`` of model-folder inputs, the
+    models are model folders laid out the same way instead: ``merged.tar``, ``aligned.tar`` (``aligned_<i>.tar``),
+    or with ``folders="dir"`` the directories ``merged/``, ``aligned/`` (what ``rebasin download`` unpacks)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def save(state, name):
-        path = out_dir / name
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    def save(state, stem):
+        if layout is None:
+            path = out_dir / f"{stem}.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        elif folders == "dir":
+            path = write_folder(state, layout, out_dir / stem)
+        else:
+            path = write_folder_tar(state, layout, out_dir / f"{stem}.tar")
         written.append(path)
 
-    save(outcome.merged, "merged.safetensors")
+    save(outcome.merged, "merged")
     if len(outcome.aligned) == 1:
-        save(outcome.aligned[0], "aligned.safetensors")
+        save(outcome.aligned[0], "aligned")
     else:
         for i, state in enumerate(outcome.aligned):
-            save(state, f"aligned_{i}.safetensors")
+            save(state, f"aligned_{i}")
     for name, obj in (("permutation.json", outcome.permutation), ("report.json", outcome.report)):
         path = out_dir / name
         path.write_text(json.dumps(obj, indent=1, allow_nan=False))

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from matching.evaluate import has_batchnorm, model_input
+from matching.evaluate import IGNORE_INDEX, has_batchnorm, model_input, output_logits
 from matching.spec import PermutationSpec, apply_permutation
 from matching.weight_matching import objective, weight_matching
 
@@ -50,7 +50,8 @@ def ste_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b
         with torch.no_grad():
             mid = midpoint(apply_permutation(spec, perms, b), False)
             mid = {k: v.clone() for k, v in mid.items()}  # BN in train mode writes its buffers
-            return F.cross_entropy(functional_call(model, mid, (x_sel,)).flatten(0, -2), y_sel.flatten()).item()
+            logits = output_logits(functional_call(model, mid, (x_sel,)))
+            return F.cross_entropy(logits.flatten(0, -2), y_sel.flatten(), ignore_index=IGNORE_INDEX).item()
 
     perms, wm_info = weight_matching(spec, a, b, max_iter=max_iter, seed=seed, device=device)
     best_perms, best_loss = perms, selection_loss(perms)
@@ -70,7 +71,8 @@ def ste_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b
         projected = apply_permutation(spec, perms, b)
         mid = midpoint(projected, True)
         mid = {k: (v if v.requires_grad else v.clone()) for k, v in mid.items()}
-        loss = F.cross_entropy(functional_call(model, mid, (inputs[batch],)).flatten(0, -2), targets[batch].flatten())
+        logits = output_logits(functional_call(model, mid, (inputs[batch],)))
+        loss = F.cross_entropy(logits.flatten(0, -2), targets[batch].flatten(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

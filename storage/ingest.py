@@ -16,7 +16,7 @@ import numpy
 import torch
 from safetensors import safe_open
 
-from matching.checkpoints import is_safetensors, read_pytorch_state_dict
+from matching.checkpoints import TORCH_TO_SAFETENSORS, is_safetensors, read_pytorch_state_dict, write_safetensors  # noqa: F401
 from matching.errors import MatchingError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -34,12 +34,6 @@ FLOAT_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 NUMPY_FLOAT_DTYPES = {"F16": numpy.dtype("<f2"), "F32": numpy.dtype("<f4"), "F64": numpy.dtype("<f8")}
-TORCH_TO_SAFETENSORS = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
-    torch.int32: "I32", torch.uint32: "U32", torch.int64: "I64", torch.uint64: "U64",
-    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
 
 
 class IngestError(ValueError):
@@ -180,23 +174,6 @@ def inspect_safetensors(path: Path, fmt: str = "safetensors") -> TensorFileInfo:
     return info
 
 
-def write_safetensors(state: dict[str, torch.Tensor], out: Path) -> None:
-    """Write a safetensors file one tensor at a time (safetensors' own save builds the whole file in memory)."""
-    header, offset = {}, 0
-    for name, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header so tensor data starts aligned
-    with open(out, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)))
-        handle.write(raw)
-        for tensor in state.values():
-            # Contiguous copies also break memory shared between tensors (tied weights).
-            handle.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-
-
 def convert_pytorch(path: Path, out: Path) -> TensorFileInfo:
     try:
         state = read_pytorch_state_dict(path)
@@ -210,13 +187,55 @@ def convert_pytorch(path: Path, out: Path) -> TensorFileInfo:
     return inspect_safetensors(out, fmt="pytorch")
 
 
-def inspect_upload(path: Path, converted: Path) -> TensorFileInfo:
-    """Validate an uploaded file; PyTorch files are converted into ``converted``."""
+def inspect_upload(path: Path, converted: Path, folders=None) -> TensorFileInfo:
+    """Validate an uploaded file; PyTorch files are converted into ``converted``. With ``folders`` (the
+    ``ArchiveLimits`` to unpack by), an archive of a model folder is accepted too and stored as one safetensors
+    file holding its layout (format ``hf-folder``, see matching.folders)."""
     if path.stat().st_size == 0:
         raise IngestError("the file is empty")
     if is_safetensors(path):
         return inspect_safetensors(path)
+    from storage.archives import archive_kind
+
+    kind = archive_kind(path)
+    if kind is not None:
+        if folders is None:
+            raise IngestError(f"a {kind} archive is not accepted here: send one safetensors file")
+        return convert_folder(path, kind, converted, folders)
     return convert_pytorch(path, converted)
+
+
+def convert_folder(path: Path, kind: str, converted: Path, limits) -> TensorFileInfo:
+    """Unpack a model folder's archive next to ``converted``, check it, and write it as one safetensors file."""
+    from matching.folders import FOLDER_FORMAT, ModelFolder, normalise
+    from storage.archives import remove_tree, unpack_folder
+
+    unpacked = converted.parent / "folder"
+    try:
+        root = unpack_folder(path, unpacked, kind, limits)
+        try:
+            folder = ModelFolder(root)
+        except MatchingError as error:
+            raise IngestError(str(error).removeprefix(f"{root}: ")) from None
+        normalise(folder, converted)
+        del folder
+    finally:
+        remove_tree(unpacked)  # the unpacked copy is not needed once the normalised file is written
+    return inspect_safetensors(converted, fmt=FOLDER_FORMAT)
+
+
+def stored_folder_config(handle) -> dict:
+    """The config.json of a checkpoint stored as a model folder, from the header of its stored file (an open,
+    readable object): a job's checks need no more than that."""
+    from matching.folders import stored_layout
+
+    (header_len,) = struct.unpack("<Q", handle.read(8))
+    if header_len > MAX_HEADER_BYTES:
+        raise IngestError("the stored checkpoint's header is out of bounds")
+    layout = stored_layout(json.loads(handle.read(header_len)).get("__metadata__"))
+    if layout is None:
+        raise IngestError("the stored checkpoint holds no model folder")
+    return layout.config
 
 
 def check_dataset(info: TensorFileInfo) -> int:
@@ -242,4 +261,8 @@ def check_dataset(info: TensorFileInfo) -> int:
         split("eval_inputs", "eval_targets")
         if info.shapes["eval_inputs"][1:] != info.shapes["inputs"][1:]:
             raise IngestError("'eval_inputs' must have the same per-example shape as 'inputs'")
+    for prefix in ("", "eval_"):
+        mask = f"{prefix}attention_mask"
+        if mask in info.shapes and (info.shapes[mask] != info.shapes.get(f"{prefix}inputs") or info.dtypes[f"{prefix}inputs"] != "I64"):
+            raise IngestError(f"{mask!r} must have the shape of {prefix + 'inputs'!r}, which must be int64 token ids")
     return num_examples

@@ -131,3 +131,33 @@ def test_local_store_answers_a_clear_4xx(local_storage_backend):
         assert response.status_code == 409
         assert response.json()["type"].endswith("/direct-uploads-unavailable")
         assert "POST /v1/checkpoints" in response.json()["detail"]
+
+
+def test_a_model_folder_archive_completes_as_a_folder_checkpoint(s3_api):
+    """A model folder's archive uploaded straight to S3 is unpacked, checked and stored like one sent to
+    POST /v1/checkpoints: one safetensors object holding the folder's layout, named by the archive's sha256."""
+    import io
+    import json
+    import tarfile
+
+    from safetensors.torch import load as load_safetensors
+
+    state = {"encoder.weight": torch.randn(8, 4), "encoder.bias": torch.zeros(8)}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in (("config.json", json.dumps({"model_type": "bert"}).encode()), ("model.safetensors", save_safetensors(state))):
+            info = tarfile.TarInfo(f"model/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    content = buffer.getvalue()
+    with s3_api.client() as client:
+        upload = start(client, len(content))
+        response = client.post(f"/v1/uploads/{upload['id']}/complete", json={"parts": put_parts(upload, content)})
+        assert response.status_code == 201, response.text
+        checkpoint = response.json()
+        assert checkpoint["format"] == "hf-folder" and checkpoint["num_tensors"] == 2
+        assert checkpoint["sha256"] == hashlib.sha256(content).hexdigest()
+        stored = download(client, f"/v1/checkpoints/{checkpoint['id']}/content").content
+        assert all(torch.equal(load_safetensors(stored)[k], v) for k, v in state.items())
+        assert b'"rebasin.folder"' in stored[:4096] and checkpoint["size_bytes"] == len(stored)
+    assert s3_api.objects() == [f"objects/default/{checkpoint['sha256'][:2]}/{checkpoint['sha256']}.safetensors"]

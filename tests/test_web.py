@@ -504,3 +504,25 @@ def test_the_wheel_carries_the_web_app(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("rebasin-*.whl"))).namelist()
     static = sorted(p.name for p in (REPO_ROOT / "web" / "static").iterdir())
     assert static and all(f"web/static/{name}" in names for name in static), names
+
+
+def test_a_model_folder_archive_uploads_from_the_page(browser, server, tmp_path):
+    """The file picker takes a Hugging Face model folder as one archive; it becomes an hf-folder checkpoint."""
+    import tarfile
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    archive = tmp_path / "gpt2-folder.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "gpt2", arcname="gpt2")
+    context, page = sign_in(browser, server)
+    page.goto(server.url + "/#/files")
+    accepted = page.locator("#checkpoint-file").get_attribute("accept").split(",")
+    assert {".tar", ".tar.gz", ".zip"} <= set(accepted), accepted
+    upload_in_page(page, "checkpoint", archive)
+    context.close()
+    with api_client(server) as client:
+        uploaded = [c for c in client.get("/v1/checkpoints").json()["items"] if c["name"] == archive.name]
+    assert len(uploaded) == 1 and uploaded[0]["format"] == "hf-folder", uploaded

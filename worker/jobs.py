@@ -27,6 +27,7 @@ import matching
 from core.config import Settings
 from core.logs import job_id_var
 from core.schemas import JobOut
+from matching.folders import FOLDER_FORMAT, read_stored_layout
 from storage.artifacts import ArtifactStore, open_store, sha256_file
 from storage.db import DATABASE_UNAVAILABLE, session_scope
 from storage.models import Artifact, Checkpoint, Dataset, Job, utcnow
@@ -299,10 +300,13 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
     if missing:
         raise matching.MatchingError(f"inputs were deleted before the job ran: {', '.join(missing)}")
 
-    states = []
+    states, layouts = [], []
     for position, checkpoint_id in enumerate(request["checkpoints"]):
         monitor.progress("loading", position, len(request["checkpoints"]), f"loading checkpoint {checkpoint_id}")
-        states.append(load_file(_download(store, checkpoints[checkpoint_id].object_key, workdir)))
+        path = _download(store, checkpoints[checkpoint_id].object_key, workdir)
+        states.append(load_file(path))
+        # A model folder is stored as one safetensors file holding its layout (config.json, shards).
+        layouts.append(read_stored_layout(path) if checkpoints[checkpoint_id].format == FOLDER_FORMAT else None)
 
     def dataset_path(dataset_id: str | None) -> Path | None:
         return _download(store, datasets[dataset_id].object_key, workdir) if dataset_id else None
@@ -322,12 +326,14 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
         device=device,
         progress=monitor.progress,
         should_cancel=monitor.should_cancel,
+        configs=[layout.config if layout is not None else None for layout in layouts],
     )
     del states
 
     monitor.progress("writing", 0, 1, "writing artifacts")
     records = []
-    for path in matching.write_artifacts(outcome, workdir / "out"):
+    # Model-folder inputs give model-folder outputs (aligned.tar, merged.tar), laid out as checkpoint A.
+    for path in matching.write_artifacts(outcome, workdir / "out", layout=layouts[0]):
         if monitor.should_cancel():
             raise matching.Cancelled()
         key = artifact_key(job.id, path.name)

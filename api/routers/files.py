@@ -41,7 +41,9 @@ def multipart_upload_body(noun: str) -> dict:
             "file": {
                 "type": "string",
                 "format": "binary",
-                "description": "safetensors, or a torch.save state dict (.pt/.pth/.bin)",
+                "description": "safetensors, or a torch.save state dict (.pt/.pth/.bin)"
+                + (", or a model folder (config.json and its weights, as save_pretrained writes them) as one .tar, "
+                   ".tar.gz or .zip" if noun == "checkpoint" else ""),
             },
             "name": {"type": "string", "maxLength": 255, "description": f"display name of the {noun}"},
         },
@@ -91,7 +93,7 @@ def make_router(kind_name: str, schema) -> APIRouter:
                     return replay
             try:
                 # Validation reads the whole file and the DB session is synchronous: both off the event loop.
-                info = await run_in_threadpool(validate_file, kind, received.path, workdir)
+                info = await run_in_threadpool(validate_file, kind, received.path, workdir, settings)
                 row = await run_in_threadpool(
                     create_resource, session, store, tenant, kind, info, received, name or received.filename or "",
                     settings=settings,

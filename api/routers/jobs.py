@@ -19,7 +19,9 @@ from api.pagination import MAX_PAGE_SIZE, paginate
 from api.problems import Problem, not_found
 from api.routers.files import download_response
 from core.schemas import JobCreate, JobOut, JobStatus, Page
+from matching.folders import FOLDER_FORMAT
 from storage.db import get_sessionmaker
+from storage.ingest import stored_folder_config
 from storage.models import TERMINAL_STATUSES, Checkpoint, Dataset, Job, JobInput, utcnow
 from worker.app import enqueue_callback, enqueue_job
 from worker.callbacks import CallbackRefused, check_callback_url
@@ -70,16 +72,31 @@ def _waiting_for_gpu(device: str, session, settings) -> str | None:
             "one is (`rebasin worker --device cuda:N`), or cancel it and ask for 'auto' or 'cpu'")
 
 
-def _create_job(body: JobCreate, session, tenant: str, settings) -> Job:
+def _create_job(body: JobCreate, session, tenant: str, settings, store) -> Job:
     process_lock = quotas.lock_tenant(session, tenant) if settings.tenant_max_active_jobs > 0 else None
     try:
-        return _check_and_create_job(body, session, tenant, settings)
+        return _check_and_create_job(body, session, tenant, settings, store)
     finally:
         if process_lock is not None:
             process_lock.release()
 
 
-def _check_and_create_job(body: JobCreate, session, tenant: str, settings) -> Job:
+def _folder_configs(store, checkpoints: list[Checkpoint]) -> list[dict | None]:
+    """Each checkpoint's config.json when it is a model folder (architecture hf builds the model from them)."""
+    configs = []
+    for checkpoint in checkpoints:
+        if checkpoint.format != FOLDER_FORMAT:
+            configs.append(None)
+            continue
+        handle = store.open(checkpoint.object_key)
+        try:
+            configs.append(stored_folder_config(handle))
+        finally:
+            handle.close()
+    return configs
+
+
+def _check_and_create_job(body: JobCreate, session, tenant: str, settings, store) -> Job:
     quotas.check_active_jobs(session, tenant, settings)
     checkpoints = _owned(session, Checkpoint, tenant, body.checkpoints, "checkpoint")
     dataset_roles = {role: i for role, i in (("dataset", body.dataset), ("eval_dataset", body.eval_dataset)) if i}
@@ -104,6 +121,7 @@ def _check_and_create_job(body: JobCreate, session, tenant: str, settings) -> Jo
             has_dataset=body.dataset is not None,
             has_eval_dataset=body.eval_dataset is not None,
             example_shapes=[tuple(d.tensors["inputs"]["shape"][1:]) for d in datasets],
+            configs=_folder_configs(store, checkpoints) if body.architecture and body.architecture.name == "hf" else None,
         )
     except matching.MatchingError as error:
         raise Problem(422, INVALID_INPUT_TITLE, str(error), kind="invalid-input") from None
@@ -136,6 +154,7 @@ def create_job(
     session: SessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    store: StoreDep,
     idempotency_key: Annotated[
         str | None, Header(min_length=1, max_length=MAX_KEY_LENGTH, description="Retries with the same key and body return the first answer.")
     ] = None,
@@ -145,7 +164,7 @@ def create_job(
         if replay is not None:
             return replay
     try:
-        job = JobOut.model_validate(_create_job(body, session, tenant, settings))
+        job = JobOut.model_validate(_create_job(body, session, tenant, settings, store))
     except BaseException:
         if idempotency_key is not None:
             idempotency.abandon(session, tenant, "jobs", idempotency_key)

@@ -293,7 +293,7 @@ def complete_upload_sync(
         with staging_workdir(s3, settings) as workdir:
             # The bytes have to be read once anyway to validate them; hashing rides along.
             received = _download(s3, row.object_key, HashingFileWriter(workdir / "upload", settings.max_upload_bytes))
-            info = validate_file(kind, received.path, workdir)
+            info = validate_file(kind, received.path, workdir, settings)
             resource = create_resource(
                 session, s3, tenant, kind, info, received, row.name, write_original=lambda key: s3.copy(row.object_key, key),
                 settings=settings,

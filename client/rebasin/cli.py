@@ -5,6 +5,7 @@ cancelled, 2 bad usage or input, 3 the server could not be reached."""
 import argparse
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import httpx
@@ -62,7 +63,7 @@ def cmd_submit(client: Client, args) -> int:
     job = client.wait(job["id"])
     status = _finish(job, args.json)
     if args.out and status == 0:
-        for path in client.download(job["id"], args.out):
+        for path in _unpacked(client.download(job["id"], args.out)):
             print(path)
     return status
 
@@ -76,9 +77,27 @@ def cmd_download(client: Client, args) -> int:
     if job["status"] != "succeeded":
         print(f"rebasin-client: job {args.job_id} is {job['status']}: no artifacts", file=sys.stderr)
         return 1 if job["status"] in ("failed", "cancelled") else 2
-    for path in client.download(args.job_id, args.out):
+    for path in _unpacked(client.download(args.job_id, args.out)):
         print(path)
     return 0
+
+
+def _unpacked(paths: list) -> list:
+    """Model folders (aligned.tar, merged.tar: one top folder named after the tar) as folders beside the other
+    artifacts."""
+    out = []
+    for path in paths:
+        if path.suffix != ".tar":
+            out.append(path)
+            continue
+        folder = path.with_suffix("")
+        with tarfile.open(path) as tar:
+            if any(Path(member.name).parts[:1] != (folder.name,) for member in tar.getmembers()):
+                raise ValueError(f"{path.name} is not a model folder's archive")
+            tar.extractall(path.parent, filter="data")  # refuses absolute paths, '..' and links out of the folder
+        path.unlink()
+        out.append(folder)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ import email.utils
 import json
 import logging
 import os
+import tarfile
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -231,8 +233,18 @@ class Client(_Base):
 
     def upload_checkpoint(self, path: str | Path, name: str | None = None,
                           progress: Callable[[int, int], None] | None = None) -> Checkpoint:
-        """Upload a safetensors or torch.save file; ``progress(sent, total)`` follows the bytes."""
-        return self._upload("checkpoints", path, name, progress)
+        """Upload a safetensors or torch.save file, or a model folder (a directory with config.json, sent as one
+        tar archive); ``progress(sent, total)`` follows the bytes."""
+        path = Path(path)
+        if not path.is_dir():
+            return self._upload("checkpoints", path, name, progress)
+        with tempfile.TemporaryDirectory() as scratch:
+            archive = Path(scratch) / f"{path.resolve().name or 'model'}.tar"
+            with tarfile.open(archive, "w") as tar:
+                for file in sorted(path.iterdir()):
+                    if file.is_file() and not file.is_symlink():  # the server takes regular files only
+                        tar.add(file, arcname=file.name)
+            return self._upload("checkpoints", archive, name or path.resolve().name, progress)
 
     def upload_dataset(self, path: str | Path, name: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
         return self._upload("datasets", path, name, progress)

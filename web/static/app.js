@@ -241,7 +241,7 @@ function fileSection(kind) {
   }
 
   const picker = h("input", { type: "file", id: `${kind}-file`, multiple: true, class: "visually-hidden",
-    accept: kind === "checkpoint" ? ".safetensors,.pt,.pth,.bin" : ".safetensors",
+    accept: kind === "checkpoint" ? ".safetensors,.pt,.pth,.bin,.tar,.tar.gz,.tgz,.zip" : ".safetensors",
     onchange: () => { [...picker.files].forEach(upload); picker.value = ""; } });
   const drop = h("div", { class: "dropzone", id: `${kind}-drop` },
     picker, h("label", { for: `${kind}-file`, class: "button" }, `Choose ${kind} files`), " or drop them here");
@@ -256,7 +256,7 @@ function fileSection(kind) {
 
 function filesView() {
   main.replaceChildren(title("Checkpoints & datasets"),
-    h("p", { class: "muted" }, "Checkpoints: safetensors or a torch.save state dict. Datasets: safetensors with inputs and targets (optionally eval_inputs, eval_targets)."),
+    h("p", { class: "muted" }, "Checkpoints: safetensors, a torch.save state dict, or a Hugging Face model folder (config.json and its weights, as save_pretrained writes them) as one .tar, .tar.gz or .zip. Datasets: safetensors with inputs and targets (optionally eval_inputs, eval_targets)."),
     fileSection("checkpoint"), fileSection("dataset"));
 }
 

@@ -1,7 +1,7 @@
 """checkpoint_imports: checkpoints imported by reference (s3://, https://, models:/, runs:/)
 
-Revision ID: 0008_imports
-Revises: 0005_jobs_tenant_started
+Revision ID: 0007_imports
+Revises: 0006_identity
 Create Date: 2026-12-07 16:40:00
 """
 import sqlalchemy as sa
@@ -9,8 +9,8 @@ from alembic import op
 
 
 
-revision = '0008_imports'
-down_revision = '0005_jobs_tenant_started'
+revision = '0007_imports'
+down_revision = '0006_identity'
 branch_labels = None
 depends_on = None
 
