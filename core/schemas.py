@@ -113,6 +113,10 @@ class JobResult(BaseModel):
     curves: Curves | None = None
     merged: Metrics | None = None
     evaluation: dict[str, Any] | None = None
+    auto: dict[str, Any] | None = Field(None, description=(
+        "method auto: {chosen, criterion, split, time_budget_s, candidates: {method: {score, barrier, barrier_naive, "
+        "merged, seconds}}, skipped: {method: why}}; score is the held-out loss barrier with the job's correction "
+        "(MergeMany: the merged loss), and the lowest is kept"))
 
 
 def schema_ref(model: type[BaseModel], nullable: bool = False) -> WithJsonSchema:

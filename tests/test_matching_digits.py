@@ -192,3 +192,19 @@ def test_weight_matching_matches_parameters_not_bn_statistics(tmp_path, test_dev
     print(f"\nResNet20-BN BN-reset held-out barrier: statistics in the objective {old_barrier:.3f}, parameters only "
           f"{new_barrier:.3f}; naive {report['barrier']['naive']['loss']:.3f}")
     assert new_barrier < old_barrier
+
+
+def test_auto_stops_ste_when_the_time_budget_runs_out(mlp_pair, data_file, test_device):
+    """auto with a budget STE cannot finish in (100000 steps in 3 s): STE is stopped and left out, the job still
+    keeps the better of weight and activation matching; without a dataset auto is refused."""
+    report = matching.merge_checkpoints(mlp_pair, method="auto", architecture={"name": "mlp"}, dataset=data_file,
+                                        options={"lambdas": 3, "steps": 100_000, "time_budget_s": 3},
+                                        device=test_device).report
+    auto = report["auto"]
+    scores = {m: c["score"] for m, c in auto["candidates"].items()}
+    assert set(scores) == {"weight_matching", "activation_matching"}
+    assert "time_budget_s" in auto["skipped"]["ste_matching"]
+    assert auto["chosen"] == min(scores, key=scores.get) and report["method"] == "auto"
+    assert report["barrier"]["aligned_repair"]["loss"] == pytest.approx(scores[auto["chosen"]])
+    with pytest.raises(matching.MatchingError, match="dataset"):
+        matching.merge_checkpoints(mlp_pair, method="auto", architecture={"name": "mlp"})
