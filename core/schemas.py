@@ -5,7 +5,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, WithJsonSchema, model_validator
 
-Method = Literal["weight_matching", "activation_matching", "ste_matching"]
+Method = Literal["weight_matching", "activation_matching", "ste_matching", "auto"]
 Item = TypeVar("Item")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -134,6 +134,10 @@ class JobResult(BaseModel):
     mlflow: dict[str, Any] | None = Field(None, description="with the mlflow option: run_id, experiment_id, and with "
                                           "register_as registered_model and model_version; error when the export failed")
     warnings: list[str] | None = Field(None, description="what went wrong without failing the merge (an MLflow export)")
+    auto: dict[str, Any] | None = Field(None, description=(
+        "method auto: {chosen, criterion, split, time_budget_s, candidates: {method: {score, barrier, barrier_naive, "
+        "merged, seconds}}, skipped: {method: why}}; score is the held-out loss barrier with the job's correction "
+        "(MergeMany: the merged loss), and the lowest is kept"))
 
 
 def schema_ref(model: type[BaseModel], nullable: bool = False) -> WithJsonSchema:
@@ -191,6 +195,9 @@ class JobOptions(BaseModel):
         "statistics of the endpoints, folded into the weights; after a BN reset in BatchNorm networks). Computed on "
         "the 'dataset' (else the 'eval_dataset'). Left out: 'reset' for BatchNorm networks, 'repair' otherwise, "
         "'none' without data.")
+    time_budget_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
+        "auto: seconds the job may spend on its candidates. Weight and activation matching always run; STE matching "
+        "runs only with a budget, and is stopped (and left out) when the budget runs out."))
 
 
 class JobCreate(BaseModel):
@@ -208,7 +215,7 @@ class JobCreate(BaseModel):
                     "else": {"required": ["permutation_spec"], "properties": {"permutation_spec": {"type": "object"}}},
                 },
                 {
-                    "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching"]}}},
+                    "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching", "auto"]}}},
                     "then": {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}},
                 },
             ],
@@ -222,7 +229,10 @@ class JobCreate(BaseModel):
                                                  "exactly one of this and permutation_spec")
     permutation_spec: dict[str, Any] | None = Field(None, description='{"axes_to_perm": {name: ["P_0", null, ...]}}: '
                                                     "weight matching only; exactly one of this and architecture")
-    dataset: str | None = Field(None, description="dataset id; required by activation_matching and ste_matching")
+    dataset: str | None = Field(None, description="dataset id; required by activation_matching, ste_matching and auto "
+                                "(auto: runs weight, activation and, with options.time_budget_s, STE matching, each "
+                                "evaluated on the held-out split with the job's statistics correction, and keeps the "
+                                "lowest barrier; every candidate is in the result's 'auto')")
     eval_dataset: str | None = Field(None, description="dataset id for the barrier report (held-out split if it has one)")
     options: JobOptions = Field(default_factory=JobOptions)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description=(
@@ -237,7 +247,9 @@ class JobCreate(BaseModel):
         if (self.architecture is None) == (self.permutation_spec is None):
             raise ValueError("give exactly one of 'architecture' and 'permutation_spec'")
         if self.method != "weight_matching" and self.dataset is None:
-            raise ValueError(f"{self.method} needs a 'dataset' (activations are computed on it)")
+            raise ValueError(f"{self.method} needs a 'dataset' ("
+                             + ("it compares the candidates on its held-out split)" if self.method == "auto"
+                                else "activations are computed on it)"))
         if self.options.repair in ("reset", "repair") and self.dataset is None and self.eval_dataset is None:
             raise ValueError(f"repair={self.options.repair!r} computes statistics on data: give a 'dataset' "
                              "(or an 'eval_dataset')")

@@ -14,7 +14,7 @@ from matching.merge import DEFAULTS
 
 METHOD_NAMES = {"weight": "weight_matching", "activation": "activation_matching", "ste": "ste_matching"}
 # One set of spellings for every command that takes a method: the short names and the API's.
-METHOD_CHOICES = list(METHOD_NAMES) + list(METHOD_NAMES.values())
+METHOD_CHOICES = list(METHOD_NAMES) + list(METHOD_NAMES.values()) + ["auto"]
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -29,7 +29,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="weight", choices=METHOD_CHOICES, metavar="METHOD",
-                        help="weight (data-free), activation or ste (need --data); the API's names "
+                        help="weight (data-free), activation or ste (need --data), or auto (needs --data: runs "
+                             "weight and activation matching and keeps the lower held-out barrier); the API's names "
                              "weight_matching, activation_matching, ste_matching work too")
 
 

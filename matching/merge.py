@@ -22,19 +22,22 @@ from matching.hf import check_configs, check_input_shape, tied_groups
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
-from matching.weight_matching import weight_matching
+from matching.weight_matching import statistics_keys, weight_matching
 
-METHODS = ("weight_matching", "activation_matching", "ste_matching")
+METHODS = ("weight_matching", "activation_matching", "ste_matching", "auto")
+# auto: the methods it runs, in this order (STE only when options.time_budget_s leaves time for it)
+AUTO_CANDIDATES = ("weight_matching", "activation_matching", "ste_matching")
 OPTION_TYPES = {"seed": int, "max_iter": int, "lambdas": int, "merge_lambda": float, "steps": int,
-                "learning_rate": float, "batch_size": int}
+                "learning_rate": float, "batch_size": int, "time_budget_s": float}
 # The options each method reads (the report lists these only).
 METHOD_OPTIONS = {
     "weight_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "repair"),
     "activation_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "batch_size", "repair"),  # max_iter: MergeMany
-    "ste_matching": (*OPTION_TYPES, "repair"),
+    "ste_matching": (*(o for o in OPTION_TYPES if o != "time_budget_s"), "repair"),
+    "auto": (*OPTION_TYPES, "repair"),
 }
 DEFAULTS = {"seed": 0, "max_iter": 100, "lambdas": 25, "merge_lambda": 0.5, "steps": 200, "learning_rate": 1e-3,
-            "batch_size": 256}
+            "batch_size": 256, "time_budget_s": None}
 # "none": plain interpolation; "reset": BatchNorm statistics re-estimated on the data; "repair": REPAIR (after the
 # reset, in BN networks). Left out: chosen per architecture (repair_default).
 REPAIR_MODES = ("none", "reset", "repair")
@@ -61,17 +64,20 @@ def _options(options: dict | None) -> dict:
                             f"got {repair!r}")
     out = {**DEFAULTS, "repair": repair}
     for name, value in options.items():
+        if name == "time_budget_s" and value is None:
+            continue
         kind = OPTION_TYPES[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
             raise MatchingError(f"option {name!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
         out[name] = kind(value)
     checks = {"max_iter": out["max_iter"] >= 1, "lambdas": 2 <= out["lambdas"] <= 1001,
               "merge_lambda": 0.0 <= out["merge_lambda"] <= 1.0, "steps": out["steps"] >= 1,
-              "learning_rate": 0 < out["learning_rate"] < math.inf, "batch_size": out["batch_size"] >= 1}
+              "learning_rate": 0 < out["learning_rate"] < math.inf, "batch_size": out["batch_size"] >= 1,
+              "time_budget_s": out["time_budget_s"] is None or 0 < out["time_budget_s"] < math.inf}
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise MatchingError(f"option(s) out of range: {', '.join(f'{k}={out[k]!r}' for k in bad)} (max_iter, steps, "
-                            "batch_size >= 1; lambdas 2..1001; merge_lambda in [0, 1]; learning_rate > 0)")
+                            "batch_size >= 1; lambdas 2..1001; merge_lambda in [0, 1]; learning_rate, time_budget_s > 0)")
     return out
 
 
@@ -190,7 +196,8 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
             k = wrong[0]
             raise MatchingError(f"checkpoints 0 and {i} differ in shape: {k} is {list(first[k])} vs {list(other[k])}")
     if method != "weight_matching" and not has_dataset:
-        raise MatchingError(f"{method} needs a dataset (the 'dataset' field / --data)")
+        raise MatchingError(f"{method} needs a dataset (the 'dataset' field / --data)"
+                            + (": it compares the candidates on its held-out split" if method == "auto" else ""))
     if opts["repair"] in ("reset", "repair") and not (has_dataset or has_eval_dataset):
         raise MatchingError(f"repair={opts['repair']!r} computes statistics on data: give a 'dataset' (or an "
                             "'eval_dataset', whose 'inputs' are then used)")
@@ -306,6 +313,10 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in states]
     model, spec, opts, arch_options = _check(shapes, method, architecture, permutation_spec, options,
                                              dataset is not None, eval_dataset is not None, configs)
+    if method == "auto":
+        return _merge_auto(states, opts, started, architecture=architecture, dataset=dataset,
+                           eval_dataset=eval_dataset, options=options, device=device, progress=progress,
+                           should_cancel=should_cancel, configs=configs)
     _check_finite(states)
     dev = _resolve_device(device)
     dtypes = {k: v.dtype for k, v in states[0].items()}
@@ -383,6 +394,71 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
                         report=report)
 
 
+def _auto_score(report: dict) -> tuple[float, str]:
+    """What ``auto`` minimises: a pair's held-out loss barrier with the job's statistics correction (the
+    REPAIRed curve when there is one; a BN network's curves include the reset), MergeMany's merged loss."""
+    if report["num_checkpoints"] > 2:
+        return report["merged"]["loss"], "merged_loss"
+    curve = "aligned_repair" if "aligned_repair" in report["barrier"] else "aligned"
+    return report["barrier"][curve]["loss"], curve
+
+
+def _merge_auto(states, opts, started, *, options, progress, should_cancel, **job) -> MergeOutcome:
+    """method "auto": weight and activation matching, then STE while options.time_budget_s lasts (it is stopped
+    when the budget runs out; without a budget it is not run); each merged and evaluated as its job would be
+    (same options, same correction), the one with the lowest held-out barrier kept (``_auto_score``)."""
+    budget = opts["time_budget_s"]
+    candidates, skipped, best = {}, {}, None
+    for method in AUTO_CANDIDATES:
+        elapsed = time.perf_counter() - started
+        if method == "ste_matching" and (budget is None or elapsed >= budget):
+            skipped[method] = ("no options.time_budget_s" if budget is None
+                               else f"time_budget_s ({budget:g} s) spent before it started")
+            continue
+        over_budget = [False]
+
+        def cancel(method=method, over_budget=over_budget):
+            if should_cancel is not None and should_cancel():
+                return True
+            over_budget[0] = budget is not None and method == "ste_matching" and time.perf_counter() - started > budget
+            return over_budget[0]
+
+        def report_progress(stage, completed, total, message, method=method):
+            if progress is not None:
+                progress(stage, completed, total, f"auto, {method}: {message}")
+
+        own = {k: v for k, v in (options or {}).items() if k != "time_budget_s" and k in METHOD_OPTIONS[method]}
+        t0 = time.perf_counter()
+        try:
+            outcome = merge_checkpoints(states, method=method, options=own, progress=report_progress,
+                                        should_cancel=cancel, **job)
+        except Cancelled:
+            if not over_budget[0]:
+                raise
+            skipped[method] = f"stopped when time_budget_s ({budget:g} s) ran out"
+            continue
+        score, curve = _auto_score(outcome.report)
+        report = outcome.report
+        candidates[method] = {"score": score, "barrier": report["barrier"].get(curve) if curve != "merged_loss" else None,
+                              "barrier_naive": report["barrier"]["naive"], "merged": report["merged"],
+                              "seconds": time.perf_counter() - t0}
+        if best is None or score < best[0]:
+            best = (score, method, outcome)
+    _, chosen, outcome = best
+    report = outcome.report
+    report["method"] = "auto"
+    report["options"] = {k: v for k, v in opts.items() if k in METHOD_OPTIONS["auto"]}
+    report["auto"] = {"chosen": chosen, "criterion": _AUTO_CRITERION, "split": report["evaluation"]["split"],
+                      "time_budget_s": budget, "candidates": candidates, "skipped": skipped}
+    report["seconds_total"] = time.perf_counter() - started
+    return outcome
+
+
+_AUTO_CRITERION = ("the lowest held-out loss barrier of the aligned pair with the job's statistics correction "
+                   "(aligned_repair when REPAIR runs, else aligned: BN networks' curves include the BN reset); "
+                   "MergeMany: the lowest held-out loss of the merged model")
+
+
 REPAIR_DEFINITION = ("none: the plain interpolation; reset: BatchNorm running statistics re-estimated on the data; "
                      "repair: REPAIR (Jordan et al., ICLR 2023), every permuted layer's output channels rescaled to the "
                      "interpolated mean and std of the endpoints' (after a BN reset), folded into weights and biases")
@@ -410,11 +486,20 @@ def _train_split(train: Dataset | None, held_out: Dataset | None):
     return inputs, targets, name, len(data.inputs), mask
 
 
+def buffer_keys(model, state) -> set[str]:
+    """The checkpoint's tensors that are not learned parameters: the model's buffers, or without a model (a bare
+    permutation_spec) those named like BatchNorm running statistics. Weight matching permutes them, never matches
+    on them."""
+    if model is None:
+        return statistics_keys(state)
+    return {k for k, _ in model.named_buffers()}
+
+
 def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, init_perms=None):
     """Permutations of B into A's basin, and the matching report."""
     if method == "weight_matching":
         return weight_matching(spec, state_a, state_b, max_iter=opts["max_iter"], seed=opts["seed"], device=dev,
-                               init_perms=init_perms, tick=lambda i, n, msg: tick("weight_matching", i, n, msg))
+                               init_perms=init_perms, unmatched=buffer_keys(model, state_a), tick=lambda i, n, msg: tick("weight_matching", i, n, msg))
     if method == "activation_matching":
         from matching.activation_matching import activation_matching
         return activation_matching(spec, model, state_a, state_b, train.inputs, batch_size=opts["batch_size"],

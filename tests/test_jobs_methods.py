@@ -103,3 +103,49 @@ def test_bad_inputs_are_4xx_with_a_reason(embedded_service, models):
             response = client.post("/v1/jobs", json=body)
             assert response.status_code == 422 and "per-example shape [32]" in response.json()["detail"], response.text
         assert all(j["status"] != "succeeded" for j in client.get("/v1/jobs").json()["items"])
+
+
+def test_auto_keeps_the_candidate_with_the_lowest_held_out_barrier(embedded_service):
+    """method "auto" over HTTP on a trained pair where activation matching wins (ResNet20 with GroupNorm, Adam, as
+    benchmarks/reproduce.py trains it: weight matching's REPAIRed barrier stays high there): every candidate is
+    reported, the kept one has the lowest barrier, and its barrier is the job's. With time_budget_s, STE runs too."""
+    from benchmarks.reproduce import train
+
+    data = digits(image=True)
+    options = {"width": 1, "norm": "layer", "num_classes": 10, "in_channels": 1}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is many times faster on a loaded machine
+    try:
+        states = [train("resnet20", options, data, seed, epochs=6) for seed in (0, 1)]
+    finally:
+        torch.set_num_threads(threads)
+    with embedded_service.client() as client:
+        ids = [upload(client, state, f"ln{i}")["id"] for i, state in enumerate(states)]
+        x, y, eval_x, eval_y = data
+        dataset = upload(client, {"inputs": x, "targets": y, "eval_inputs": eval_x, "eval_targets": eval_y},
+                         "digits-images", kind="datasets")["id"]
+        body = {"method": "auto", "checkpoints": ids, "architecture": {"name": "resnet20"}, "dataset": dataset}
+        response = client.post("/v1/jobs", json=body | {"dataset": None})
+        assert response.status_code == 422 and "dataset" in response.text, response.text
+        job = run_job(client, body | {"options": {"lambdas": 3}}, timeout_s=900)
+        budgeted = submit(client, body | {"options": {"lambdas": 3, "time_budget_s": 600, "steps": 3}})
+        assert job["status"] == "succeeded", job
+        assert job["method"] == "auto"
+        result = job["result"]
+        auto = result["auto"]
+        scores = {m: c["score"] for m, c in auto["candidates"].items()}
+        print(f"\nauto: held-out REPAIRed barriers {scores}, kept {auto['chosen']}")
+        assert set(scores) == {"weight_matching", "activation_matching"}
+        assert "time_budget_s" in auto["skipped"]["ste_matching"]
+        assert auto["chosen"] == "activation_matching" == min(scores, key=scores.get)
+        assert scores["weight_matching"] > scores["activation_matching"] + 0.1
+        assert result["barrier"]["aligned_repair"]["loss"] == pytest.approx(scores["activation_matching"])
+        assert auto["candidates"]["activation_matching"]["barrier"] == result["barrier"]["aligned_repair"]
+        assert auto["split"] == result["evaluation"]["split"] == "dataset:eval"
+        assert json.loads(artifact(client, job, "report.json"))["auto"]["chosen"] == "activation_matching"
+
+        budgeted = wait_for(client, budgeted["id"], timeout_s=900)
+        assert budgeted["status"] == "succeeded", budgeted
+        ran = budgeted["result"]["auto"]["candidates"]
+        assert set(ran) == {"weight_matching", "activation_matching", "ste_matching"}
+        assert budgeted["result"]["auto"]["chosen"] == min(ran, key=lambda m: ran[m]["score"])

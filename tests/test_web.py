@@ -180,6 +180,47 @@ def test_merge_from_the_browser(browser, server, files, screenshots):
     context.close()
 
 
+def test_auto_is_offered_first_once_a_dataset_is_chosen(browser, server, files):
+    """Without a dataset the form offers the explicit methods (weight matching chosen); choosing a dataset puts
+    "auto" first and chooses it, unless the user chose a method. The auto job's page lists every candidate."""
+    with api_client(server) as client:
+        for kind, name in (("checkpoints", "a"), ("checkpoints", "b"), ("datasets", "data")):
+            client.post(f"/v1/{kind}", files={"file": (files[name].name, files[name].read_bytes())}).raise_for_status()
+    context, page = sign_in(browser, server)
+    page.goto(server.url + "/#/new")
+    form = page.locator("#job-form")
+    method = form.locator('[data-field="method"] select')
+    method.wait_for()
+    values = lambda: method.locator("option").evaluate_all("options => options.map(o => o.value)")
+    assert values() == ["weight_matching", "activation_matching", "ste_matching"]
+    assert method.input_value() == "weight_matching"
+    choose(form.locator('[data-field="dataset"] select'), files["data"].name)
+    assert values() == ["auto", "weight_matching", "activation_matching", "ste_matching"]
+    assert method.input_value() == "auto"
+    form.locator('[data-field="dataset"] select').select_option("")
+    assert method.input_value() == "weight_matching" and "auto" not in values()
+    method.select_option("activation_matching")  # the user's choice stays when a dataset is chosen
+    choose(form.locator('[data-field="dataset"] select'), files["data"].name)
+    assert method.input_value() == "activation_matching"
+    method.select_option("auto")
+
+    choose(form.get_by_label("Model A"), files["a"].name)
+    choose(form.get_by_label("Model B"), files["b"].name)
+    page.wait_for_function("s => document.querySelector(s).value !== ''", arg='[data-field="architecture.options.sizes"] input')
+    form.locator('[data-field="options.lambdas"] input').fill("5")
+    form.get_by_role("button", name="Start merge").click()
+    page.wait_for_url(re.compile(r"#/jobs/[^/]+$"))
+    page.locator("#result #candidates").wait_for(timeout=120_000)
+    shown = page.locator("#candidates tbody tr").evaluate_all("rows => rows.map(r => r.dataset.candidate)")
+    assert shown == ["weight_matching", "activation_matching", "ste_matching"]
+    assert "not run" in page.locator('#candidates tr[data-candidate="ste_matching"]').inner_text()
+    with api_client(server) as client:
+        job = client.get(f"/v1/jobs/{page.url.rsplit('/', 1)[1]}").json()
+    kept = job["result"]["auto"]["chosen"]
+    assert "(kept)" in page.locator(f'#candidates tr[data-candidate="{kept}"]').inner_text()
+    context.close()
+
+
 def test_invalid_job_shows_the_reason_beside_the_field(browser, server, files):
     context, page = sign_in(browser, server)
     with api_client(server) as client:

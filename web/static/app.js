@@ -374,8 +374,18 @@ async function newJobView() {
   const props = jobSchema.properties;
   const optionsSchema = resolve(props.options, doc);
 
-  const methodSelect = h("select", { name: "method" }, (resolve(props.method, doc).enum || ["weight_matching"]).map((m) => h("option", { value: m }, m.replace("_", " "))));
-  methodSelect.value = resolve(props.method, doc).default || "weight_matching";
+  const methodEnum = resolve(props.method, doc).enum || ["weight_matching"];
+  const methodDefault = resolve(props.method, doc).default || "weight_matching";
+  let methodPicked = false; // the user chose a method: choosing a dataset does not change it
+  const methodSelect = h("select", { name: "method", onchange: () => { methodPicked = true; } });
+  // auto compares the methods on the dataset's held-out split: offered, first and chosen, once a dataset is chosen
+  function renderMethods() {
+    const withData = Boolean(datasetSelect.value) && methodEnum.includes("auto");
+    const names = withData ? ["auto", ...methodEnum.filter((m) => m !== "auto")] : methodEnum.filter((m) => m !== "auto");
+    const current = methodSelect.value;
+    methodSelect.replaceChildren(...names.map((m) => h("option", { value: m }, m.replace("_", " "))));
+    methodSelect.value = methodPicked && names.includes(current) ? current : (withData ? "auto" : methodDefault);
+  }
 
   // Checkpoints: one select per model, A first.
   const checkpointOptions = () => [h("option", { value: "" }, "— choose —"),
@@ -450,7 +460,8 @@ async function newJobView() {
 
   const datasetOptions = () => [h("option", { value: "" }, "none"),
     ...datasets.map((d) => h("option", { value: d.id }, `${d.name} (${d.num_examples} examples, ${d.id})`))];
-  const datasetSelect = h("select", { name: "dataset" }, datasetOptions());
+  const datasetSelect = h("select", { name: "dataset", onchange: renderMethods }, datasetOptions());
+  renderMethods();
   const evalSelect = h("select", { name: "eval_dataset" }, datasetOptions());
 
   // Job options straight from the OpenAPI schema: new options appear without this code changing.
@@ -495,7 +506,7 @@ async function newJobView() {
     h("div", { class: "radios" }, useArch, h("label", { for: "kind-arch" }, "Architecture"), useSpec, h("label", { for: "kind-spec" }, "Permutation spec file")),
     archBlock, specBlock),
   h("fieldset", {}, h("legend", {}, "Data"),
-    field("dataset", "Dataset (activation and STE matching; BN reset)", datasetSelect),
+    field("dataset", "Dataset (activation, STE matching and auto; BN reset)", datasetSelect),
     field("eval_dataset", "Evaluation dataset (enables the barrier report)", evalSelect)),
   h("fieldset", {}, h("legend", {}, "Options"), h("div", { class: "grid" }, optionFields, field("device", "Device", device, "auto, cpu or cuda:N"))),
   fieldError("request"), submit);
@@ -634,6 +645,17 @@ function resultView(job) {
     if (result.merged) section.appendChild(h("p", { id: "merged-metrics" }, `Merged model: loss ${num(result.merged.loss)}, accuracy ${num(result.merged.accuracy)}.`));
   } else {
     section.appendChild(h("p", { class: "muted" }, "No evaluation dataset was given, so there is no barrier report."));
+  }
+  if (result.auto) {
+    // every candidate auto ran, the kept one marked; those it did not run, with why
+    const rows = Object.entries(result.auto.candidates).map(([name, c]) => h("tr", { "data-candidate": name },
+      h("th", { scope: "row" }, name.replace("_", " "), name === result.auto.chosen ? " (kept)" : ""),
+      h("td", { "data-metric": "score" }, num(c.score)), h("td", {}, `${num(c.seconds)} s`)));
+    const skipped = Object.entries(result.auto.skipped || {}).map(([name, why]) => h("tr", { "data-candidate": name },
+      h("th", { scope: "row" }, name.replace("_", " ")), h("td", { colspan: 2, class: "muted" }, `not run: ${why}`)));
+    section.appendChild(h("h3", {}, "Candidates (auto)"));
+    section.appendChild(h("table", { id: "candidates" }, h("thead", {}, h("tr", {}, h("th", {}, "Method"), h("th", {}, "Held-out barrier"), h("th", {}, "Time"))),
+      h("tbody", {}, rows, skipped)));
   }
   if (result.curves) drawCurves(section, result.curves, `Interpolation from model A (λ = 0) to model B (λ = 1)${result.evaluation ? `, on ${result.evaluation.split}` : ""}`);
   section.appendChild(h("h3", {}, "Downloads"));
