@@ -129,10 +129,6 @@ def graph_args(gm: torch.fx.GraphModule, model: nn.Module, example_input) -> lis
     return values
 
 
-def run_graph(gm: torch.fx.GraphModule, model: nn.Module, example_input):
-    return gm(*graph_args(gm, model, example_input))
-
-
 def propagated(gm: torch.fx.GraphModule, model: nn.Module, example_input) -> torch.fx.GraphModule:
     """Shapes on every node, from one run in eval mode (the graph's submodules are the model's own: a run in
     training mode would update its BN statistics)."""

@@ -26,6 +26,7 @@ class LabelSet:
         self.derived: dict[str, tuple] = {}
         self.param_axes: dict[str, list[str | None]] = {}  # state key -> label of each axis
         self.grouped: list[tuple[str, str]] = []  # (output, input) labels of grouped convolutions
+        self.left_out: dict[str, str] = {}  # symmetries the rules leave out on purpose: kind -> why
 
     def find(self, x):
         parent = self.parent
@@ -201,4 +202,5 @@ def resolve_spec(labels: LabelSet, state: dict) -> PermutationSpec:
             reachable.add(p)
             entry = perms.get(p, {})
             todo += [s for s, _ in entry.get("segments", []) if s] + [entry[k] for k in ("expand", "reindex") if k in entry]
-    return PermutationSpec(axes_to_perm, {p: v for p, v in perms.items() if p in reachable})
+    return PermutationSpec(axes_to_perm, {p: v for p, v in perms.items() if p in reachable},
+                           tuple(labels.left_out[kind] for kind in sorted(labels.left_out)))

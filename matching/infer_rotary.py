@@ -27,6 +27,13 @@ import torch.fx
 from matching.infer_labels import FIXED
 
 aten = torch.ops.aten
+LEFT_OUT = {
+    "rotary": "dimensions within a query/key head stay in place: rotary position embeddings rotate pairs of them "
+              "at distinct frequencies, which only the identity keeps (whole heads still move)",
+    "repeated": "dimensions within a key/value head repeated for grouped-query attention stay in place: every query "
+                "head of the group would have to share their permutation, which the spec format cannot express "
+                "(whole key/value heads, and query heads within their group, still move)",
+}
 _NEG = {torch.neg, "neg", aten.neg.default}
 
 
@@ -34,7 +41,7 @@ class RotaryRules:
     """Needs from the host: heads, info, shape, groups, derived, find, new_label, new_derived, set_groups,
     union, fix; ``Heads`` values (matching.infer_attention)."""
 
-    def pinned(self, label):
+    def pinned(self, label, why="rotary"):
         """The pinned form of a within-head label (grouped by heads): the head permutation expanded over the
         head's dimensions; None if it cannot be pinned."""
         root = self.find(label)
@@ -51,6 +58,7 @@ class RotaryRules:
             self.groups[root] = (heads, head)
             return None
         self.derived[root] = ("expand", head, size // heads)
+        self.left_out[why] = LEFT_OUT[why]
         return root
 
     def same_within(self, a, b):
@@ -72,11 +80,11 @@ class RotaryRules:
                     return self.param_shape(key)[axis]
         return None
 
-    def pin_heads(self, h):
+    def pin_heads(self, h, why="rotary"):
         """``h`` with its within-head label pinned (one part only), or None."""
         if len(h.within) != 1:
             return None
-        label = self.pinned(h.within[0])
+        label = self.pinned(h.within[0], why)
         return None if label is None else replace(h, within=(label,))
 
     def rotary_rule(self, node, op, h, out_shape):
@@ -112,7 +120,7 @@ class RotaryRules:
         if "repeat" in h.roles and h.roles.index("repeat") == hd + 1 and len(out_shape) == len(in_shape) - 1 \
                 and tuple(out_shape[:hd]) == tuple(in_shape[:hd]) and out_shape[hd] == in_shape[hd] * in_shape[hd + 1] \
                 and tuple(out_shape[hd + 1:]) == tuple(in_shape[hd + 2:]):
-            pinned = self.pin_heads(h)
+            pinned = self.pin_heads(h, "repeated")
             if pinned is None:
                 return None
             query_heads = self.set_groups(self.new_label(f"{h.head.removeprefix('S_')}.rep", "S_"), in_shape[hd], h.head)
