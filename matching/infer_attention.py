@@ -449,8 +449,9 @@ class AttentionRules(RotaryRules):
                     if not self._tie([self._role_label(base, role), self._role_label(th, role)]):
                         return None
                 elif size != 1:
-                    if role == "within" and t.name not in self.params and self.find(self.info[t.name][0]) == FIXED:
-                        base = self.pin_heads(base)  # a table along the head's dimensions (rotary cos/sin)
+                    if role == "within" and (t.name in self.params or self.find(self.info[t.name][0]) == FIXED):
+                        # a table along the head's dimensions (rotary cos/sin, a per-dimension norm weight)
+                        base = self.pin_heads(base, size)
                         if base is None:
                             return None
                         continue

@@ -87,7 +87,8 @@ def _reason(exc: BaseException) -> str:
     import traceback
     where = ""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if "/torch/" not in frame.filename.replace("\\", "/"):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and not path.endswith(("matching/infer_capture.py", "matching/infer_export.py")):
             where = f" at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} ({(frame.line or '').strip()[:120]})"
             break
     text = next((line for line in str(exc).splitlines() if line.strip()), "")[:300]

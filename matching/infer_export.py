@@ -53,7 +53,7 @@ _FUNCTIONS = {op: fn for names, fn in (
     (("add.Tensor", "add.Scalar"), operator.add), (("sub.Tensor", "sub.Scalar"), operator.sub),
     (("mul.Tensor", "mul.Scalar"), operator.mul), (("div.Tensor", "div.Scalar"), operator.truediv),
     (("matmul.default", "bmm.default"), operator.matmul), (("einsum.default",), torch.einsum),
-    (("cat.default",), torch.cat), (("roll.default",), torch.roll), (("conv1d.default", "conv1d.padding"), F.conv1d),
+    (("cat.default",), torch.cat), (("stack.default",), torch.stack), (("where.self",), torch.where), (("roll.default",), torch.roll), (("conv1d.default", "conv1d.padding"), F.conv1d),
     (("conv2d.default", "conv2d.padding"), F.conv2d), (("conv3d.default", "conv3d.padding"), F.conv3d),
     (("dropout.default",), F.dropout), (("exp.default",), torch.exp), (("neg.default",), torch.neg),
     (("relu.default",), F.relu), (("gelu.default",), F.gelu), (("silu.default",), F.silu), (("tanh.default",), torch.tanh),
@@ -63,6 +63,7 @@ _FUNCTIONS = {op: fn for names, fn in (
     (("max_pool2d.default",), F.max_pool2d), (("avg_pool2d.default",), F.avg_pool2d),
     (("adaptive_avg_pool2d.default",), F.adaptive_avg_pool2d), (("adaptive_avg_pool1d.default",), F.adaptive_avg_pool1d),
 ) for op in _ops(*names)}
+_TRANSPOSED = set(_ops("numpy_T.default", "t.default"))
 _SOFTMAX = set(_ops("softmax.int", "_softmax.default", "_safe_softmax.default"))
 _TO = set(_ops("to.dtype", "to.device", "to.dtype_layout", "_to_copy.default", "to.other"))
 # bookkeeping that returns nothing: would otherwise read as an unknown use of its tensor
@@ -145,6 +146,8 @@ def _rewrite(node):
         _function(node, F.embedding, (args[1], args[0]))
     elif target is getattr(aten.constant_pad_nd, "default", None):
         _function(node, F.pad, (args[0], args[1], "constant", args[2] if len(args) > 2 else 0.0))
+    elif target in _TRANSPOSED and _rank(args[0]) is not None:  # weight.T
+        _method(node, "permute", (args[0], list(range(_rank(args[0])))[::-1]))
     elif target in (aten.slice.Tensor, aten.select.int):
         _indexing(node)
 

@@ -167,6 +167,10 @@ def resolve_spec(labels: LabelSet, state: dict) -> PermutationSpec:
             if labels.find(out) == FIXED and labels.find(inp) != FIXED:
                 labels.fix(inp)
                 changed = True
+        for label, (_, group_label) in list(labels.groups.items()):  # units that cannot move: nor can their groups
+            if labels.find(label) == FIXED and labels.find(group_label) != FIXED:
+                labels.fix(group_label)
+                changed = True
 
     def name(label):
         root = labels.find(label)

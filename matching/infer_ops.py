@@ -71,6 +71,10 @@ class OpRules:
             return self.transposed_linear(args[1], args[2], args[0], out_shape)
         if target in (aten.mm.default, operator.matmul) and len(args) == 2 and isinstance(args[1], torch.fx.Node) \
                 and args[1].name in self.params and self.shape(args[1]) is not None and len(self.shape(args[1])) == 2:
+            key, dims = self.params[args[1].name]
+            if dims == [1, 0] and isinstance(args[0], torch.fx.Node) and args[0].name in self.info \
+                    and args[0].name not in self.params:  # x @ weight.T (Falcon's linear layers)
+                return self.linear(key, None, args[0], out_shape)
             return self.transposed_linear(args[0], args[1], None, out_shape)
         if target in _RMS_NORM and plain:
             shape = args[1] if len(args) > 1 else node.kwargs["normalized_shape"]

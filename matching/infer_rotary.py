@@ -35,15 +35,16 @@ LEFT_OUT = {
                 "(whole key/value heads, and query heads within their group, still move)",
 }
 _NEG = {torch.neg, "neg", aten.neg.default}
+_ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, torch.pow, torch.rsqrt, "pow", "rsqrt"}
 
 
 class RotaryRules:
     """Needs from the host: heads, info, shape, groups, derived, find, new_label, new_derived, set_groups,
     union, fix; ``Heads`` values (matching.infer_attention)."""
 
-    def pinned(self, label, why="rotary"):
-        """The pinned form of a within-head label (grouped by heads): the head permutation expanded over the
-        head's dimensions; None if it cannot be pinned."""
+    def pinned(self, label, per_unit, why="rotary"):
+        """The pinned form of a within-head label (grouped by heads, ``per_unit`` dimensions each): the head
+        permutation expanded over the head's dimensions; None if it cannot be pinned."""
         root = self.find(label)
         if root == FIXED:
             return None
@@ -53,11 +54,7 @@ class RotaryRules:
         if root not in self.groups:
             return None
         heads, head = self.groups.pop(root)
-        size = self.unit_count(root)
-        if size is None or size % heads:
-            self.groups[root] = (heads, head)
-            return None
-        self.derived[root] = ("expand", head, size // heads)
+        self.derived[root] = ("expand", head, per_unit)
         self.left_out[why] = LEFT_OUT[why]
         return root
 
@@ -72,19 +69,11 @@ class RotaryRules:
             return True
         return False
 
-    def unit_count(self, root):
-        """Number of units of a free label, read off a parameter axis that carries it."""
-        for key, axes in self.param_axes.items():
-            for axis, label in enumerate(axes):
-                if label is not None and self.find(label) == root:
-                    return self.param_shape(key)[axis]
-        return None
-
-    def pin_heads(self, h, why="rotary"):
+    def pin_heads(self, h, per_unit, why="rotary"):
         """``h`` with its within-head label pinned (one part only), or None."""
         if len(h.within) != 1:
             return None
-        label = self.pinned(h.within[0], why)
+        label = self.pinned(h.within[0], per_unit, why)
         return None if label is None else replace(h, within=(label,))
 
     def rotary_rule(self, node, op, h, out_shape):
@@ -92,11 +81,20 @@ class RotaryRules:
         args = node.args
         if op in (torch.cat, aten.cat.default) and isinstance(args[0], (list, tuple)):
             return self.heads_cat(args[0], args[1] if len(args) > 1 else node.kwargs.get("dim", 0))
+        if op is torch.where:  # masking the scores: where(mask, scores, -inf)
+            return self.head_binary(node, out_shape) if any(a.name in self.heads for a in self._node_args(node)) else None
+        if op is torch.stack and isinstance(args[0], (list, tuple)):
+            return self.heads_stacked(args[0], args[1] if len(args) > 1 else node.kwargs.get("dim", 0))
         if h is None:
             return None
         x = args[0]
-        if op in _NEG:
+        if op in _NEG or op in _ELEMENTWISE and all(not isinstance(a, torch.fx.Node) for a in args[1:]):
             return "heads", h
+        if op in ("mean", torch.mean) and len(args) > 1:  # a norm's statistics over the head's dimensions
+            wd, dims = h.axis("within"), args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+            if wd is not None and keep is True and [d % len(h.roles) for d in dims] == [wd]:
+                return "heads", replace(h, roles=h.roles[:wd] + (None,) + h.roles[wd + 1:], within=())
         if op == "unsqueeze" or op is torch.unsqueeze:
             dim = args[1] if len(args) > 1 else node.kwargs["dim"]
             dim %= len(h.roles) + 1
@@ -106,11 +104,32 @@ class RotaryRules:
             if all(role is None or role == "repeat" or n == m for role, n, m in zip(h.roles, in_shape, out_shape)):
                 return "heads", h
             return None
-        if op in ("view", "reshape", torch.reshape):
+        if op in ("view", "reshape", torch.reshape, "flatten", torch.flatten):
             return self.heads_merged(x, h, out_shape)
         if op is operator.getitem:
             return self.heads_sliced(x, h, args[1], out_shape)
+        if op in ("chunk", torch.chunk, "split", torch.split):
+            return self.heads_chunked(node, x, h)
         return None
+
+    def heads_chunked(self, node, x, h):
+        """GPT-NeoX's fused projection viewed as [.., H, 3 * d] and chunked into q, k, v along the head's axis:
+        its units are interleaved per head (q_0 k_0 v_0 q_1 ...), the reindexed segments [q; k; v] of three
+        within-head labels that share the head permutation (q and k's are tied by the scores later)."""
+        wd, parts = h.axis("within"), node.meta.get("tensor_meta")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        root = self.find(h.within[0]) if len(h.within) == 1 else FIXED
+        if wd is None or not isinstance(dim, int) or dim % len(h.roles) != wd or not isinstance(parts, (tuple, list)) \
+                or len({p.shape[wd] for p in parts}) != 1 or root == FIXED or root not in self.groups:
+            return None
+        heads, head = self.groups[root]
+        m, d = len(parts), parts[0].shape[wd]
+        labels = [self.set_groups(self.new_label(f"{root.removeprefix('P_')}.{i}"), heads, head) for i in range(m)]
+        stacked = self.new_derived(f"{root.removeprefix('P_')}.parts", ("segments", [(lab, heads * d) for lab in labels]))
+        index = [j * heads * d + g * d + t for g in range(heads) for j in range(m) for t in range(d)]
+        del self.groups[root]
+        self.derived[root] = ("reindex", stacked, index)
+        return "tuple", [("heads", replace(h, within=(lab,))) for lab in labels]
 
     def heads_merged(self, x, h, out_shape):
         """(head, repeat) merged into one head axis (repeat_kv), or (head, pinned within) into the channel."""
@@ -120,7 +139,7 @@ class RotaryRules:
         if "repeat" in h.roles and h.roles.index("repeat") == hd + 1 and len(out_shape) == len(in_shape) - 1 \
                 and tuple(out_shape[:hd]) == tuple(in_shape[:hd]) and out_shape[hd] == in_shape[hd] * in_shape[hd + 1] \
                 and tuple(out_shape[hd + 1:]) == tuple(in_shape[hd + 2:]):
-            pinned = self.pin_heads(h, "repeated")
+            pinned = self.pin_heads(h, in_shape[wd], "repeated")
             if pinned is None:
                 return None
             query_heads = self.set_groups(self.new_label(f"{h.head.removeprefix('S_')}.rep", "S_"), in_shape[hd], h.head)
@@ -128,6 +147,11 @@ class RotaryRules:
             within = self.new_derived(f"{pinned.within[0].removeprefix('P_')}.rep", ("expand", query_heads, per_unit))
             roles = h.roles[:hd + 1] + h.roles[hd + 2:]
             return "heads", replace(h, roles=roles, head=query_heads, within=(within,))
+        if wd is not None and wd + 1 < len(in_shape) and h.roles[wd + 1] is None and len(out_shape) == len(in_shape) - 1 \
+                and tuple(out_shape[:wd]) == tuple(in_shape[:wd]) and out_shape[wd] == in_shape[wd] * in_shape[wd + 1] \
+                and self.derived.get(self.find(h.within[0]), ("",))[0] == "expand":  # GPT-J's interleaved pairs merged
+            return "heads", replace(h, roles=h.roles[:wd + 1] + h.roles[wd + 2:],
+                                    within=(self.pinned_like(h, out_shape[wd]),))
         if wd is not None and wd == hd + 1 and len(h.within) == 1 and self.derived.get(self.find(h.within[0]), ("",))[0] == "expand":
             for i in range(len(out_shape)):
                 if prefix(out_shape, i) == prefix(in_shape, hd) and out_shape[i] == in_shape[hd] * in_shape[wd]:
@@ -141,9 +165,9 @@ class RotaryRules:
             return "heads", h
         wd = h.axis("within")
         if wd is None or len(index) != wd + 1 or any(i != slice(None) for i in index[:wd]) \
-                or not isinstance(index[wd], slice) or index[wd].step not in (None, 1):
+                or not isinstance(index[wd], slice):
             return None
-        pinned = self.pin_heads(h)
+        pinned = self.pin_heads(h, self.shape(x)[wd])
         if pinned is None:
             return None
         return "heads", replace(pinned, within=(self.pinned_like(pinned, out_shape[wd]),))
@@ -153,6 +177,23 @@ class RotaryRules:
         head = self.derived[self.find(h.within[0])][1]
         return self.new_derived(f"{h.within[0].removeprefix('P_')}[{size}]", ("expand", head, size))
 
+    def heads_stacked(self, tensors, dim):
+        """GPT-J's rotate_every_two: ``stack((-x2, x1), -1)`` of pinned halves, then flattened into the head's axis."""
+        if not all(isinstance(t, torch.fx.Node) and t.name in self.heads for t in tensors) or not isinstance(dim, int):
+            return None
+        hs = [self.heads[t.name] for t in tensors]
+        wd = hs[0].axis("within")
+        dim %= len(hs[0].roles) + 1
+        if wd is None or dim != wd + 1 or any(h.roles != hs[0].roles for h in hs):
+            return None
+        pinned = [self.pin_heads(h, self.shape(t)[wd]) for h, t in zip(hs, tensors)]
+        if any(p is None for p in pinned):
+            return None
+        head = pinned[0].head
+        for p in pinned[1:]:
+            head = self.union(head, p.head)
+        return "heads", replace(pinned[0], head=head, roles=hs[0].roles[:dim] + (None,) + hs[0].roles[dim:])
+
     def heads_cat(self, tensors, dim):
         """rotate_half's ``cat((-x2, x1), -1)`` along the pinned within-head axis."""
         if not all(isinstance(t, torch.fx.Node) and t.name in self.heads for t in tensors) or not isinstance(dim, int):
@@ -161,7 +202,7 @@ class RotaryRules:
         wd = hs[0].axis("within")
         if wd is None or dim % len(hs[0].roles) != wd or any(h.roles != hs[0].roles for h in hs):
             return None
-        pinned = [self.pin_heads(h) for h in hs]
+        pinned = [self.pin_heads(h, self.shape(t)[wd]) for h, t in zip(hs, tensors)]
         if any(p is None for p in pinned):
             return None
         head = pinned[0].head
