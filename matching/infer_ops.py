@@ -40,6 +40,7 @@ _ELEMENTWISE_METHODS = {"pow", "rsqrt", "sqrt", "reciprocal", "erf", "float", "t
 _ACTIVATIONS = _overloads("gelu.default", "relu6.default", "softplus.default")
 _CHANNEL_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std, torch.norm}
 _CHANNEL_REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "var", "std", "norm"}
+_SCALAR_MATHS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.neg}
 _RMS_NORM = _overloads("rms_norm.default") | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
 
 
@@ -52,6 +53,10 @@ class OpRules:
         if node.op not in ("call_function", "call_method"):
             return None
         target, args = node.target, node.args
+        nodes = [a for a in args if isinstance(a, torch.fx.Node)]
+        if target in _SCALAR_MATHS and len(nodes) == 1 and nodes[0].name in self.params and not node.kwargs:
+            self.params[node.name] = self.params[nodes[0].name]  # a parameter (op) a number: Gemma's 1 + weight
+            return FIXED, 0
         plain = x is not None and x.name not in self.params and x.name not in self.spread
         if node.op == "call_method":
             if plain and target in _ELEMENTWISE_METHODS and all(not isinstance(a, torch.fx.Node) for a in args[1:]):

@@ -35,7 +35,7 @@ LEFT_OUT = {
                 "(whole key/value heads, and query heads within their group, still move)",
 }
 _NEG = {torch.neg, "neg", aten.neg.default}
-_ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, torch.pow, torch.rsqrt, "pow", "rsqrt"}
+_ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, torch.pow, torch.rsqrt, "pow", "rsqrt", torch.tanh, "tanh"}
 
 
 class RotaryRules:

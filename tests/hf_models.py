@@ -13,7 +13,8 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interme
 
 
 def tiny(kind: str, seed: int = 0):
-    """One of the eight model types of issue 21, with random weights from ``seed`` (eval mode)."""
+    """One of the eight model types of issue 21 (and GPT-NeoX: q, k, v interleaved per head, partial rotary), with
+    random weights from ``seed`` (eval mode)."""
     import transformers as tf
 
     tf.logging.set_verbosity_error()
@@ -28,6 +29,7 @@ def tiny(kind: str, seed: int = 0):
         "llama": lambda: (tf.LlamaForCausalLM, tf.LlamaConfig(**text, **SMALL, num_key_value_heads=2)),
         "mistral": lambda: (tf.MistralForCausalLM, tf.MistralConfig(**text, **SMALL, num_key_value_heads=2)),
         "qwen2": lambda: (tf.Qwen2ForCausalLM, tf.Qwen2Config(**text, **SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
+        "gpt_neox": lambda: (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**text, **SMALL, rotary_pct=0.5)),
         "vit": lambda: (tf.ViTForImageClassification, tf.ViTConfig(**SMALL, image_size=16, patch_size=4, num_labels=5)),
     }
     cls, config = configs[kind]()

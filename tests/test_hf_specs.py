@@ -22,7 +22,7 @@ def _planted(spec, state, seed=1):
     return planted, apply_permutation(spec, planted, state)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["gpt_neox"])
 def test_verified_spec_recovers_a_planted_permutation(kind):
     model = tiny(kind)
     spec = spec_from_json(spec_to_json(matching.infer_spec(model, example(model))))  # verified inside
