@@ -138,7 +138,7 @@ class AttentionRules(RotaryRules):
             and node.args[0].name not in self.params else None
         if x is not None and (node.op == "call_method" and node.target in ("view", "reshape")
                               or node.op == "call_function" and node.target is torch.reshape):
-            return self.split_heads(x, out_shape)
+            return self.split_heads(x, out_shape) or self.split_heads_per_head(x, out_shape)
         if x is not None and (node.op == "call_method" and node.target == "chunk" or node.target is torch.chunk):
             return self.chunked(x, node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks"),
                                 node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))

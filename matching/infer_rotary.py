@@ -112,6 +112,31 @@ class RotaryRules:
             return self.heads_chunked(node, x, h)
         return None
 
+    def split_heads_per_head(self, x, out_shape):
+        """Bloom's and Persimmon's fused projection viewed as [.., H, m, d] (q, k, v of each head side by side):
+        the reindexed segments [q; k; v] of ``m`` within-head labels that share the head permutation."""
+        label, cdim = self.info[x.name]
+        in_shape, root = self.shape(x), self.find(label)
+        if root == FIXED or root in self.derived or root in self.groups or len(out_shape) != len(in_shape) + 2 \
+                or tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]) or tuple(out_shape[cdim + 3:]) != tuple(in_shape[cdim + 1:]):
+            return None
+        from matching.infer_attention import Heads  # (that module builds on this one)
+
+        heads, m, d = out_shape[cdim:cdim + 3]
+        if m not in (2, 3) or heads == 1 or d == 1:
+            return None
+        head = self.new_label(root.removeprefix("P_"), "S_")
+        self.derived[root] = self.interleaved(root, heads, head, m, d)
+        roles = [None] * len(out_shape)
+        roles[cdim:cdim + 3] = "head", "part", "within"
+        return "heads", Heads(tuple(roles), head, tuple(lab for lab, _ in self.derived[self.derived[root][1]][1]))
+
+    def interleaved(self, root, heads, head, m, d):
+        """("reindex", [part 0; ...; part m-1], index) for units laid out head by head, parts side by side."""
+        labels = [self.set_groups(self.new_label(f"{root.removeprefix('P_')}.{i}"), heads, head) for i in range(m)]
+        stacked = self.new_derived(f"{root.removeprefix('P_')}.parts", ("segments", [(lab, heads * d) for lab in labels]))
+        return "reindex", stacked, [j * heads * d + g * d + t for g in range(heads) for j in range(m) for t in range(d)]
+
     def heads_chunked(self, node, x, h):
         """GPT-NeoX's fused projection viewed as [.., H, 3 * d] and chunked into q, k, v along the head's axis:
         its units are interleaved per head (q_0 k_0 v_0 q_1 ...), the reindexed segments [q; k; v] of three
@@ -122,13 +147,9 @@ class RotaryRules:
         if wd is None or not isinstance(dim, int) or dim % len(h.roles) != wd or not isinstance(parts, (tuple, list)) \
                 or len({p.shape[wd] for p in parts}) != 1 or root == FIXED or root not in self.groups:
             return None
-        heads, head = self.groups[root]
-        m, d = len(parts), parts[0].shape[wd]
-        labels = [self.set_groups(self.new_label(f"{root.removeprefix('P_')}.{i}"), heads, head) for i in range(m)]
-        stacked = self.new_derived(f"{root.removeprefix('P_')}.parts", ("segments", [(lab, heads * d) for lab in labels]))
-        index = [j * heads * d + g * d + t for g in range(heads) for j in range(m) for t in range(d)]
-        del self.groups[root]
-        self.derived[root] = ("reindex", stacked, index)
+        heads, head = self.groups.pop(root)
+        self.derived[root] = self.interleaved(root, heads, head, len(parts), parts[0].shape[wd])
+        labels = [lab for lab, _ in self.derived[self.derived[root][1]][1]]
         return "tuple", [("heads", replace(h, within=(lab,))) for lab in labels]
 
     def heads_merged(self, x, h, out_shape):
