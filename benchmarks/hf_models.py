@@ -70,7 +70,7 @@ def example(model, kind: str) -> dict:
 
     gen = torch.Generator().manual_seed(0)
     if kind == "vision":
-        size = model.config.image_size
+        size = getattr(model.config, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
         return {"pixel_values": torch.randn(2, model.config.num_channels, size, size, generator=gen)}
     ids = torch.randint(3, VOCAB, (2, 8), generator=gen)
