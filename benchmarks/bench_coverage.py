@@ -1,6 +1,8 @@
-"""Spec-inference coverage: every torchvision classification model and a sample of timm models.
+"""Spec-inference coverage: every torchvision classification model, a sample of timm models, and Hugging Face
+transformers model types.
 
     python -m benchmarks.bench_coverage [--torchvision all|none|NAME,...] [--timm 120|NAME,...]
+                                        [--hf none|all|TYPE,...]
                                         [--timeout 600] [--max-params 200e6] [--max-build 700e6]
                                         [--jsonl results.jsonl]
 
@@ -12,6 +14,10 @@ permutes. The timm sample takes one model of every architecture family (module; 
 up to the number asked for. Models above --max-params are not verified on this machine (float64 copies), above --max-build
 (counted on the meta device) not built.
 Prints a table and the mean share over torchvision's convolutional models (all but ViT, Swin, MaxViT).
+The ``hf`` family (``hf/<model_type>``, see benchmarks/hf_models.py) builds each type's default config shrunk
+in code, captures it with torch.export (torch.fx cannot trace these), verifies on token ids with a padding mask
+(pixel values for vision models) and counts the output units of Linear, Conv1D and Conv2d layers except those
+of the vocabulary or class heads.
 """
 
 from __future__ import annotations
@@ -26,7 +32,34 @@ NUM_CLASSES = 11
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 
 
+def measure_hf(name: str) -> dict:
+    from benchmarks.hf_models import build, example, hidden_share
+    from matching.errors import MatchingError
+    from matching.infer import infer_spec
+
+    out = {"name": name}
+    try:
+        model, kind = build(name.split("/", 1)[1])
+    except Exception as exc:  # noqa: BLE001 - a config this shrinking does not fit
+        return out | {"traced": False, "why": f"build: {type(exc).__name__}: {exc}"[:160]}
+    out["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    start = time.perf_counter()
+    try:
+        spec = infer_spec(model, example(model, kind))
+    except MatchingError as exc:
+        text = str(exc)
+        return out | {"traced": "cannot be traced" not in text, "verified": False, "why": text[:200],
+                      "seconds": round(time.perf_counter() - start, 1)}
+    permuted, hidden = hidden_share(model, spec)
+    return out | {"traced": True, "verified": True, "share": round(permuted / hidden, 3) if hidden else None,
+                  "seconds": round(time.perf_counter() - start, 1), "permutations": len(spec.free_perms),
+                  "structured": sorted({k for e in spec.perms.values() for k in e if k in ("groups", "segments", "expand", "reindex")}),
+                  "why": "; ".join(n.split(":")[0] for n in spec.left_out)}
+
+
 def measure(name: str, max_params: float, max_build: float) -> dict:
+    if name.startswith("hf/"):
+        return measure_hf(name)
     import torch
 
     import matching
@@ -95,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--torchvision", default="all")
     parser.add_argument("--timm", default="120")
+    parser.add_argument("--hf", default="none", help="Hugging Face model types: none, all, or TYPE,...")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--max-params", type=float, default=200e6)
     parser.add_argument("--max-build", type=float, default=700e6)
@@ -115,6 +149,11 @@ def main() -> None:
         names += timm_sample(int(args.timm))
     elif args.timm != "none":
         names += [f"timm/{n}" for n in args.timm.split(",") if n]
+    if args.hf == "all":
+        from benchmarks.hf_models import TYPES
+        names += [f"hf/{t}" for t in TYPES]
+    elif args.hf != "none":
+        names += [f"hf/{t}" for t in args.hf.split(",") if t]
     results = []
     for name in names:
         try:
@@ -145,7 +184,8 @@ def _row(r: dict) -> str:
 def summary(results: list[dict]) -> str:
     lines = []
     for label, keep in (("torchvision convolutional", lambda n: n.startswith("torchvision/") and not n.split("/")[1].startswith(TRANSFORMERS)),
-                        ("torchvision all", lambda n: n.startswith("torchvision/")), ("timm sample", lambda n: n.startswith("timm/"))):
+                        ("torchvision all", lambda n: n.startswith("torchvision/")), ("timm sample", lambda n: n.startswith("timm/")),
+                        ("Hugging Face types", lambda n: n.startswith("hf/"))):
         rs = [r for r in results if keep(r["name"])]
         if not rs:
             continue

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from matching.evaluate import model_input
 from matching.infer import activation_points
+from matching.infer_capture import graph_args
 from matching.spec import PermutationSpec, perm_sizes
 from matching.weight_matching import solve_blocks, solve_lap, two_level_values, weight_matching
 
@@ -48,7 +49,7 @@ def activation_matching(spec: PermutationSpec, model: nn.Module, state_a: dict, 
     batches = max(1, -(-len(inputs) // batch_size))
     for i, begin in enumerate(range(0, len(inputs), batch_size)):
         x = model_input(inputs[begin:begin + batch_size], device)
-        acts_a, acts_b = net_a(x), net_b(x)
+        acts_a, acts_b = net_a(*graph_args(net_a, model, x)), net_b(*graph_args(net_b, model, x))
         for perm, where in points.items():
             for name, axis, offset, size in where:  # a segment of a concatenation holds the slice it permutes
                 a = acts_a[name].narrow(axis, offset, size).movedim(axis, -1).reshape(-1, size).double()

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from matching.infer_labels import FIXED
+from matching.infer_rotary import RotaryRules
 
 _HEAD_PASS_FUNCTIONS = {F.softmax, torch.softmax, F.normalize, F.dropout, torch.exp, torch.clamp}
 _HEAD_PASS_METHODS = {"softmax", "contiguous", "clone", "float", "double", "to", "type_as", "exp", "detach"}
@@ -61,7 +62,7 @@ def _swin_functions():
             module._patch_merging_pad: "patch_merging"}
 
 
-class AttentionRules:
+class AttentionRules(RotaryRules):
     """Needs from the host: info, params, find/union/fix/new_label/new_derived/set_groups, groups, derived,
     shape, channel_in, set_axes, param_key, param_shape, linear."""
 
@@ -137,7 +138,7 @@ class AttentionRules:
             and node.args[0].name not in self.params else None
         if x is not None and (node.op == "call_method" and node.target in ("view", "reshape")
                               or node.op == "call_function" and node.target is torch.reshape):
-            return self.split_heads(x, out_shape)
+            return self.split_heads(x, out_shape) or self.split_heads_per_head(x, out_shape)
         if x is not None and (node.op == "call_method" and node.target == "chunk" or node.target is torch.chunk):
             return self.chunked(x, node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks"),
                                 node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
@@ -332,6 +333,9 @@ class AttentionRules:
             return ("heads", h) if h is not None and isinstance(m, (nn.Identity, nn.Dropout, nn.Softmax)) else None
         if op is None:
             return None
+        rotary = self.rotary_rule(node, op, h, out_shape)  # rotary embeddings, grouped-query attention
+        if rotary is not None:
+            return rotary
         timm_kind = _timm_functions().get(op)
         if timm_kind == "mask":  # the mask of timm's unfused attention: reads only the scores' dtype and device
             return ("info", (FIXED, 0)) if out_shape is not None else ("none", None)
@@ -426,7 +430,7 @@ class AttentionRules:
         for t in tensors:
             if t.name in self.heads:
                 th = self.heads[t.name]
-                if len(th.within) > 1 or th.within != base.within and th.within and base.within:
+                if len(th.within) > 1 or th.within and base.within and not self.same_within(th.within[0], base.within[0]):
                     return None
                 for axis, role in enumerate(th.roles):
                     roles[axis + nd - len(th.roles)] = roles[axis + nd - len(th.roles)] or role
@@ -445,6 +449,12 @@ class AttentionRules:
                     if not self._tie([self._role_label(base, role), self._role_label(th, role)]):
                         return None
                 elif size != 1:
+                    if role == "within" and (t.name in self.params or self.find(self.info[t.name][0]) == FIXED):
+                        # a table along the head's dimensions (rotary cos/sin, a per-dimension norm weight)
+                        base = self.pin_heads(base, size)
+                        if base is None:
+                            return None
+                        continue
                     if role != "head":
                         return None
                     self.follow_heads(t, axis, base.head)  # a per-head bias (or a mask that fixes the heads)

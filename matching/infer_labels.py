@@ -26,6 +26,7 @@ class LabelSet:
         self.derived: dict[str, tuple] = {}
         self.param_axes: dict[str, list[str | None]] = {}  # state key -> label of each axis
         self.grouped: list[tuple[str, str]] = []  # (output, input) labels of grouped convolutions
+        self.left_out: dict[str, str] = {}  # symmetries the rules leave out on purpose: kind -> why
 
     def find(self, x):
         parent = self.parent
@@ -166,6 +167,10 @@ def resolve_spec(labels: LabelSet, state: dict) -> PermutationSpec:
             if labels.find(out) == FIXED and labels.find(inp) != FIXED:
                 labels.fix(inp)
                 changed = True
+        for label, (_, group_label) in list(labels.groups.items()):  # units that cannot move: nor can their groups
+            if labels.find(label) == FIXED and labels.find(group_label) != FIXED:
+                labels.fix(group_label)
+                changed = True
 
     def name(label):
         root = labels.find(label)
@@ -201,4 +206,5 @@ def resolve_spec(labels: LabelSet, state: dict) -> PermutationSpec:
             reachable.add(p)
             entry = perms.get(p, {})
             todo += [s for s, _ in entry.get("segments", []) if s] + [entry[k] for k in ("expand", "reindex") if k in entry]
-    return PermutationSpec(axes_to_perm, {p: v for p, v in perms.items() if p in reachable})
+    return PermutationSpec(axes_to_perm, {p: v for p, v in perms.items() if p in reachable},
+                           tuple(labels.left_out[kind] for kind in sorted(labels.left_out)))

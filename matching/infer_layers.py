@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from matching.infer_attention import AttentionRules
 from matching.infer_labels import FIXED, LabelSet
+from matching.infer_ops import OpRules
 from matching.infer_shapes import ShapeRules
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish, nn.Mish,
@@ -52,7 +53,7 @@ def _pass_through_functions():
 
 
 
-class GraphLabels(AttentionRules, ShapeRules, LabelSet):
+class GraphLabels(OpRules, AttentionRules, ShapeRules, LabelSet):
     """The labels of one model's graph(s): ``visit_graph`` labels every node of a traced graph module."""
 
     def __init__(self):
@@ -250,6 +251,9 @@ class GraphLabels(AttentionRules, ShapeRules, LabelSet):
         if node.op == "call_function" and node.target is operator.getitem and isinstance(args[0], torch.fx.Node) \
                 and args[0].name in self.pieces:
             return self.pieces[args[0].name][args[1]] if isinstance(args[1], int) else None
+        found = self.op_rule(node, x, out_shape)  # embeddings, Conv1D, RMS norm, ops of exported graphs
+        if found is not None:
+            return found
         if x is not None and x.name in self.params and not (node.op == "call_function" and node.target in _ELEMENTWISE_BINARY) \
                 and not (node.op == "call_method" and node.target in _ELEMENTWISE_BINARY_METHODS):
             if node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten") or \

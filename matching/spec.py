@@ -40,6 +40,8 @@ from matching.errors import MatchingError
 class PermutationSpec:
     axes_to_perm: dict[str, tuple[str | None, ...]]
     perms: dict[str, dict] = field(default_factory=dict)
+    # symmetries the model has that the spec does not use, each with its reason (informative only)
+    left_out: tuple[str, ...] = field(default=(), compare=False)
     # derived: permutation name -> [(key, axis), ...], filled in __post_init__
     perm_to_axes: dict[str, list[tuple[str, int]]] = field(default_factory=dict, compare=False)
 
@@ -72,11 +74,14 @@ def spec_to_json(spec: PermutationSpec) -> dict:
     out = {"axes_to_perm": {k: list(v) for k, v in spec.axes_to_perm.items()}}
     if spec.perms:
         out["perms"] = {k: dict(v) for k, v in spec.perms.items()}
+    if spec.left_out:
+        out["left_out"] = list(spec.left_out)
     return out
 
 
 def spec_from_json(obj) -> PermutationSpec:
-    """Parse ``{"axes_to_perm": {name: [perm or null, ...]}, "perms": {...optional structure...}}``."""
+    """Parse ``{"axes_to_perm": {name: [perm or null, ...]}, "perms": {...optional structure...}, "left_out":
+    [optional notes on symmetries the spec does not use]}``."""
     if not isinstance(obj, dict) or not isinstance(obj.get("axes_to_perm"), dict):
         raise MatchingError('permutation_spec must be an object {"axes_to_perm": {"<param name>": ["P_0", null, ...]}}')
     axes_to_perm = {}
@@ -90,7 +95,10 @@ def spec_from_json(obj) -> PermutationSpec:
     clean = {}
     for name, entry in perms.items():
         clean[name] = _check_structure(name, entry)
-    spec = PermutationSpec(axes_to_perm, clean)
+    left_out = obj.get("left_out") or []
+    if not isinstance(left_out, list) or not all(isinstance(n, str) for n in left_out):
+        raise MatchingError("permutation_spec 'left_out' must be a list of strings (symmetries not used, and why)")
+    spec = PermutationSpec(axes_to_perm, clean, tuple(left_out))
     for name in spec.perm_to_axes:
         _resolve(spec, name, set())
     return spec
@@ -368,7 +376,11 @@ def fix_group_perms(spec: PermutationSpec) -> PermutationSpec:
     """The same spec with every group permutation held in place (``"group_perm": null``; axes it permuted on
     their own, such as a per-head bias table, left alone): units still move within their groups. For attention,
     matching with the heads fixed, the baseline that head-aware matching is measured against."""
-    group_perms = {e["group_perm"] for e in spec.perms.values() if e.get("group_perm")}
-    axes = {k: tuple(None if p in group_perms else p for p in v) for k, v in spec.axes_to_perm.items()}
-    perms = {p: {**e, "group_perm": None} if "groups" in e else e for p, e in spec.perms.items()}
-    return PermutationSpec(axes, perms)
+    held = {e["group_perm"] for e in spec.perms.values() if e.get("group_perm")}
+    # whole heads expanded over their dimensions (queries and keys under rotary embeddings) are held too
+    held |= {p for p, e in spec.perms.items() if e.get("expand") in held}
+    axes = {k: tuple(None if p in held else p for p in v) for k, v in spec.axes_to_perm.items()}
+    perms = {p: {**e, "group_perm": None} if "groups" in e else
+             {"segments": [[None if s in held else s, n] for s, n in e["segments"]]} if "segments" in e else e
+             for p, e in spec.perms.items() if p not in held}
+    return PermutationSpec(axes, perms, spec.left_out)

@@ -150,7 +150,7 @@ def test_library_models_plugins_and_refusals_over_http(make_embedded_service, pl
         response = client.post("/v1/jobs", json={"checkpoints": loopy, "architecture": {"name": "test/loopy"}})
         assert response.status_code == 422, response.text
         detail = response.json()["detail"]
-        assert "if x.sum() > 0" in detail and "permutation_spec" in detail and "rebasin spec --module" in detail
+        assert "if x.sum() > 0" in detail and "permutation_spec" in detail and "write the spec by hand" in detail
 
         for name, (job_id, model, spec, a, b, planted, dtype) in jobs.items():
             job = wait_for(client, job_id, timeout_s=900)
