@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from matching.infer_attention import AttentionRules
 from matching.infer_labels import FIXED, LabelSet
+from matching.infer_params import ParamRules
 from matching.infer_shapes import ShapeRules
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish, nn.Mish,
@@ -52,7 +53,7 @@ def _pass_through_functions():
 
 
 
-class GraphLabels(AttentionRules, ShapeRules, LabelSet):
+class GraphLabels(AttentionRules, ShapeRules, ParamRules, LabelSet):
     """The labels of one model's graph(s): ``visit_graph`` labels every node of a traced graph module."""
 
     def __init__(self):
@@ -250,6 +251,8 @@ class GraphLabels(AttentionRules, ShapeRules, LabelSet):
         if node.op == "call_function" and node.target is operator.getitem and isinstance(args[0], torch.fx.Node) \
                 and args[0].name in self.pieces:
             return self.pieces[args[0].name][args[1]] if isinstance(args[1], int) else None
+        if x is not None and x.name in self.params and self.param_rule(node, x, out_shape):
+            return FIXED, 0
         if x is not None and x.name in self.params and not (node.op == "call_function" and node.target in _ELEMENTWISE_BINARY) \
                 and not (node.op == "call_method" and node.target in _ELEMENTWISE_BINARY_METHODS):
             if node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten") or \

@@ -1,0 +1,126 @@
+"""Spec inference on constructs of timm's (and torchvision's) models that earlier rules left unpermuted: each on
+a tiny module (verified: a random permutation keeps the outputs; a planted permutation is recovered exactly;
+the construct's channels are really permuted), and on the library models the issue names."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import matching
+from tests.test_matching_constructs import _check
+
+
+def _share(model, spec, skip_outputs=()):
+    """Share of Conv/Linear output channels that the spec permutes (the classifier, ``skip_outputs``, left out)."""
+    hidden = permuted = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and name not in skip_outputs:
+            n = module.weight.shape[0]
+            hidden += n
+            permuted += n if spec.axes_to_perm[f"{name}.weight"][0] is not None else 0
+    return permuted / hidden
+
+
+class GhostSE(nn.Module):
+    """GhostNet's module (a 1x1 conv and a depthwise conv of it, concatenated and cut to 9 channels) with a
+    squeeze-excite gate whose expand conv multiplies the concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.primary = nn.Conv2d(6, 5, 1)
+        self.cheap = nn.Conv2d(5, 5, 3, padding=1, groups=5)
+        self.reduce = nn.Conv2d(10, 4, 1)
+        self.expand = nn.Conv2d(4, 10, 1)
+        self.out = nn.Conv2d(9, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x1 = F.relu(self.primary(x))
+        h = torch.cat([x1, F.relu(self.cheap(x1))], dim=1)
+        h = h * torch.sigmoid(self.expand(F.relu(self.reduce(h.mean((2, 3), keepdim=True)))))
+        x = x + self.out(h[:, :9])
+        return self.fc(x.mean((2, 3)))
+
+
+def test_gate_on_a_concatenation_takes_its_segments():
+    model = GhostSE()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["expand.weight"][0] == spec.axes_to_perm["reduce.weight"][1]  # the cat's segments
+    assert "segments" in spec.perms[spec.axes_to_perm["expand.weight"][0]]
+
+
+class ScaledStdConv(nn.Conv2d):
+    """NFNet's weight-standardised convolution (timm's ScaledStdConv2d: a gain per output channel)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StandardisedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ScaledStdConv(3, 8, 3, padding=1)
+        self.conv1 = ScaledStdConv(8, 12, 1)
+        self.conv2 = ScaledStdConv(12, 12, 3, padding=1, groups=3)
+        self.conv3 = ScaledStdConv(12, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.silu(self.stem(x)) * 1.7
+        h = F.silu(self.conv2(F.silu(self.conv1(x)) * 1.7))
+        x = x + 0.2 * self.conv3(h)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_weight_standardised_convolution_moves_its_gain():
+    model = StandardisedBlock()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    assert _share(model, spec, ("fc",)) == 1.0
+    for name in ("stem", "conv1", "conv2", "conv3"):
+        assert spec.axes_to_perm[f"{name}.gain"][0] == spec.axes_to_perm[f"{name}.weight"][0] is not None
+
+
+def test_weight_standardisation_reading_the_weight_otherwise_fixes_it():
+    class Peeks(StandardisedBlock):
+        def forward(self, x):
+            # the reshaped weight is also read as a plain tensor: its layout matters, nothing may move
+            return super().forward(x) + self.conv1.weight.reshape(1, 12, -1)[:, :, :3].sum()
+
+    spec = matching.infer_spec(_randomise_free(Peeks()), torch.randn(2, 3, 6, 6))
+    assert spec.axes_to_perm["conv1.weight"] == (None, None, None, None)
+    assert spec.axes_to_perm["conv1.gain"][0] is None
+
+
+def _randomise_free(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 4 and p.shape[1:] == (1, 1, 1) else 0.0))
+    return model.eval()
+
+
+def test_ghostnet_permutes_its_hidden_channels():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("ghostnet_100", num_classes=11).eval()
+    spec = matching.infer_spec(model, torch.randn(2, 3, 32, 32))
+    assert _share(model, spec, ("classifier",)) >= 0.9
+
+
+def test_torchvision_mnasnet_as_constructed():
+    import torchvision
+
+    model = torchvision.models.mnasnet0_5(num_classes=11).eval()  # its own class: no version-2 loading patch
+    spec = matching.infer_spec(model, torch.randn(2, 3, 32, 32))
+    assert _share(model, spec, ("classifier.1",)) == 1.0
