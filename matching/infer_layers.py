@@ -33,11 +33,12 @@ _ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, F.si
 _PASS_FUNCTIONS = _ACTIVATION_FUNCTIONS | {
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
-    torch.clamp, torch.clip, torch.abs, torch.square, torch.exp, torch.neg}
+    torch.clamp, torch.clip, torch.abs, torch.square, torch.exp, torch.neg, torch.rsqrt, torch.sqrt}
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid"}
 _PASS_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
                                        "clamp", "clamp_", "clamp_min", "clamp_max", "abs", "neg", "exp", "square",
-                                       "detach"}
+                                       "detach", "rsqrt", "sqrt"}
+_POWERS = {"pow", "pow_", torch.pow}  # elementwise when the exponent is a number
 _ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
                        torch.add, torch.sub, torch.mul, torch.div}
 _ELEMENTWISE_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
@@ -299,6 +300,8 @@ class GraphLabels(AttentionRules, ShapeRules, ParamRules, LabelSet):
             if isinstance(m, nn.Flatten):
                 return self.reshaped(x, out_shape)
             return None
+        if node.op != "call_module" and node.target in _POWERS and x is not None and len(args) == 2 and isinstance(args[1], (int, float)) and not kw:
+            return self.info[x.name]
         if node.op == "call_function":
             target = node.target
             if target in self.pass_functions and x is not None:

@@ -172,8 +172,8 @@ class ShapeRules:
         if not all(isinstance(d, int) for d in dims):
             return None
         dims = [d % nd for d in dims]
-        if cdim in dims:
-            return None
+        if cdim in dims:  # a statistic over the channels (RMSNorm's mean of squares): the same whatever their order
+            return FIXED, 0
         return label, cdim if keepdim else cdim - sum(d < cdim for d in dims)
 
     def indexed(self, x, index, out_shape):

@@ -111,6 +111,33 @@ def _randomise_free(model):
     return model.eval()
 
 
+class RmsNormBlock(nn.Module):
+    """ConvNeXt with timm's RmsNorm2d written out: mean of squares over the channels, rsqrt, per-channel weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm_weight = nn.Parameter(torch.ones(8))
+        self.fc1 = nn.Conv2d(8, 16, 1)
+        self.fc2 = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.dw(x)
+        h = h * torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + 1e-6) * self.norm_weight.reshape(1, -1, 1, 1)
+        x = x + self.fc2(F.gelu(self.fc1(h)))
+        return self.fc(x.amax((2, 3)) / x.sum(dim=1).mean())
+
+
+def test_statistic_over_the_channels_leaves_them_free():
+    model = RmsNormBlock()
+    spec = _check(model, torch.randn(2, 3, 8, 8))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["norm_weight"][0] == spec.axes_to_perm["stem.weight"][0] is not None
+
+
 def test_ghostnet_permutes_its_hidden_channels():
     timm = pytest.importorskip("timm")
     model = timm.create_model("ghostnet_100", num_classes=11).eval()
