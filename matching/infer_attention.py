@@ -137,6 +137,8 @@ class AttentionRules:
             and node.args[0].name not in self.params else None
         if x is not None and (node.op == "call_method" and node.target in ("view", "reshape")
                               or node.op == "call_function" and node.target is torch.reshape):
+            if any(self._over_paths(user, self.info[x.name][1]) for user in node.users):
+                return None  # attention over branches (selective kernel, split attention): not heads
             return self.split_heads(x, out_shape)
         if x is not None and (node.op == "call_method" and node.target == "chunk" or node.target is torch.chunk):
             return self.chunked(x, node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks"),
@@ -165,6 +167,13 @@ class AttentionRules:
                 return "info", self.linear(f"{node.target}.weight", bias, node.args[0], out_shape)
             return self.param_view(node, node.args[0], out_shape)
         return None
+
+    @staticmethod
+    def _over_paths(node, axis):
+        """A softmax or sum over ``axis``: heads are never mixed that way (attention's softmax is over keys)."""
+        name = getattr(node.target, "__name__", node.target) if node.op != "call_module" else None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return name in ("softmax", "sum") and dim == axis
 
     def param_view(self, node, x, out_shape):
         """A per-head table read through an index and laid out as [H, N, N] (MaxViT's relative position bias):

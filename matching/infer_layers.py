@@ -33,11 +33,12 @@ _ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, F.si
 _PASS_FUNCTIONS = _ACTIVATION_FUNCTIONS | {
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
-    torch.clamp, torch.clip, torch.abs, torch.square, torch.exp, torch.neg, torch.rsqrt, torch.sqrt}
+    torch.clamp, torch.clip, torch.abs, torch.square, torch.exp, torch.neg, torch.rsqrt, torch.sqrt,
+    F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}  # a softmax over the channels commutes with their order
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid"}
 _PASS_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
                                        "clamp", "clamp_", "clamp_min", "clamp_max", "abs", "neg", "exp", "square",
-                                       "detach", "rsqrt", "sqrt"}
+                                       "detach", "rsqrt", "sqrt", "softmax", "log_softmax"}
 _POWERS = {"pow", "pow_", torch.pow}  # elementwise when the exponent is a number
 _ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
                        torch.add, torch.sub, torch.mul, torch.div}
@@ -314,6 +315,8 @@ class GraphLabels(AttentionRules, ShapeRules, ParamRules, LabelSet):
                 return self.reshaped(x, out_shape)
             if target in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims) and x is not None:
                 return self.permuted(x, target.__name__, args[1:], kw)
+            if target is torch.stack:
+                return self.stacked(args[0], args[1] if len(args) > 1 else kw.get("dim", 0), out_shape)
             if target in (torch.cat, torch.concat, torch.concatenate):
                 return self.concat(node, args[0], args[1] if len(args) > 1 else kw.get("dim", 0), out_shape)
             if target in _REDUCTIONS and x is not None:
@@ -379,7 +382,7 @@ class GraphLabels(AttentionRules, ShapeRules, ParamRules, LabelSet):
                 if target in _ACTIVATION_METHODS:
                     self.activation_nodes.append(node.name)
                 return self.info[x.name]
-            if target in ("view", "reshape", "flatten", "squeeze", "unsqueeze"):
+            if target in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as", "view_as"):  # *_as: only its shape is read
                 return self.reshaped(x, out_shape)
             if target in _ELEMENTWISE_BINARY_METHODS:
                 return self.broadcast(node, out_shape)

@@ -138,6 +138,96 @@ def test_statistic_over_the_channels_leaves_them_free():
     assert spec.axes_to_perm["norm_weight"][0] == spec.axes_to_perm["stem.weight"][0] is not None
 
 
+class SelectiveKernel(nn.Module):
+    """SKNet: two branches stacked, attention over the branches (a softmax over the paths axis of the select
+    conv's output viewed as [B, paths, C, 1, 1]), summed back."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.paths = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2)])
+        self.reduce = nn.Conv2d(8, 4, 1)
+        self.select = nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        paths = torch.stack([F.relu(p(x)) for p in self.paths], dim=1)
+        attn = self.select(F.relu(self.reduce(paths.sum(1).mean((2, 3), keepdim=True))))
+        attn = torch.softmax(attn.view(x.shape[0], 2, 8, 1, 1), dim=1)
+        x = x + torch.sum(paths * attn, dim=1)
+        return self.fc(x.mean((2, 3)))
+
+
+class SplitAttention(nn.Module):
+    """ResNeSt: a grouped conv whose two groups are the radix splits, summed; timm's RadixSoftmax over them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1, groups=2)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.out = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        b = x.shape[0]
+        h = F.relu(self.conv(F.relu(self.conv1(x))))
+        h = h.reshape(b, 2, 8, h.shape[2], h.shape[3])
+        attn = self.fc2(F.relu(self.fc1(h.sum(dim=1).mean((2, 3), keepdim=True))))
+        attn = F.softmax(attn.view(b, 1, 2, -1).transpose(1, 2), dim=1).reshape(b, -1).view(b, -1, 1, 1)
+        h = (h * attn.reshape(b, 2, 8, 1, 1)).sum(dim=1)
+        x = x + self.out(h)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_attention_over_branches_shares_one_permutation_per_branch():
+    model = SelectiveKernel()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    assert _share(model, spec, ("fc",)) == 1.0
+    tile = spec.perms[spec.axes_to_perm["select.weight"][0]]["segments"]
+    assert tile == [[spec.axes_to_perm["paths.0.weight"][0], 8]] * 2
+    assert spec.axes_to_perm["paths.0.weight"][0] == spec.axes_to_perm["paths.1.weight"][0]
+
+
+def test_split_attention_radix_groups_share_one_permutation():
+    model = SplitAttention()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    assert spec.axes_to_perm["conv.weight"][0] is not None and spec.axes_to_perm["fc2.weight"][0] is not None
+    assert spec.perms[spec.axes_to_perm["conv.weight"][0]]["segments"][0][0] == spec.axes_to_perm["out.weight"][1]
+    assert spec.axes_to_perm["conv.weight"][1] is None  # the groups' inputs are located through the output's
+    assert spec.axes_to_perm["conv1.weight"][0] is None
+    assert _share(model, spec, ("fc",)) == (8 + 16 + 4 + 16 + 8) / (8 + 8 + 16 + 4 + 16 + 8)
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d over tokens: ``bn(x.flatten(0, 1)).reshape_as(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.fc1, self.bn1 = nn.Linear(8, 16), nn.BatchNorm1d(16)
+        self.fc2, self.bn2 = nn.Linear(16, 8), nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = self.fc1(x)
+        h = F.hardswish(self.bn1(h.flatten(0, 1)).reshape_as(h))
+        h = self.fc2(h)
+        x = x + self.bn2(h.flatten(0, 1)).view_as(h)
+        return self.head(x.mean(1))
+
+
+def test_reshape_as_keeps_the_channel():
+    model = LinearNorm()
+    spec = _check(model, torch.randn(2, 5, 6))
+    assert _share(model, spec, ("head",)) == 1.0
+
+
 def test_ghostnet_permutes_its_hidden_channels():
     timm = pytest.importorskip("timm")
     model = timm.create_model("ghostnet_100", num_classes=11).eval()
