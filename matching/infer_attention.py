@@ -290,15 +290,19 @@ class AttentionRules:
 
     # --- splitting a channel axis into heads, and merging them back ---------------------------------------
     def split_heads(self, x, out_shape):
-        """[..., C, ...] -> [..., H, d, ...] or [..., m, H, d, ...] (m = 2 or 3 stacked projections)."""
+        """[..., C, ...] -> [..., H, d, ...] or [..., m, H, d, ...] (m = 2 or 3 stacked projections); the axes after
+        the channel may be merged at once (Visformer's conv attention: [B, C, H, W] -> [B, 3, heads, d, H * W])."""
         label, cdim = self.info[x.name]
         in_shape = self.shape(x)
         root = self.find(label)
-        if root == FIXED or root in self.derived or len(out_shape) not in (len(in_shape) + 1, len(in_shape) + 2):
+        if root == FIXED or root in self.derived or tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]):
             return None
-        extra = len(out_shape) - len(in_shape)
-        if tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]) or \
-                tuple(out_shape[cdim + extra + 1:]) != tuple(in_shape[cdim + 1:]):
+        same_rest = [e for e in (1, 2) if tuple(out_shape[cdim + e + 1:]) == tuple(in_shape[cdim + 1:])
+                     and len(out_shape) == len(in_shape) + e]
+        merged_rest = [e for e in (1, 2) if cdim + e + 1 < len(out_shape) and
+                       torch.Size(out_shape[cdim + e + 1:]).numel() == torch.Size(in_shape[cdim + 1:]).numel()]
+        extra = next(iter(same_rest or merged_rest), None)
+        if extra is None or torch.Size(out_shape[cdim:cdim + extra + 1]).numel() != in_shape[cdim]:
             return None
         split = out_shape[cdim:cdim + extra + 1]
         heads, parts = split[-2], (split[0] if extra == 2 else 1)

@@ -228,6 +228,34 @@ def test_reshape_as_keeps_the_channel():
     assert _share(model, spec, ("head",)) == 1.0
 
 
+class ConvAttention(nn.Module):
+    """Visformer's attention on a feature map: a 1x1 conv makes q, k, v; ``reshape(B, 3, heads, d, H * W)``
+    splits the heads and merges the spatial axes in one go."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.qkv = nn.Conv2d(8, 24, 1, bias=False)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, 2, 4, -1).permute(1, 0, 2, 4, 3).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * 0.5).softmax(dim=-1)
+        x = x + self.proj((attn @ v).permute(0, 1, 3, 2).reshape(b, -1, h, w))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_heads_split_while_spatial_axes_merge():
+    model = ConvAttention()
+    spec = _check(model, torch.randn(2, 3, 8, 8))
+    assert _share(model, spec, ("fc",)) == 1.0
+    qkv = spec.perms[spec.axes_to_perm["qkv.weight"][0]]["segments"]
+    assert all(spec.perms[lab]["groups"] == 2 for lab, _ in qkv)
+
+
 def test_ghostnet_permutes_its_hidden_channels():
     timm = pytest.importorskip("timm")
     model = timm.create_model("ghostnet_100", num_classes=11).eval()
