@@ -256,6 +256,32 @@ def test_heads_split_while_spatial_axes_merge():
     assert all(spec.perms[lab]["groups"] == 2 for lab, _ in qkv)
 
 
+class EcaGate(nn.Module):
+    """ECA: a 1-D convolution along the channel axis makes each channel's gate depend on its neighbours."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        h = self.conv2(F.relu(self.conv1(x)))
+        gate = torch.sigmoid(self.eca(h.mean((2, 3)).view(x.shape[0], 1, -1))).view(x.shape[0], -1, 1, 1)
+        x = x + h * gate
+        return self.fc(x.mean((2, 3)))
+
+
+def test_channel_order_that_matters_stays_in_place():
+    model = EcaGate()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    assert spec.axes_to_perm["conv1.weight"][0] is not None
+    assert spec.axes_to_perm["conv2.weight"][0] is None and spec.axes_to_perm["stem.weight"][0] is None
+
+
 def test_ghostnet_permutes_its_hidden_channels():
     timm = pytest.importorskip("timm")
     model = timm.create_model("ghostnet_100", num_classes=11).eval()
