@@ -10,8 +10,9 @@ and seconds to infer (trace, label, verify). Hidden channels = output channels o
 except the classifier's (the layers with ``num_classes`` = 11 outputs): what an expert's hand-written spec
 permutes. The timm sample takes one model of every architecture family (module; a small variant by its name),
 up to the number asked for; ``--timm families`` takes the smallest model of every family by parameter count among
-its four smallest-sounding names (the families whose smallest is above --family-max-params are named and left out). Models above --max-params are not verified on this machine (float64 copies), above --max-build
-(counted on the meta device) not built.
+its four smallest-sounding names (the families whose smallest is above --family-max-params are named and left out).
+Models above --max-params are not verified on this machine (float64 copies), above --max-build (counted on the
+meta device) not built.
 Prints a table and the mean share over torchvision's convolutional models (all but ViT, Swin, MaxViT).
 """
 
@@ -115,7 +116,7 @@ def timm_families(max_params: float, candidates: int = 4) -> tuple[list[str], li
                 with torch.device("meta"):
                     model = timm.create_model(name, num_classes=NUM_CLASSES)
                 counted.append((sum(p.numel() for p in model.parameters()), name))
-            except Exception:  # noqa: BLE001 - a model that needs real data to build: the others count
+            except Exception:  # noqa: BLE001, S112 - a model that needs real data to build: the others count
                 continue
         if counted:
             params, name = min(counted)

@@ -28,7 +28,7 @@ class LabelSet:
         self.grouped: list[tuple[str, str]] = []  # (output, input) labels of grouped convolutions
         # state key -> [(other key, its axis, its ndim)]: parameters that move with the key's axis 0 (a standardised
         # weight's gain, see matching.infer_params)
-        self.companions: dict[str, list[tuple[str, int]]] = {}
+        self.companions: dict[str, list[tuple[str, int, int]]] = {}
 
     def find(self, x):
         parent = self.parent
@@ -50,7 +50,7 @@ class LabelSet:
         if root == FIXED:
             return FIXED
         self.parent[root] = FIXED
-        if root in self.groups:  # units that stay in place keep their groups in place: whatever moves groups with them cannot move
+        if root in self.groups:  # units that stay in place keep their groups in place: what moves them cannot
             self.fix(self.groups[root][1])
         if root in self.derived:
             kind = self.derived[root]

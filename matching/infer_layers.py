@@ -301,7 +301,8 @@ class GraphLabels(AttentionRules, ShapeRules, ParamRules, LabelSet):
             if isinstance(m, nn.Flatten):
                 return self.reshaped(x, out_shape)
             return None
-        if node.op != "call_module" and node.target in _POWERS and x is not None and len(args) == 2 and isinstance(args[1], (int, float)) and not kw:
+        if node.op != "call_module" and node.target in _POWERS and x is not None and len(args) == 2 \
+                and isinstance(args[1], (int, float)) and not kw:
             return self.info[x.name]
         if node.op == "call_function":
             target = node.target
@@ -382,7 +383,7 @@ class GraphLabels(AttentionRules, ShapeRules, ParamRules, LabelSet):
                 if target in _ACTIVATION_METHODS:
                     self.activation_nodes.append(node.name)
                 return self.info[x.name]
-            if target in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as", "view_as"):  # *_as: only its shape is read
+            if target in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as", "view_as"):  # *_as: its shape
                 return self.reshaped(x, out_shape)
             if target in _ELEMENTWISE_BINARY_METHODS:
                 return self.broadcast(node, out_shape)

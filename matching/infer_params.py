@@ -76,7 +76,8 @@ class ParamRules:
         if not (bn.op == "call_function" and bn.target is F.batch_norm and bn.args[0] is x):
             return None
         args = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training"), bn.args)) | bn.kwargs
-        if args.get("running_mean") is not None or args.get("running_var") is not None or args.get("training") is not True:
+        if args.get("running_mean") is not None or args.get("running_var") is not None \
+                or args.get("training") is not True:
             return None
         users = list(bn.users)
         if len(users) != 1 or users[0].op != "call_method" or users[0].target not in ("reshape_as", "reshape", "view") \
