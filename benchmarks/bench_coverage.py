@@ -1,18 +1,20 @@
 """Spec-inference coverage: every torchvision classification model, a sample of timm models, and Hugging Face
 transformers model types.
 
-    python -m benchmarks.bench_coverage [--torchvision all|none|NAME,...] [--timm 120|NAME,...]
+    python -m benchmarks.bench_coverage [--torchvision all|none|NAME,...] [--timm families|120|NAME,...]
                                         [--hf none|all|TYPE,...]
                                         [--timeout 600] [--max-params 200e6] [--max-build 700e6]
-                                        [--jsonl results.jsonl]
+                                        [--family-max-params 60e6] [--jsonl results.jsonl]
 
 Per model, each in a fresh subprocess (its own memory, a timeout): traced by torch.fx or not (and why),
 spec verified (a random permutation keeps the outputs in float64), the share of hidden channels permuted,
 and seconds to infer (trace, label, verify). Hidden channels = output channels of every Conv/Linear layer
 except the classifier's (the layers with ``num_classes`` = 11 outputs): what an expert's hand-written spec
 permutes. The timm sample takes one model of every architecture family (module; a small variant by its name),
-up to the number asked for. Models above --max-params are not verified on this machine (float64 copies), above --max-build
-(counted on the meta device) not built.
+up to the number asked for; ``--timm families`` takes the smallest model of every family by parameter count among
+its four smallest-sounding names (the families whose smallest is above --family-max-params are named and left out).
+Models above --max-params are not verified on this machine (float64 copies), above --max-build (counted on the
+meta device) not built.
 Prints a table and the mean share over torchvision's convolutional models (all but ViT, Swin, MaxViT).
 The ``hf`` family (``hf/<model_type>``, see benchmarks/hf_models.py) builds each type's default config shrunk
 in code, captures it with torch.export (torch.fx cannot trace these), verifies on token ids with a padding mask
@@ -109,19 +111,51 @@ def measure(name: str, max_params: float, max_build: float) -> dict:
     return out
 
 
-def timm_sample(count: int) -> list[str]:
+SMALL = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "lite", "_s_", "b0", "18", "_t_", "mini")
+
+
+def _by_family() -> dict[str, list[str]]:
+    """timm's models by family (the module that defines them), each family's small-sounding names first."""
     import timm
 
-    small = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "lite", "_s_", "b0", "18", "_t_", "mini")
     by_family: dict[str, list[str]] = {}
     for name in timm.list_models():
         by_family.setdefault(timm.models._registry._model_to_module.get(name, name.split("_")[0]), []).append(name)
-    names = [f"timm/{min(group, key=lambda n: (not any(t in n for t in small), len(n), n))}"
-             for _, group in sorted(by_family.items())]
+    return {family: sorted(group, key=lambda n: (not any(t in n for t in SMALL), len(n), n))
+            for family, group in sorted(by_family.items())}
+
+
+def timm_sample(count: int) -> list[str]:
+    names = [f"timm/{group[0]}" for group in _by_family().values()]
     if len(names) < count:  # fewer families than asked: add more models, spread over the list
-        rest = [f"timm/{n}" for n in timm.list_models() if f"timm/{n}" not in names and any(t in n for t in small)]
+        import timm
+        rest = [f"timm/{n}" for n in timm.list_models() if f"timm/{n}" not in names and any(t in n for t in SMALL)]
         names += rest[::max(1, len(rest) // (count - len(names)))][:count - len(names)]
     return names[:count]
+
+
+def timm_families(max_params: float, candidates: int = 4) -> tuple[list[str], list[str]]:
+    """Every timm family's smallest model by parameter count among its ``candidates`` smallest-sounding names
+    (counted on the meta device: no memory, no compute; counting all ~1300 models takes long on a busy machine),
+    and the families whose smallest is above ``max_params``, as "name (N M)"."""
+    import timm
+    import torch
+
+    picked, above = [], []
+    for group in _by_family().values():
+        counted = []
+        for name in group[:candidates]:
+            try:
+                with torch.device("meta"):
+                    model = timm.create_model(name, num_classes=NUM_CLASSES)
+                counted.append((sum(p.numel() for p in model.parameters()), name))
+            except Exception:  # noqa: BLE001, S112 - a model that needs real data to build: the others count
+                continue
+        if counted:
+            params, name = min(counted)
+            (picked if params <= max_params else above).append(f"timm/{name}" if params <= max_params
+                                                                else f"{name} ({params / 1e6:.0f} M)")
+    return picked, above
 
 
 def main() -> None:
@@ -132,6 +166,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--max-params", type=float, default=200e6)
     parser.add_argument("--max-build", type=float, default=700e6)
+    parser.add_argument("--family-max-params", type=float, default=60e6,
+                        help="--timm families: the smallest model of each family, families above this left out")
     parser.add_argument("--jsonl", help="append each result here as it comes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,7 +181,12 @@ def main() -> None:
         names += [f"torchvision/{n}" for n in torchvision_names()]
     elif args.torchvision != "none":
         names += [f"torchvision/{n}" for n in args.torchvision.split(",")]
-    if args.timm.isdigit():
+    if args.timm == "families":
+        picked, above = timm_families(args.family_max_params)
+        names += picked
+        print(f"timm families: {len(picked)} with a model up to {args.family_max_params / 1e6:.0f} M parameters; "
+              f"above: {', '.join(above) or 'none'}", flush=True)
+    elif args.timm.isdigit():
         names += timm_sample(int(args.timm))
     elif args.timm != "none":
         names += [f"timm/{n}" for n in args.timm.split(",") if n]

@@ -138,6 +138,8 @@ class AttentionRules(RotaryRules):
             and node.args[0].name not in self.params else None
         if x is not None and (node.op == "call_method" and node.target in ("view", "reshape")
                               or node.op == "call_function" and node.target is torch.reshape):
+            if any(self._over_paths(user, self.info[x.name][1]) for user in node.users):
+                return None  # attention over branches (selective kernel, split attention): not heads
             return self.split_heads(x, out_shape) or self.split_heads_per_head(x, out_shape)
         if x is not None and (node.op == "call_method" and node.target == "chunk" or node.target is torch.chunk):
             return self.chunked(x, node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks"),
@@ -166,6 +168,13 @@ class AttentionRules(RotaryRules):
                 return "info", self.linear(f"{node.target}.weight", bias, node.args[0], out_shape)
             return self.param_view(node, node.args[0], out_shape)
         return None
+
+    @staticmethod
+    def _over_paths(node, axis):
+        """A softmax or sum over ``axis``: heads are never mixed that way (attention's softmax is over keys)."""
+        name = getattr(node.target, "__name__", node.target) if node.op != "call_module" else None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return name in ("softmax", "sum") and dim == axis
 
     def param_view(self, node, x, out_shape):
         """A per-head table read through an index and laid out as [H, N, N] (MaxViT's relative position bias):
@@ -282,15 +291,19 @@ class AttentionRules(RotaryRules):
 
     # --- splitting a channel axis into heads, and merging them back ---------------------------------------
     def split_heads(self, x, out_shape):
-        """[..., C, ...] -> [..., H, d, ...] or [..., m, H, d, ...] (m = 2 or 3 stacked projections)."""
+        """[..., C, ...] -> [..., H, d, ...] or [..., m, H, d, ...] (m = 2 or 3 stacked projections); the axes after
+        the channel may be merged at once (Visformer's conv attention: [B, C, H, W] -> [B, 3, heads, d, H * W])."""
         label, cdim = self.info[x.name]
         in_shape = self.shape(x)
         root = self.find(label)
-        if root == FIXED or root in self.derived or len(out_shape) not in (len(in_shape) + 1, len(in_shape) + 2):
+        if root == FIXED or root in self.derived or tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]):
             return None
-        extra = len(out_shape) - len(in_shape)
-        if tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]) or \
-                tuple(out_shape[cdim + extra + 1:]) != tuple(in_shape[cdim + 1:]):
+        same_rest = [e for e in (1, 2) if tuple(out_shape[cdim + e + 1:]) == tuple(in_shape[cdim + 1:])
+                     and len(out_shape) == len(in_shape) + e]
+        merged_rest = [e for e in (1, 2) if cdim + e + 1 < len(out_shape) and
+                       torch.Size(out_shape[cdim + e + 1:]).numel() == torch.Size(in_shape[cdim + 1:]).numel()]
+        extra = next(iter(same_rest or merged_rest), None)
+        if extra is None or torch.Size(out_shape[cdim:cdim + extra + 1]).numel() != in_shape[cdim]:
             return None
         split = out_shape[cdim:cdim + extra + 1]
         heads, parts = split[-2], (split[0] if extra == 2 else 1)

@@ -27,6 +27,9 @@ class LabelSet:
         self.param_axes: dict[str, list[str | None]] = {}  # state key -> label of each axis
         self.grouped: list[tuple[str, str]] = []  # (output, input) labels of grouped convolutions
         self.left_out: dict[str, str] = {}  # symmetries the rules leave out on purpose: kind -> why
+        # state key -> [(other key, its axis, its ndim)]: parameters that move with the key's axis 0 (a standardised
+        # weight's gain, see matching.infer_params)
+        self.companions: dict[str, list[tuple[str, int, int]]] = {}
 
     def find(self, x):
         parent = self.parent
@@ -48,6 +51,8 @@ class LabelSet:
         if root == FIXED:
             return FIXED
         self.parent[root] = FIXED
+        if root in self.groups:  # units that stay in place keep their groups in place: what moves them cannot
+            self.fix(self.groups[root][1])
         if root in self.derived:
             kind = self.derived[root]
             for part in ([lab for lab, _ in kind[1]] if kind[0] == "segments" else [kind[1]]):
@@ -64,6 +69,13 @@ class LabelSet:
             for part_a, part_b in zip(*([p for p, _ in k[1]] if k[0] == "segments" else [k[1]] for k in (kind_a, kind_b))):
                 self.union(part_a, part_b)
             return self.find(ra)
+        if (ra in self.derived) != (rb in self.derived) and FIXED not in (ra, rb):
+            # a free label tied to a derived one (an SE gate's expand conv multiplying a concatenation) is that
+            # derived permutation: it carries no structure of its own that could disagree
+            derived, free = (ra, rb) if ra in self.derived else (rb, ra)
+            if free not in self.groups and not self.made_of(derived, free):
+                self.parent[free] = derived
+                return derived
         if FIXED in (ra, rb) or ra in self.derived or rb in self.derived:
             self.fix(ra)
             return self.fix(rb)
@@ -78,6 +90,14 @@ class LabelSet:
         if ga or gb:
             self.groups[ra] = ga or gb
         return ra
+
+    def made_of(self, root, label):
+        """Whether ``label``'s root is one of the parts ``root`` is derived from, at any depth."""
+        kind = self.derived.get(root)
+        if kind is None:
+            return False
+        parts = [lab for lab, _ in kind[1]] if kind[0] == "segments" else [kind[1]]
+        return any(self.find(part) == self.find(label) or self.made_of(self.find(part), label) for part in parts)
 
     def alike(self, ra, rb):
         kind_a, kind_b = self.derived.get(ra), self.derived.get(rb)
@@ -155,6 +175,8 @@ class LabelSet:
         if key in self.param_axes:  # a tensor used twice: tie what it sees
             labels = [self.union(a, b) if a and b else (a or b) for a, b in zip(self.param_axes[key], labels)]
         self.param_axes[key] = list(labels)
+        for other, axis, ndim in self.companions.get(key, ()):
+            self.set_axes(other, [labels[0] if d == axis else None for d in range(ndim)])
 
 
 def resolve_spec(labels: LabelSet, state: dict) -> PermutationSpec:

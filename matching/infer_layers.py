@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from matching.infer_attention import AttentionRules
 from matching.infer_labels import FIXED, LabelSet
 from matching.infer_ops import OpRules
+from matching.infer_params import ParamRules
 from matching.infer_shapes import ShapeRules
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish, nn.Mish,
@@ -33,11 +34,13 @@ _ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.sigmoid, F.si
 _PASS_FUNCTIONS = _ACTIVATION_FUNCTIONS | {
     F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
-    torch.clamp, torch.clip, torch.abs, torch.square, torch.exp, torch.neg}
+    torch.clamp, torch.clip, torch.abs, torch.square, torch.exp, torch.neg, torch.rsqrt, torch.sqrt,
+    F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}  # a softmax over the channels commutes with their order
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid"}
 _PASS_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
                                        "clamp", "clamp_", "clamp_min", "clamp_max", "abs", "neg", "exp", "square",
-                                       "detach"}
+                                       "detach", "rsqrt", "sqrt", "softmax", "log_softmax"}
+_POWERS = {"pow", "pow_", torch.pow}  # elementwise when the exponent is a number
 _ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
                        torch.add, torch.sub, torch.mul, torch.div}
 _ELEMENTWISE_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
@@ -53,7 +56,7 @@ def _pass_through_functions():
 
 
 
-class GraphLabels(OpRules, AttentionRules, ShapeRules, LabelSet):
+class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
     """The labels of one model's graph(s): ``visit_graph`` labels every node of a traced graph module."""
 
     def __init__(self):
@@ -251,6 +254,8 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, LabelSet):
         if node.op == "call_function" and node.target is operator.getitem and isinstance(args[0], torch.fx.Node) \
                 and args[0].name in self.pieces:
             return self.pieces[args[0].name][args[1]] if isinstance(args[1], int) else None
+        if x is not None and x.name in self.params and self.param_rule(node, x, out_shape):
+            return FIXED, 0
         found = self.op_rule(node, x, out_shape)  # embeddings, Conv1D, RMS norm, ops of exported graphs
         if found is not None:
             return found
@@ -300,6 +305,9 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, LabelSet):
             if isinstance(m, nn.Flatten):
                 return self.reshaped(x, out_shape)
             return None
+        if node.op != "call_module" and node.target in _POWERS and x is not None and len(args) == 2 \
+                and isinstance(args[1], (int, float)) and not kw:
+            return self.info[x.name]
         if node.op == "call_function":
             target = node.target
             if target in self.pass_functions and x is not None:
@@ -312,6 +320,8 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, LabelSet):
                 return self.reshaped(x, out_shape)
             if target in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims) and x is not None:
                 return self.permuted(x, target.__name__, args[1:], kw)
+            if target is torch.stack:
+                return self.stacked(args[0], args[1] if len(args) > 1 else kw.get("dim", 0), out_shape)
             if target in (torch.cat, torch.concat, torch.concatenate):
                 return self.concat(node, args[0], args[1] if len(args) > 1 else kw.get("dim", 0), out_shape)
             if target in _REDUCTIONS and x is not None:
@@ -377,7 +387,7 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, LabelSet):
                 if target in _ACTIVATION_METHODS:
                     self.activation_nodes.append(node.name)
                 return self.info[x.name]
-            if target in ("view", "reshape", "flatten", "squeeze", "unsqueeze"):
+            if target in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as", "view_as"):  # *_as: its shape
                 return self.reshaped(x, out_shape)
             if target in _ELEMENTWISE_BINARY_METHODS:
                 return self.broadcast(node, out_shape)

@@ -67,6 +67,64 @@ class ShapeRules:
                 return self.reindexed(label, units.reshape(-1).tolist()), i
         return self.fix(label), 0
 
+    def over_copies(self, node, spread):
+        """Selective kernel and split attention: ``attn.view(B, paths, C, 1, 1)``, then a softmax or a sum over the
+        paths axis, or a product with the stacked paths. Each path's C units are one channel: all take one
+        permutation."""
+        name = getattr(node.target, "__name__", node.target) if node.op != "call_module" else None
+        if name in ("mul", "add", "sub", "truediv", "div"):
+            return True
+        if name not in ("softmax", "log_softmax", "sum", "mean") or len(spread) != 1 or node.args[0] is not spread[0]:
+            return False
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else [None]
+        first, units = self.spread[spread[0].name]
+        nd = len(self.shape(spread[0]))
+        return units.dim() == 2 and all(isinstance(d, int) and d % nd == first for d in dims)
+
+    def tiled(self, x):
+        """A channel spread as [copies, C] in its units' order becomes a tile: segments of one label, whose C
+        units are the tensor's channel on the inner axis (the outer axis stays in place)."""
+        label, first = self.info[x.name]
+        units = self.spread[x.name][1]
+        if units.dim() != 2 or not torch.equal(units.reshape(-1), torch.arange(units.numel())):
+            return False
+        copies, channels = units.shape
+        root = self.find(label)
+        kind = self.derived.get(root)
+        if root == FIXED:
+            inner = FIXED
+        elif kind is None and self.groups.get(root, (copies,))[0] == copies:
+            if root in self.groups:  # a copy per group (split attention's grouped conv, radix groups): they stay
+                self.fix(self.groups[root][1])  # put, and the conv's input, whose groups a spec locates through the
+                for out, inp in self.grouped:  # output's, cannot move within them
+                    if self.find(out) == root:
+                        self.fix(inp)
+            inner = self.new_label(f"{root}.tile")
+            self.derived[root] = ("segments", [(inner, channels)] * copies)
+        elif kind is not None and kind[0] == "segments" and len(kind[1]) == copies and \
+                len({(self.find(lab), n) for lab, n in kind[1]}) == 1 and kind[1][0][1] == channels:
+            inner = kind[1][0][0]  # already a tile (the softmax over the paths of a flattened attention)
+        else:
+            return False
+        del self.spread[x.name]
+        self.info[x.name] = (self.find(inner), first + 1)
+        return True
+
+    def stacked(self, tensors, dim, out_shape):
+        """torch.stack of tensors with the same channel axis: one permutation for all; the new axis stays in place."""
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or not all(
+                isinstance(t, torch.fx.Node) and t.name in self.info and t.name not in self.params for t in tensors):
+            return None
+        cdims = {self.info[t.name][1] for t in tensors}
+        if len(cdims) != 1:
+            return None
+        cdim = cdims.pop()
+        label = self.info[tensors[0].name][0]
+        for t in tensors[1:]:
+            label = self.union(label, self.info[t.name][0])
+        return self.find(label), cdim + (dim % len(out_shape) <= cdim)
+
     def spread_permuted(self, x, dims):
         """A permute of a spread channel's axes among themselves (the shuffle's transpose) reorders its units."""
         label, first = self.info[x.name]
@@ -113,7 +171,11 @@ class ShapeRules:
         return True
 
     def spread_rule(self, node, x, out_shape):
-        """The ops a channel spread over several axes goes through in a channel shuffle; anything else fixes it."""
+        """The ops a channel spread over several axes goes through in a channel shuffle; an op that treats the outer
+        axis as copies of the channel (attention over branches) makes it a tile; anything else fixes it."""
+        spread = [a for a in self.tensor_args(node) if a.name in self.spread]
+        if self.over_copies(node, spread) and all(self.tiled(a) for a in spread):
+            return self.rule(node, out_shape)
         if x is None or x.name not in self.spread or sum(a.name in self.spread for a in self.tensor_args(node)) > 1:
             return None
         method, function = node.op == "call_method", node.op == "call_function"
@@ -123,7 +185,10 @@ class ShapeRules:
         if method and node.target in ("view", "reshape", "flatten") or function and node.target in (torch.reshape, torch.flatten):
             return self.reshaped(x, out_shape)
         if method and node.target in ("permute", "transpose") or function and node.target in (torch.permute, torch.transpose):
-            return self.permuted(x, node.target if method else node.target.__name__, node.args[1:], node.kwargs)
+            moved = self.permuted(x, node.target if method else node.target.__name__, node.args[1:], node.kwargs)
+            if moved is None and self.tiled(x):  # timm's RadixSoftmax: [B, 1, radix, C] -> [B, radix, 1, C]
+                return self.rule(node, out_shape)
+            return moved
         return None
 
     def module_pieces(self, tensors, dim):
@@ -172,8 +237,8 @@ class ShapeRules:
         if not all(isinstance(d, int) for d in dims):
             return None
         dims = [d % nd for d in dims]
-        if cdim in dims:
-            return None
+        if cdim in dims:  # a statistic over the channels (RMSNorm's mean of squares): the same whatever their order
+            return FIXED, 0
         return label, cdim if keepdim else cdim - sum(d < cdim for d in dims)
 
     def indexed(self, x, index, out_shape):

@@ -29,6 +29,7 @@ block-structured permutation's list satisfies ``perm[j*k:(j+1)*k] // k == S[j]``
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -263,10 +264,14 @@ def within_group_index(perm: torch.Tensor, groups: int) -> torch.Tensor:
 
 def apply_permutation(spec: PermutationSpec, perms: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                       except_perm: str | None = None) -> dict[str, torch.Tensor]:
-    """Return ``state`` with every axis permuted: new[..., i, ...] = old[..., perm[i], ...]."""
+    """Return ``state`` with every axis permuted: new[..., i, ...] = old[..., perm[i], ...]. The state dict's
+    ``_metadata`` (module versions, as ``nn.Module.state_dict`` records them) goes with it: torchvision's MNASNet
+    refuses a state dict without its version."""
     shapes = {k: tuple(v.shape) for k, v in state.items() if k in spec.axes_to_perm}
     within = within_axes(spec, shapes, {p: len(v) for p, v in perms.items()}) if spec.perms else {}
-    out = {}
+    out = OrderedDict()
+    if hasattr(state, "_metadata"):
+        out._metadata = state._metadata
     for key, tensor in state.items():
         for axis, perm in enumerate(spec.axes_to_perm.get(key, ())):
             if perm is None or perm == except_perm or (key, axis) in within:
