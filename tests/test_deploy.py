@@ -491,6 +491,7 @@ def test_every_setting_is_settable_from_the_chart(chart):
     expect = {
         "REBASIN_DATA_DIR": "/scratch/rebasin",
         "REBASIN_MAX_UPLOAD_BYTES": "1234567",
+        "REBASIN_ARCHIVE_MAX_MEMBERS": "500",
         "REBASIN_STALE_UPLOAD_AFTER_S": "43200",
         "REBASIN_STORAGE_SWEEP_INTERVAL_S": "900",
         "REBASIN_DIRECT_UPLOAD_PART_BYTES": "16777216",

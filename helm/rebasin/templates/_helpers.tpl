@@ -81,6 +81,8 @@ REBASIN_S3_ENDPOINT_URL: {{ . | quote }}
 AWS_DEFAULT_REGION: {{ . | quote }}
 {{- end }}
 REBASIN_MAX_UPLOAD_BYTES: {{ .Values.config.maxUploadBytes | int64 | toString | quote }}
+REBASIN_ARCHIVE_MAX_MEMBERS: {{ .Values.config.archiveMaxMembers | int64 | toString | quote }}
+REBASIN_ARCHIVE_MAX_UNPACKED_BYTES: {{ .Values.config.archiveMaxUnpackedBytes | int64 | toString | quote }}
 REBASIN_STALE_UPLOAD_AFTER_S: {{ .Values.config.staleUploadAfterS | int64 | toString | quote }}
 REBASIN_STORAGE_SWEEP_INTERVAL_S: {{ .Values.config.storageSweepIntervalS | int64 | toString | quote }}
 REBASIN_DIRECT_UPLOAD_PART_BYTES: {{ .Values.config.directUploadPartBytes | int64 | toString | quote }}
