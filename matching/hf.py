@@ -121,7 +121,33 @@ def build(config: dict) -> nn.Module:
     except Exception as error:  # transformers' own checks of the config
         raise MatchingError(f"config.json does not build a {model_type} model: "
                             f"{(str(error).strip().splitlines() or [type(error).__name__])[0][:300]}") from None
+    _save_under_checkpoint_names(model)
     return model.float().eval()
+
+
+def _save_under_checkpoint_names(model: nn.Module) -> None:
+    """transformers 5 renames some models' tensors between the file and the module (ViT's
+    ``vit.encoder.layer.0.attention.attention.query`` is ``vit.layers.0.attention.q_proj``) and back on save: the
+    model's state dict takes and gives the file's names, so checkpoints, specs and outputs all use them. Only pure
+    renamings are followed; a conversion that changes tensors (fused experts) leaves the names as they are."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = model.state_dict()  # one tensor object per name, tied weights included
+    saved = revert_weight_conversion(model, dict(state))
+    own = {id(t): name for name, t in state.items()}
+    if len(saved) != len(state) or any(id(t) not in own for t in saved.values()):
+        return
+    to_file = {own[id(t)]: name for name, t in saved.items() if own[id(t)] != name}
+    if not to_file:
+        return
+    to_module = {file: module for module, file in to_file.items()}
+
+    def renamed(state_dict, names):
+        for old in [k for k in state_dict if k in names]:
+            state_dict[names[old]] = state_dict.pop(old)
+
+    model.register_state_dict_post_hook(lambda module, state_dict, prefix, metadata: renamed(state_dict, to_file))
+    model.register_load_state_dict_pre_hook(lambda module, state_dict, prefix, *rest: renamed(state_dict, to_module))
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:

@@ -61,10 +61,22 @@ def tie_aliases(labels: GraphLabels, model: nn.Module) -> None:
             labels.param_axes[key] = list(labels.param_axes[seen[0]])
 
 
+def _follow_state_names(labels: GraphLabels, model: nn.Module) -> None:
+    """The graph reads tensors under their modules' names; a state-dict hook may give them other names (see
+    matching.hf: transformers' renamed checkpoints). The spec is over the state dict's names."""
+    module_names = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    state = model.state_dict(keep_vars=True)
+    for name, tensor in state.items():
+        module_name = module_names.get(id(tensor))
+        if module_name is not None and module_name not in state and module_name in labels.param_axes:
+            labels.param_axes[name] = labels.param_axes.pop(module_name)
+
+
 def infer_spec(model: nn.Module, example_input: Example, verify: bool = True) -> PermutationSpec:
     """Infer the permutation spec of ``model`` (a trusted module) from an example input (a tensor, or a dict of
     keyword arguments such as ``input_ids`` and ``attention_mask``) and, by default, verify it."""
     labels = label_graph(model, example_input)
+    _follow_state_names(labels, model)
     spec = resolve_spec(labels, model.state_dict())
     if verify:
         verify_spec(model, spec, example_input, auxiliary=labels.auxiliary)

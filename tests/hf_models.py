@@ -58,6 +58,7 @@ def hidden_share(model, spec) -> float:
     """Share of hidden channels permuted: output units of every Linear and Conv1D layer (Conv1D keeps its
     weight as [in, out]) except those whose outputs are the vocabulary or the classes."""
     outputs = {getattr(model.config, "vocab_size", None), getattr(model.config, "num_labels", None)} - {None}
+    state_names = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}  # the spec's names
     hidden = permuted = 0
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -68,5 +69,5 @@ def hidden_share(model, spec) -> float:
         if n in outputs and name.rsplit(".", 1)[-1] in ("lm_head", "decoder", "classifier", "vocab_projector", "score"):
             continue
         hidden += n
-        permuted += n if spec.axes_to_perm[f"{name}.weight"][axis] is not None else 0
+        permuted += n if spec.axes_to_perm[state_names[id(module.weight)]][axis] is not None else 0
     return permuted / hidden
