@@ -2,9 +2,9 @@
 one archive over HTTP (real uvicorn), given as directories to the CLI, refused when unsafe, written back as folders
 that ``from_pretrained`` loads; and the ``hf`` architecture built from the checkpoint's own config.json.
 
-Until spec inference understands these models, the jobs send a permutation spec written here for tiny GPT-2:
-the MLP units of each block (c_fc's output columns, Conv1D layout [in, out], and c_proj's input rows), checked
-below by permuting a model and comparing logits."""
+The jobs here send a permutation spec written for tiny GPT-2 (a folder works with a spec as with the `hf`
+architecture, whose inferred specs tests/test_hf_service.py covers): the MLP units of each block (c_fc's output
+columns, Conv1D layout [in, out], and c_proj's input rows), checked below by permuting a model and comparing logits."""
 
 import io
 import json
