@@ -14,7 +14,6 @@ from pathlib import PurePosixPath
 
 from sqlalchemy import or_, select, update
 
-from api import quotas
 from api.problems import Problem
 from api.uploads import KINDS, HashingFileWriter, ReceivedFile, create_resource, staging_workdir, validate_file
 from core.config import Settings
@@ -121,10 +120,11 @@ def ingest(row: CheckpointImport, settings: Settings) -> str:
             received = writers[-1].close()
         else:
             received = ReceivedFile(downloaded, sha256_file(downloaded), downloaded.stat().st_size)
-        info = validate_file(kind, received.path, workdir)
+        info = validate_file(kind, received.path, workdir, settings)
         with session_scope(settings.resolved_database_url()) as session:
-            quotas.check_storage(session, row.tenant, settings, received.size_bytes)
-            checkpoint = create_resource(session, store, row.tenant, kind, info, received, row.name or default_name(row.source))
+            # the stored-bytes quota is checked under the tenant's lock there, as for uploads
+            checkpoint = create_resource(session, store, row.tenant, kind, info, received,
+                                         row.name or default_name(row.source), settings=settings)
             return checkpoint.id
 
 
