@@ -195,6 +195,9 @@ def cmd_worker(args) -> None:
     celery_worker_module.safe_say = lambda message, *_: logging.getLogger("celery.apps.worker").info(message.strip())
 
     app = configure_celery(settings)
+    from worker import memory
+
+    memory.jobs_at_once = args.concurrency  # the pool processes fork after this: each job gets its share
     if args.exit_with_parent:
         _exit_with_parent(args.exit_with_parent)
     logging.getLogger("rebasin.worker").info("worker starting on device %s", device)

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         description="Attempts of each S3 request (botocore standard retry mode: exponential backoff with jitter, "
         "up to 20 s apart) before an error; rides out S3 answering 500/503/SlowDown for about a minute.",
     )
+    worker_memory_bytes: int | None = Field(
+        None, gt=0, description="Memory the worker's jobs may use, in bytes; unset: the worker's cgroup limit, else the "
+        "machine's physical memory. Divided among the jobs a worker runs at once (--concurrency). A job whose estimated "
+        "peak is larger fails at once (problem memory-budget) instead of being killed by the OOM killer.",
+    )
     worker_max_memory_per_child_mb: int = Field(0, ge=0, description="Replace a worker process after a job once it holds this much memory (0 = never).")
     callback_secret: str | None = Field(None, description="HMAC-SHA256 key that signs job callbacks; callback_url is refused while unset.")
     log_format: Literal["auto", "text", "json"] = Field(

@@ -42,6 +42,8 @@ PROBLEM_TYPES = {
     "parts-rejected": "S3 refused to assemble a direct upload's parts",
     "worker-lost": "a job whose worker process died on every attempt (a job's error)",
     "out-of-memory": "a job that ran out of memory (a job's error)",
+    "memory-budget": "a job whose estimated peak memory is larger than the worker's budget (REBASIN_WORKER_MEMORY_BYTES, "
+    "else its cgroup limit or physical memory), refused before it loaded anything (a job's error)",
     "time-limit": "a job that ran past REBASIN_JOB_TIME_LIMIT_S (a job's error)",
     "import-refused": "an import source the server's policy refuses (scheme, bucket, host, address, redirect)",
     "import-failed": "an import whose source could not be read (an import's error)",
@@ -117,6 +119,20 @@ class MlflowExport(BaseModel):
                                     description="register merged.safetensors as a new version of this model")
 
 
+class MemoryReport(BaseModel):
+    """The worker's memory around the job: anonymous resident memory (RssAnon) of the process that ran it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    estimated_peak_bytes: int = Field(description="the estimate made before the job loaded anything (an upper bound)")
+    measured_peak_bytes: int = Field(description="the highest RssAnon of the job's process while it ran, sampled "
+                                     "every 5 ms; includes baseline_bytes")
+    baseline_bytes: int = Field(description="the process's RssAnon when the job started (interpreter, libraries)")
+    worker_budget_bytes: int = Field(description="what the worker allows one job: REBASIN_WORKER_MEMORY_BYTES, else "
+                                     "its cgroup limit or physical memory, divided by the jobs it runs at once")
+    budget_source: str = Field(description="setting, cgroup or physical")
+
+
 class JobResult(BaseModel):
     """A succeeded job's report (also its ``report.json`` artifact). ``barrier``, ``curves``,
     ``evaluation`` and ``merged`` are there when the job had evaluation data."""
@@ -133,6 +149,8 @@ class JobResult(BaseModel):
     evaluation: dict[str, Any] | None = None
     mlflow: dict[str, Any] | None = Field(None, description="with the mlflow option: run_id, experiment_id, and with "
                                           "register_as registered_model and model_version; error when the export failed")
+    memory: MemoryReport | None = Field(None, description="the job's estimated and measured peak memory, and the "
+                                        "worker's budget (jobs run by a worker)")
     warnings: list[str] | None = Field(None, description="what went wrong without failing the merge (an MLflow export)")
     auto: dict[str, Any] | None = Field(None, description=(
         "method auto: {chosen, criterion, split, time_budget_s, candidates: {method: {score, barrier, barrier_naive, "

@@ -499,6 +499,7 @@ def test_every_setting_is_settable_from_the_chart(chart):
         "REBASIN_WORKER_DEVICE": "cuda:1",
         "REBASIN_JOB_TIME_LIMIT_S": "7200",
         "REBASIN_JOB_HEARTBEAT_TIMEOUT_S": "45.5",
+        "REBASIN_WORKER_MEMORY_BYTES": "34359738368",
         "REBASIN_WORKER_MAX_MEMORY_PER_CHILD_MB": "30000",
         "REBASIN_CALLBACK_ALLOW_PRIVATE": "true",
         "REBASIN_AUTH_CACHE_S": "2.5",

@@ -28,10 +28,11 @@ from core.config import Settings
 from core.logs import job_id_var
 from core.schemas import JobOut
 from matching.folders import FOLDER_FORMAT, read_stored_layout
+from matching.memory import PeakSampler
 from storage.artifacts import ArtifactStore, open_store, sha256_file
 from storage.db import DATABASE_UNAVAILABLE, session_scope
 from storage.models import Artifact, Checkpoint, Dataset, Job, utcnow
-from worker import devices
+from worker import devices, memory
 from worker.app import enqueue_callback, enqueue_job, queue_for
 from worker.dispatch import next_job_id, send_missing_messages
 from worker.mlflow_export import export_after_merge
@@ -299,7 +300,21 @@ def run_merge(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path
     missing = [i for i in request["checkpoints"] + dataset_ids if i not in checkpoints and i not in datasets]
     if missing:
         raise matching.MatchingError(f"inputs were deleted before the job ran: {', '.join(missing)}")
+    # Before anything is loaded: a job that cannot fit fails now, not at the hands of the OOM killer.
+    estimate, budget, source = memory.check_fits(request, checkpoints, datasets, settings)
+    with PeakSampler() as sampler:
+        output = _merge_and_upload(job, store, monitor, workdir, settings, checkpoints, datasets)
+    output["result"]["memory"] = {"estimated_peak_bytes": estimate.peak_bytes, "measured_peak_bytes": sampler.peak_bytes,
+                                  "baseline_bytes": sampler.start_bytes, "worker_budget_bytes": budget,
+                                  "budget_source": source}
+    log.info("job %s: peak memory %.0f MiB (estimated %.0f MiB, budget %.0f MiB)", job.id, sampler.peak_bytes / 2**20,
+             estimate.peak_bytes / 2**20, budget / 2**20)
+    return output
 
+
+def _merge_and_upload(job: Job, store: ArtifactStore, monitor: JobMonitor, workdir: Path, settings: Settings,
+                      checkpoints: dict, datasets: dict) -> dict:
+    request = job.request
     states, layouts = [], []
     for position, checkpoint_id in enumerate(request["checkpoints"]):
         monitor.progress("loading", position, len(request["checkpoints"]), f"loading checkpoint {checkpoint_id}")
@@ -356,6 +371,11 @@ def _ending_of(error: BaseException, job: Job, settings: Settings) -> dict:
         return {"status": "cancelled"}
     if isinstance(error, matching.MatchingError):
         return {"status": "failed", "error": problem("invalid-input", INVALID_INPUT_TITLE, str(error))}
+    if isinstance(error, memory.MemoryBudgetExceeded):
+        return {"status": "failed", "error": {**problem("memory-budget", "The job needs more memory than the worker has",
+                                                        memory.budget_detail(error), 507),
+                                              "estimated_peak_bytes": error.estimate.peak_bytes,
+                                              "worker_budget_bytes": error.budget_bytes}}
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         detail = (f"The job ran out of memory on {job.request.get('device', 'auto')}. Use a device with more memory, "
                   "fewer checkpoints, or smaller evaluation data; batch_size lowers the memory of activation and STE matching.")

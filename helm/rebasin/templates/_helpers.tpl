@@ -96,6 +96,9 @@ REBASIN_TENANT_MAX_STORED_BYTES: {{ .Values.config.tenantMaxStoredBytes | int64 
 REBASIN_TENANT_REQUESTS_PER_S: {{ .Values.config.tenantRequestsPerS | toString | quote }}
 REBASIN_TENANT_REQUEST_BURST: {{ .Values.config.tenantRequestBurst | int64 | toString | quote }}
 REBASIN_S3_MAX_ATTEMPTS: {{ .Values.config.s3MaxAttempts | int64 | toString | quote }}
+{{- if .Values.config.workerMemoryBytes }}
+REBASIN_WORKER_MEMORY_BYTES: {{ .Values.config.workerMemoryBytes | int64 | toString | quote }}
+{{- end }}
 REBASIN_WORKER_MAX_MEMORY_PER_CHILD_MB: {{ .Values.config.workerMaxMemoryPerChildMb | int64 | toString | quote }}
 REBASIN_CALLBACK_ALLOW_PRIVATE: {{ .Values.config.callbackAllowPrivate | toString | quote }}
 REBASIN_IMPORT_S3_BUCKETS: {{ .Values.config.importS3Buckets | quote }}

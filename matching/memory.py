@@ -1,0 +1,201 @@
+"""How much memory a merge job needs, known before anything is loaded, and how much it used.
+
+``estimate_peak`` bounds a job's peak anonymous memory (RssAnon: the process's own heap and anonymous maps,
+not the page cache of files it reads) from what a worker knows without loading a tensor: each input's
+tensor shapes and dtypes (the safetensors headers, kept in the database), the method, the dataset sizes,
+the number of inputs, and whether the data path streams. The formula, every size in bytes::
+
+    peak = baseline
+         + slack * ( INPUT    * sum_i input_bytes_i          # the inputs as loaded (their own dtypes)
+                   + MODEL    * model_fp32_bytes             # one model's tensors in float32
+                   + DATA     * dataset_bytes                # dataset and eval dataset, as stored
+                   + ACTIVATIONS * batch_rows * example_bytes )  # evaluation/statistics batches
+         + overhead
+
+- ``baseline``: the process's anonymous memory when the job starts (the interpreter, torch, what the last
+  job left in the allocator); the worker measures it, ``rebasin merge`` passes 0.
+- ``input_bytes_i``: the bytes of input i's tensors in their stored dtype; ``model_fp32_bytes``: one input's
+  floating tensors at 4 bytes an element, integers as stored (weight matching, interpolation, evaluation and
+  the model itself all work in float32).
+- ``dataset_bytes``: the stored bytes of the dataset and eval dataset; ``example_bytes``: one example's
+  input in float32 (a token id counts as one float), ``batch_rows`` the rows evaluated at once (1000, the
+  evaluation batch; the job's batch_size for activation and STE matching when larger).
+- ``INPUT``, ``MODEL``, ``DATA``, ``ACTIVATIONS``, ``overhead``: per method and per data path, the table
+  ``COEFFICIENTS`` (fitted on measurements, see benchmarks/memory_estimate.py and its table in
+  benchmarks/README.md); ``slack`` = ``SLACK``.
+
+Today's data path (``streams=False``) holds every input whole, float32 copies of the matched tensors, the
+aligned and merged models, the module, and a serialised copy while writing: about 4 model copies beyond the
+inputs. A streaming data path changes only its row of the table.
+
+Peaks are measured by ``PeakSampler``: a thread reading the process's RssAnon from /proc/self/status every
+few milliseconds. The kernel keeps a high-water mark only of the whole resident set (VmHWM, file pages
+included: memory-mapped checkpoints would count), not of the anonymous part, so a spike shorter than the
+sampling interval can be missed; touching a gigabyte takes longer than that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bytes per element of the safetensors dtypes.
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
+# Whether this version's data path streams tensors (memory maps, tensor-by-tensor writing): picks the row of
+# COEFFICIENTS the worker's estimate uses.
+STREAMING_DATA_PATH = False
+EVALUATION_BATCH_ROWS = 1000  # matching.evaluate.evaluate's batch
+SLACK = 1.25
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """The terms of one method on one data path (see the module docstring)."""
+
+    input: float  # per byte of every input, as stored
+    model: float  # per float32 byte of one model
+    data: float  # per stored byte of the datasets
+    activations: float  # per float32 byte of a batch of inputs
+    overhead: int  # bytes, whatever the size
+
+
+# (streams, method) -> terms. Fitted on today's data path (streams=False) with SLACK on top; the streaming
+# data path starts from the same numbers until it is measured.
+COEFFICIENTS: dict[tuple[bool, str], Coefficients] = {
+    (False, "weight_matching"): Coefficients(input=1.0, model=4.5, data=2.0, activations=8.0, overhead=96 * MiB),
+    (False, "activation_matching"): Coefficients(input=1.0, model=5.0, data=2.0, activations=16.0, overhead=128 * MiB),
+    (False, "ste_matching"): Coefficients(input=1.0, model=8.0, data=2.0, activations=24.0, overhead=160 * MiB),
+}
+COEFFICIENTS.update({(True, method): terms for (_, method), terms in list(COEFFICIENTS.items())})
+
+
+@dataclass(frozen=True)
+class Estimate:
+    peak_bytes: int
+    baseline_bytes: int
+    terms: dict[str, int]  # each term's bytes before slack, for the report
+
+
+def tensor_bytes(tensors: dict[str, dict], float32: bool = False) -> int:
+    """Bytes of a safetensors header's tensors ({name: {dtype, shape}}); ``float32``: floats at 4 bytes."""
+    total = 0
+    for entry in tensors.values():
+        size = DTYPE_BYTES.get(entry["dtype"], 8)
+        if float32 and entry["dtype"] in FLOAT_DTYPES:
+            size = 4
+        total += size * math.prod(entry["shape"])
+    return total
+
+
+def example_bytes(dataset: dict[str, dict]) -> int:
+    """One example of a dataset's ``inputs`` in float32 (token ids count as one float each)."""
+    shape = dataset.get("inputs", {}).get("shape") or [1]
+    return 4 * math.prod(shape[1:])
+
+
+def estimate_peak(inputs: list[dict[str, dict]], *, method: str, datasets: list[dict[str, dict]] = (),
+                  options: dict | None = None, streams: bool = False, baseline_bytes: int = 0) -> Estimate:
+    """Upper bound of a job's peak RssAnon. ``inputs``: each checkpoint's tensors ({name: {dtype, shape}});
+    ``datasets``: the dataset and eval dataset's tensors; ``method``: "auto" runs every candidate in turn and
+    counts as the largest."""
+    options = options or {}
+    if method == "auto":
+        candidates = [m for (s, m) in COEFFICIENTS if s == streams]
+        return max((estimate_peak(inputs, method=m, datasets=datasets, options=options, streams=streams,
+                                  baseline_bytes=baseline_bytes) for m in candidates), key=lambda e: e.peak_bytes)
+    terms = COEFFICIENTS[(streams, method)]
+    batch_rows = max(EVALUATION_BATCH_ROWS, int(options.get("batch_size") or 0))
+    sizes = {
+        "inputs": sum(tensor_bytes(t) for t in inputs),
+        "model_fp32": tensor_bytes(inputs[0], float32=True) if inputs else 0,
+        "datasets": sum(tensor_bytes(d) for d in datasets),
+        "activations": batch_rows * max((example_bytes(d) for d in datasets), default=0),
+    }
+    job = (terms.input * sizes["inputs"] + terms.model * sizes["model_fp32"] + terms.data * sizes["datasets"]
+           + terms.activations * sizes["activations"])
+    peak = baseline_bytes + int(SLACK * job) + terms.overhead
+    return Estimate(peak_bytes=peak, baseline_bytes=baseline_bytes, terms=sizes)
+
+
+def rss_anon_bytes() -> int:
+    """This process's anonymous resident memory (RssAnon), 0 where /proc does not say."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakSampler:
+    """The highest RssAnon of this process while in the ``with`` block, sampled every ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.start_bytes = self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="memory-sampler", daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self.start_bytes = self.peak_bytes = rss_anon_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, rss_anon_bytes())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, rss_anon_bytes())
+
+
+def cgroup_limits(proc_cgroup: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> list[int]:
+    """The memory limits of this process's cgroup and its ancestors (v2 memory.max, v1
+    memory.limit_in_bytes); "max" and v1's near-2^63 "unlimited" are left out."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            root, name = mount, "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = mount / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        # Inside a container the cgroup's own directory is often mounted as the root: try both.
+        here = root / path.lstrip("/")
+        for folder in {*[here, *here.parents], root}:
+            if folder != root and root not in folder.parents:
+                continue
+            try:
+                value = (folder / name).read_text().strip()
+            except OSError:
+                continue
+            if value.isdigit() and int(value) < 2**60:
+                limits.append(int(value))
+    return limits
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes, where from): the tightest cgroup limit, else the physical memory."""
+    limits = cgroup_limits()
+    if limits and min(limits) < physical_memory_bytes():
+        return min(limits), "cgroup"
+    return physical_memory_bytes(), "physical"
