@@ -180,7 +180,9 @@ class S3Store:
 
     def put_file(self, key: str, path: Path) -> None:
         # upload_file switches to multipart for large files; an object only
-        # becomes visible when the (multipart) upload completes.
+        # becomes visible when the (multipart) upload completes. It reads the file part by part (8 MiB
+        # parts, parts grown to stay under 10000): memory stays at the parts in flight, whatever the
+        # size (measured +17 MiB for 64 MiB, +30 MiB for 256 MiB; tests/test_storage_store.py).
         self.client.upload_file(str(path), self.bucket, self._key(key))
 
     def move_file(self, key: str, path: Path) -> None:
@@ -256,6 +258,7 @@ class S3Store:
         return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
 
     def get_file(self, key: str, path: Path) -> None:
+        # Ranged GETs written into the file as they arrive (a temporary renamed at the end): bounded memory.
         self.client.download_file(self.bucket, self._key(key), str(path))
 
     def open(self, key: str) -> BinaryIO:
