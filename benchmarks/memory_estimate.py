@@ -25,9 +25,9 @@ GPT2 = {"vocab_size": 50257, "block_size": 1024, "n_layer": 12, "n_head": 12, "n
 GPT_SMALL = {"vocab_size": 2000, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 256}
 # name: (architecture, options, inputs, method, dataset: (kind, examples) or None, eval dataset, job options)
 CASES = {
-    "mlp-wm": ("mlp", {"sizes": MLP}, 2, "weight_matching", None, None, {}),
+    "mlp-wm": ("mlp", {"sizes": MLP}, 2, "weight_matching", None, None, {"max_iter": 2}),
     "mlp-wm-eval": ("mlp", {"sizes": MLP}, 2, "weight_matching", None, ("features", 4000), {"lambdas": 5}),
-    "mlp-many": ("mlp", {"sizes": MLP}, 3, "weight_matching", None, None, {}),
+    "mlp-many": ("mlp", {"sizes": MLP}, 3, "weight_matching", None, None, {"max_iter": 2}),
     "mlp-act": ("mlp", {"sizes": MLP}, 2, "activation_matching", ("features", 4000), None, {}),
     "mlp-ste": ("mlp", {"sizes": MLP}, 2, "ste_matching", ("features", 2000), None, {"steps": 3, "max_iter": 3}),
     "r20x4-wm-eval": ("resnet20", {"width": 4}, 2, "weight_matching", None, ("images32", 1000), {"lambdas": 3}),
@@ -76,16 +76,21 @@ def measure(case: str, folder: Path) -> dict:
     from safetensors.torch import load_file
 
     import matching
-    from matching.memory import PeakSampler, estimate_peak, rss_anon_bytes
+    from matching.memory import PeakSampler, estimate_peak, rss_anon_bytes, widest_activation_bytes
 
     torch.set_num_threads(2)
     arch, options, count, method, dataset, eval_dataset, job_options = CASES[case]
     inputs = [folder / f"input{i}.safetensors" for i in range(count)]
     data = folder / "dataset.safetensors" if dataset else None
     held_out = folder / "eval.safetensors" if eval_dataset else None
+    headers = [header(p) for p in inputs]
+    datasets = [header(p) for p in (data, held_out) if p is not None]
+    shapes = {k: tuple(v["shape"]) for k, v in headers[0].items()}
+    widest = max((widest_activation_bytes({"name": arch, "options": options}, shapes, d) or 0 for d in datasets),
+                 default=None)
     baseline = rss_anon_bytes()
-    estimate = estimate_peak([header(p) for p in inputs], method=method, options=job_options,
-                             datasets=[header(p) for p in (data, held_out) if p is not None], baseline_bytes=baseline)
+    estimate = estimate_peak(headers, method=method, options=job_options, datasets=datasets, baseline_bytes=baseline,
+                             activation_bytes=widest)
     started = time.perf_counter()
     with PeakSampler() as sampler:
         states = [load_file(p) for p in inputs]

@@ -7,7 +7,7 @@ the number of inputs, and whether the data path streams. The formula, every size
 
     peak = baseline
          + slack * ( INPUT    * sum_i input_bytes_i          # the inputs as loaded (their own dtypes)
-                   + MODEL    * model_fp32_bytes             # one model's tensors in float32
+                   + (MODEL + MERGE_MANY * n) * model_fp32_bytes  # working copies in float32; n = inputs if > 2, else 0
                    + DATA     * dataset_bytes                # dataset and eval dataset, as stored
                    + ACTIVATIONS * batch_rows * example_bytes )  # evaluation/statistics batches
          + overhead
@@ -17,10 +17,12 @@ the number of inputs, and whether the data path streams. The formula, every size
 - ``input_bytes_i``: the bytes of input i's tensors in their stored dtype; ``model_fp32_bytes``: one input's
   floating tensors at 4 bytes an element, integers as stored (weight matching, interpolation, evaluation and
   the model itself all work in float32).
-- ``dataset_bytes``: the stored bytes of the dataset and eval dataset; ``example_bytes``: one example's
-  input in float32 (a token id counts as one float), ``batch_rows`` the rows evaluated at once (1000, the
-  evaluation batch; the job's batch_size for activation and STE matching when larger).
-- ``INPUT``, ``MODEL``, ``DATA``, ``ACTIVATIONS``, ``overhead``: per method and per data path, the table
+- ``dataset_bytes``: the stored bytes of the dataset and eval dataset; ``example_bytes``: the widest
+  activation of one example in float32 (the largest module output, found by a forward pass of the
+  architecture on the meta device: a CNN's widest feature map, a language model's logits), else
+  ``FALLBACK_ACTIVATION_FACTOR`` times one example's input; ``batch_rows`` the rows evaluated at once (1000,
+  the evaluation batch; the job's batch_size for activation and STE matching when larger).
+- ``INPUT``, ``MODEL``, ``MERGE_MANY``, ``DATA``, ``ACTIVATIONS``, ``overhead``: per method and per data path, the table
   ``COEFFICIENTS`` (fitted on measurements, see benchmarks/memory_estimate.py and its table in
   benchmarks/README.md); ``slack`` = ``SLACK``.
 
@@ -51,6 +53,8 @@ FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
 STREAMING_DATA_PATH = False
 EVALUATION_BATCH_ROWS = 1000  # matching.evaluate.evaluate's batch
 SLACK = 1.25
+# Without a model to run on the meta device: the widest activation taken as this many times the input.
+FALLBACK_ACTIVATION_FACTOR = 64
 MiB = 1024**2
 
 
@@ -60,6 +64,7 @@ class Coefficients:
 
     input: float  # per byte of every input, as stored
     model: float  # per float32 byte of one model
+    merge_many: float  # per float32 byte of one model, per input, with three inputs or more (MergeMany)
     data: float  # per stored byte of the datasets
     activations: float  # per float32 byte of a batch of inputs
     overhead: int  # bytes, whatever the size
@@ -68,9 +73,9 @@ class Coefficients:
 # (streams, method) -> terms. Fitted on today's data path (streams=False) with SLACK on top; the streaming
 # data path starts from the same numbers until it is measured.
 COEFFICIENTS: dict[tuple[bool, str], Coefficients] = {
-    (False, "weight_matching"): Coefficients(input=1.0, model=4.5, data=2.0, activations=8.0, overhead=96 * MiB),
-    (False, "activation_matching"): Coefficients(input=1.0, model=5.0, data=2.0, activations=16.0, overhead=128 * MiB),
-    (False, "ste_matching"): Coefficients(input=1.0, model=8.0, data=2.0, activations=24.0, overhead=160 * MiB),
+    (False, "weight_matching"): Coefficients(input=1.0, model=4.5, merge_many=3.0, data=2.0, activations=8.0, overhead=96 * MiB),
+    (False, "activation_matching"): Coefficients(input=1.0, model=5.0, merge_many=3.0, data=2.0, activations=16.0, overhead=128 * MiB),
+    (False, "ste_matching"): Coefficients(input=1.0, model=8.0, merge_many=3.0, data=2.0, activations=24.0, overhead=160 * MiB),
 }
 COEFFICIENTS.update({(True, method): terms for (_, method), terms in list(COEFFICIENTS.items())})
 
@@ -99,26 +104,71 @@ def example_bytes(dataset: dict[str, dict]) -> int:
     return 4 * math.prod(shape[1:])
 
 
+def widest_activation_bytes(architecture: dict | None, shapes: dict[str, tuple[int, ...]],
+                            dataset: dict[str, dict]) -> int | None:
+    """Float32 bytes of the model's largest module output for one example of ``dataset`` (logits of a
+    language model, the widest feature map of a CNN), from a forward pass on the meta device: no memory,
+    no compute. None when it cannot be known before loading (architecture ``hf``, whose config.json is in
+    the stored file; a bare permutation spec; a model that does not build or run on meta)."""
+    if not architecture or architecture.get("name") in (None, "hf") or "inputs" not in dataset:
+        return None
+    import torch
+
+    from matching.architectures import build_model, infer_options
+
+    try:
+        name = architecture["name"]
+        options = {**infer_options(name, shapes), **(architecture.get("options") or {})}
+        with torch.device("meta"):
+            model = build_model(name, **options).eval()
+        widest = [0]
+
+        def record(module, args, output):
+            for tensor in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(tensor, torch.Tensor):
+                    widest[0] = max(widest[0], tensor.numel())
+
+        hooks = [m.register_forward_hook(record) for m in model.modules()]
+        entry = dataset["inputs"]
+        dtype = torch.float32 if entry["dtype"] in FLOAT_DTYPES else torch.int64
+        with torch.no_grad(), torch.device("meta"):
+            model(torch.zeros(1, *entry["shape"][1:], dtype=dtype))
+        for hook in hooks:
+            hook.remove()
+        return 4 * widest[0]
+    except Exception:  # an estimate, not a check: the fallback (example_bytes) takes over
+        return None
+
+
 def estimate_peak(inputs: list[dict[str, dict]], *, method: str, datasets: list[dict[str, dict]] = (),
-                  options: dict | None = None, streams: bool = False, baseline_bytes: int = 0) -> Estimate:
+                  options: dict | None = None, streams: bool = False, baseline_bytes: int = 0,
+                  activation_bytes: int | None = None) -> Estimate:
     """Upper bound of a job's peak RssAnon. ``inputs``: each checkpoint's tensors ({name: {dtype, shape}});
     ``datasets``: the dataset and eval dataset's tensors; ``method``: "auto" runs every candidate in turn and
-    counts as the largest."""
+    counts as the largest; ``activation_bytes``: the widest activation of one example
+    (``widest_activation_bytes``), else one example's input counts, times FALLBACK_ACTIVATION_FACTOR."""
     options = options or {}
     if method == "auto":
         candidates = [m for (s, m) in COEFFICIENTS if s == streams]
         return max((estimate_peak(inputs, method=m, datasets=datasets, options=options, streams=streams,
-                                  baseline_bytes=baseline_bytes) for m in candidates), key=lambda e: e.peak_bytes)
+                                  baseline_bytes=baseline_bytes, activation_bytes=activation_bytes)
+                    for m in candidates), key=lambda e: e.peak_bytes)
     terms = COEFFICIENTS[(streams, method)]
     batch_rows = max(EVALUATION_BATCH_ROWS, int(options.get("batch_size") or 0))
+    per_example = max((example_bytes(d) for d in datasets), default=0)
+    if datasets and activation_bytes is not None:
+        per_example = max(per_example, activation_bytes)
+    elif datasets:
+        per_example *= FALLBACK_ACTIVATION_FACTOR
     sizes = {
         "inputs": sum(tensor_bytes(t) for t in inputs),
         "model_fp32": tensor_bytes(inputs[0], float32=True) if inputs else 0,
         "datasets": sum(tensor_bytes(d) for d in datasets),
-        "activations": batch_rows * max((example_bytes(d) for d in datasets), default=0),
+        "activations": batch_rows * per_example,
     }
-    job = (terms.input * sizes["inputs"] + terms.model * sizes["model_fp32"] + terms.data * sizes["datasets"]
-           + terms.activations * sizes["activations"])
+    many = len(inputs) if len(inputs) > 2 else 0
+    job = (terms.input * sizes["inputs"] + (terms.model + terms.merge_many * many) * sizes["model_fp32"]
+           + terms.data * sizes["datasets"] + terms.activations * sizes["activations"])
     peak = baseline_bytes + int(SLACK * job) + terms.overhead
     return Estimate(peak_bytes=peak, baseline_bytes=baseline_bytes, terms=sizes)
 
