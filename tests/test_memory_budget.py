@@ -6,8 +6,11 @@ from datetime import datetime
 
 import torch
 
+from core.config import Settings
 from matching.memory import cgroup_limits, estimate_peak, machine_memory, physical_memory_bytes
 from tests.service_helpers import SIZES, make_mlp, run_job, upload
+from worker import memory
+from worker.memory import worker_budget
 
 BUDGET = 100_000_000  # below what a worker process holds with torch loaded: no job fits
 
@@ -49,6 +52,14 @@ def test_estimate_grows_with_inputs_datasets_and_method():
     assert ste.peak_bytes > with_data.peak_bytes
     assert estimate_peak([layer, layer], method="auto", datasets=[data]).peak_bytes == ste.peak_bytes
     assert estimate_peak([layer, layer], method="weight_matching", baseline_bytes=10**9).peak_bytes == pair.peak_bytes + 10**9
+
+
+def test_worker_budget_is_the_setting_else_the_machine_shared_by_the_jobs_at_once(monkeypatch):
+    assert worker_budget(Settings(_env_file=None, worker_memory_bytes=8 * 2**30)) == (8 * 2**30, "setting")
+    monkeypatch.setattr(memory, "jobs_at_once", 4)  # rebasin worker --concurrency 4
+    assert worker_budget(Settings(_env_file=None, worker_memory_bytes=8 * 2**30)) == (2 * 2**30, "setting")
+    total, source = machine_memory()
+    assert worker_budget(Settings(_env_file=None)) == (total // 4, source)
 
 
 def mlp_job(client) -> dict:
