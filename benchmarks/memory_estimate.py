@@ -30,10 +30,10 @@ CASES = {
     "mlp-many": ("mlp", {"sizes": MLP}, 3, "weight_matching", None, None, {"max_iter": 2}),
     "mlp-act": ("mlp", {"sizes": MLP}, 2, "activation_matching", ("features", 2000), None, {"lambdas": 3}),
     "mlp-ste": ("mlp", {"sizes": MLP}, 2, "ste_matching", ("features", 2000), None, {"steps": 3, "max_iter": 3, "lambdas": 3}),
-    "r20x4-wm-eval": ("resnet20", {"width": 4}, 2, "weight_matching", None, ("images32", 1000), {"lambdas": 3}),
-    "r20x4-act": ("resnet20", {"width": 4}, 2, "activation_matching", ("images32", 1000), None, {"lambdas": 3}),
+    "r20x4-wm-eval": ("resnet20", {"width": 4}, 2, "weight_matching", None, ("images32", 250), {"lambdas": 3}),
+    "r20x4-act": ("resnet20", {"width": 4}, 2, "activation_matching", ("images32", 250), None, {"lambdas": 3}),
     "resnet18-wm": ("resnet18", {}, 2, "weight_matching", None, None, {"max_iter": 3}),
-    "gpt-small-eval": ("gpt", GPT_SMALL, 2, "weight_matching", None, ("tokens", 1000), {"lambdas": 3}),
+    "gpt-small-eval": ("gpt", GPT_SMALL, 2, "weight_matching", None, ("tokens", 250), {"lambdas": 3}),
     "gpt2-wm": ("gpt", GPT2, 2, "weight_matching", None, None, {"max_iter": 3}),
 }
 

@@ -21,7 +21,8 @@ the number of inputs, and whether the data path streams. The formula, every size
   activation of one example in float32 (the largest module output, found by a forward pass of the
   architecture on the meta device: a CNN's widest feature map, a language model's logits), else
   ``FALLBACK_ACTIVATION_FACTOR`` times one example's input; ``batch_rows`` the rows evaluated at once (1000,
-  the evaluation batch; the job's batch_size for activation and STE matching when larger).
+  the evaluation batch; the job's batch_size for activation and STE matching when larger; at most the
+  dataset's examples).
 - ``INPUT``, ``MODEL``, ``MERGE_MANY``, ``DATA``, ``ACTIVATIONS``, ``overhead``: per method and per data path, the table
   ``COEFFICIENTS`` (fitted on measurements, see benchmarks/memory_estimate.py and its table in
   benchmarks/README.md); ``slack`` = ``SLACK``.
@@ -70,12 +71,19 @@ class Coefficients:
     overhead: int  # bytes, whatever the size
 
 
-# (streams, method) -> terms. Fitted on today's data path (streams=False) with SLACK on top; the streaming
-# data path starts from the same numbers until it is measured.
+# (streams, method) -> terms. Today's data path (streams=False), fitted on the peaks measured by
+# benchmarks/memory_estimate.py (table in benchmarks/README.md): MODEL from the GPT-2 pair (weight matching
+# holds about 8 float32 model copies beyond the inputs for a transformer, 4 for an MLP: the upper one is
+# kept), MERGE_MANY from the three-MLP MergeMany, ACTIVATIONS from ResNet-20x4 and a small GPT's logits,
+# OVERHEAD from a tiny job (imports and traces of a first job, plotting). The streaming data path starts
+# from the same numbers until it is measured.
 COEFFICIENTS: dict[tuple[bool, str], Coefficients] = {
-    (False, "weight_matching"): Coefficients(input=1.0, model=4.5, merge_many=3.0, data=2.0, activations=8.0, overhead=96 * MiB),
-    (False, "activation_matching"): Coefficients(input=1.0, model=5.0, merge_many=3.0, data=2.0, activations=16.0, overhead=128 * MiB),
-    (False, "ste_matching"): Coefficients(input=1.0, model=8.0, merge_many=3.0, data=2.0, activations=24.0, overhead=160 * MiB),
+    (False, "weight_matching"): Coefficients(input=1.0, model=8.5, merge_many=3.0, data=2.0, activations=3.0,
+                                             overhead=160 * MiB),
+    (False, "activation_matching"): Coefficients(input=1.0, model=8.5, merge_many=3.0, data=2.0, activations=8.0,
+                                                 overhead=192 * MiB),
+    (False, "ste_matching"): Coefficients(input=1.0, model=11.0, merge_many=3.0, data=2.0, activations=24.0,
+                                          overhead=192 * MiB),
 }
 COEFFICIENTS.update({(True, method): terms for (_, method), terms in list(COEFFICIENTS.items())})
 
@@ -154,7 +162,9 @@ def estimate_peak(inputs: list[dict[str, dict]], *, method: str, datasets: list[
                                   baseline_bytes=baseline_bytes, activation_bytes=activation_bytes)
                     for m in candidates), key=lambda e: e.peak_bytes)
     terms = COEFFICIENTS[(streams, method)]
-    batch_rows = max(EVALUATION_BATCH_ROWS, int(options.get("batch_size") or 0))
+    examples = max((entry["shape"][0] for d in datasets for name, entry in d.items()
+                    if name in ("inputs", "eval_inputs") and entry["shape"]), default=0)
+    batch_rows = min(examples, max(EVALUATION_BATCH_ROWS, int(options.get("batch_size") or 0)))
     per_example = max((example_bytes(d) for d in datasets), default=0)
     if datasets and activation_bytes is not None:
         per_example = max(per_example, activation_bytes)
