@@ -76,7 +76,7 @@ def measure(case: str, folder: Path) -> dict:
     from safetensors.torch import load_file
 
     import matching
-    from matching.memory import PeakSampler, estimate_peak, rss_anon_bytes, widest_activation_bytes
+    from matching.memory import PeakSampler, estimate_peak, activation_bytes, rss_anon_bytes
 
     torch.set_num_threads(2)
     arch, options, count, method, dataset, eval_dataset, job_options = CASES[case]
@@ -86,11 +86,10 @@ def measure(case: str, folder: Path) -> dict:
     headers = [header(p) for p in inputs]
     datasets = [header(p) for p in (data, held_out) if p is not None]
     shapes = {k: tuple(v["shape"]) for k, v in headers[0].items()}
-    widest = max((widest_activation_bytes({"name": arch, "options": options}, shapes, d) or 0 for d in datasets),
-                 default=None)
+    sizes = [activation_bytes({"name": arch, "options": options}, shapes, d) for d in datasets]
     baseline = rss_anon_bytes()
     estimate = estimate_peak(headers, method=method, options=job_options, datasets=datasets, baseline_bytes=baseline,
-                             activation_bytes=widest)
+                             activations=max(sizes) if sizes and None not in sizes else None)
     started = time.perf_counter()
     with PeakSampler() as sampler:
         states = [load_file(p) for p in inputs]
@@ -116,8 +115,9 @@ def main() -> None:
         else:
             print(json.dumps(measure(args.cases, Path(folder))))
         return
-    print("| case | inputs MiB | model fp32 MiB | data MiB | batch MiB | measured MiB | estimated MiB | est/meas | s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| case | inputs MiB | model fp32 MiB | data MiB | batch widest MiB | batch all MiB | measured MiB "
+          "| estimated MiB | est/meas | s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for case in args.cases.split(","):
         with tempfile.TemporaryDirectory(prefix="rebasin-memory-") as folder:
             run = lambda step: subprocess.run([sys.executable, "-m", "benchmarks.memory_estimate", "--cases", case,
@@ -125,7 +125,7 @@ def main() -> None:
             run("prepare")
             row = json.loads(run("measure").stdout.strip().splitlines()[-1])
         t = row["terms_mib"]
-        print(f"| {case} | {t['inputs']:.0f} | {t['model_fp32']:.0f} | {t['datasets']:.0f} | {t['activations']:.1f} "
+        print(f"| {case} | {t['inputs']:.0f} | {t['model_fp32']:.0f} | {t['datasets']:.0f} | {t['activations']:.1f} | {t['all_activations']:.1f} "
               f"| {row['measured_mib']:.0f} | {row['estimated_mib']:.0f} "
               f"| {row['estimated_mib'] / row['measured_mib']:.2f} | {row['seconds']:.1f} |", flush=True)
 

@@ -9,7 +9,8 @@ the number of inputs, and whether the data path streams. The formula, every size
          + slack * ( INPUT    * sum_i input_bytes_i          # the inputs as loaded (their own dtypes)
                    + (MODEL + MERGE_MANY * n) * model_fp32_bytes  # working copies in float32; n = inputs if > 2, else 0
                    + DATA     * dataset_bytes                # dataset and eval dataset, as stored
-                   + ACTIVATIONS * batch_rows * example_bytes )  # evaluation/statistics batches
+                   + ACTIVATIONS * batch_rows * example_bytes    # an evaluation batch's widest activation
+                   + ALL_ACTIVATIONS * training_rows * all_bytes )  # a statistics/training batch, every layer
          + overhead
 
 - ``baseline``: the process's anonymous memory when the job starts (the interpreter, torch, what the last
@@ -22,8 +23,10 @@ the number of inputs, and whether the data path streams. The formula, every size
   architecture on the meta device: a CNN's widest feature map, a language model's logits), else
   ``FALLBACK_ACTIVATION_FACTOR`` times one example's input; ``batch_rows`` the rows evaluated at once (1000,
   the evaluation batch; the job's batch_size for activation and STE matching when larger; at most the
-  dataset's examples).
-- ``INPUT``, ``MODEL``, ``MERGE_MANY``, ``DATA``, ``ACTIVATIONS``, ``overhead``: per method and per data path, the table
+  dataset's examples); ``all_bytes``: every module output of one example added up (activation matching
+  holds both models' captured activations of a batch, STE's autograd every layer's), ``training_rows`` the
+  job's batch_size (256).
+- ``INPUT``, ``MODEL``, ``MERGE_MANY``, ``DATA``, ``ACTIVATIONS``, ``ALL_ACTIVATIONS``, ``overhead``: per method and per data path, the table
   ``COEFFICIENTS`` (fitted on measurements, see benchmarks/memory_estimate.py and its table in
   benchmarks/README.md); ``slack`` = ``SLACK``.
 
@@ -56,6 +59,8 @@ EVALUATION_BATCH_ROWS = 1000  # matching.evaluate.evaluate's batch
 SLACK = 1.25
 # Without a model to run on the meta device: the widest activation taken as this many times the input.
 FALLBACK_ACTIVATION_FACTOR = 64
+FALLBACK_LAYERS = 64
+DEFAULT_BATCH_SIZE = 256  # activation and STE matching's batch_size (matching.merge.DEFAULTS)
 MiB = 1024**2
 
 
@@ -67,7 +72,8 @@ class Coefficients:
     model: float  # per float32 byte of one model
     merge_many: float  # per float32 byte of one model, per input, with three inputs or more (MergeMany)
     data: float  # per stored byte of the datasets
-    activations: float  # per float32 byte of a batch of inputs
+    activations: float  # per float32 byte of the widest activation of an evaluation batch
+    all_activations: float  # per float32 byte of every activation of a training/statistics batch
     overhead: int  # bytes, whatever the size
 
 
@@ -78,12 +84,12 @@ class Coefficients:
 # OVERHEAD from a tiny job (imports and traces of a first job, plotting). The streaming data path starts
 # from the same numbers until it is measured.
 COEFFICIENTS: dict[tuple[bool, str], Coefficients] = {
-    (False, "weight_matching"): Coefficients(input=1.0, model=8.5, merge_many=3.0, data=2.0, activations=3.0,
-                                             overhead=160 * MiB),
-    (False, "activation_matching"): Coefficients(input=1.0, model=8.5, merge_many=3.0, data=2.0, activations=8.0,
-                                                 overhead=192 * MiB),
-    (False, "ste_matching"): Coefficients(input=1.0, model=11.0, merge_many=3.0, data=2.0, activations=24.0,
-                                          overhead=192 * MiB),
+    (False, "weight_matching"): Coefficients(input=1.0, model=8.5, merge_many=3.0, data=2.0, activations=6.0,
+                                             all_activations=0.0, overhead=160 * MiB),
+    (False, "activation_matching"): Coefficients(input=1.0, model=8.5, merge_many=3.0, data=2.0, activations=6.0,
+                                                 all_activations=0.75, overhead=192 * MiB),
+    (False, "ste_matching"): Coefficients(input=1.0, model=11.0, merge_many=3.0, data=2.0, activations=6.0,
+                                          all_activations=1.5, overhead=192 * MiB),
 }
 COEFFICIENTS.update({(True, method): terms for (_, method), terms in list(COEFFICIENTS.items())})
 
@@ -112,12 +118,12 @@ def example_bytes(dataset: dict[str, dict]) -> int:
     return 4 * math.prod(shape[1:])
 
 
-def widest_activation_bytes(architecture: dict | None, shapes: dict[str, tuple[int, ...]],
-                            dataset: dict[str, dict]) -> int | None:
-    """Float32 bytes of the model's largest module output for one example of ``dataset`` (logits of a
-    language model, the widest feature map of a CNN), from a forward pass on the meta device: no memory,
-    no compute. None when it cannot be known before loading (architecture ``hf``, whose config.json is in
-    the stored file; a bare permutation spec; a model that does not build or run on meta)."""
+def activation_bytes(architecture: dict | None, shapes: dict[str, tuple[int, ...]],
+                     dataset: dict[str, dict]) -> tuple[int, int] | None:
+    """Float32 bytes of the model's module outputs for one example of ``dataset``: (the largest one: logits of
+    a language model, the widest feature map of a CNN; all of them added up), from a forward pass on the meta
+    device: no memory, no compute. None when it cannot be known before loading (architecture ``hf``, whose
+    config.json is in the stored file; a bare permutation spec; a model that does not build or run on meta)."""
     if not architecture or architecture.get("name") in (None, "hf") or "inputs" not in dataset:
         return None
     import torch
@@ -129,12 +135,13 @@ def widest_activation_bytes(architecture: dict | None, shapes: dict[str, tuple[i
         options = {**infer_options(name, shapes), **(architecture.get("options") or {})}
         with torch.device("meta"):
             model = build_model(name, **options).eval()
-        widest = [0]
+        widest, total = [0], [0]
 
         def record(module, args, output):
             for tensor in output if isinstance(output, (tuple, list)) else (output,):
                 if isinstance(tensor, torch.Tensor):
                     widest[0] = max(widest[0], tensor.numel())
+                    total[0] += tensor.numel()
 
         hooks = [m.register_forward_hook(record) for m in model.modules()]
         entry = dataset["inputs"]
@@ -143,42 +150,47 @@ def widest_activation_bytes(architecture: dict | None, shapes: dict[str, tuple[i
             model(torch.zeros(1, *entry["shape"][1:], dtype=dtype))
         for hook in hooks:
             hook.remove()
-        return 4 * widest[0]
+        return 4 * widest[0], 4 * total[0]
     except Exception:  # an estimate, not a check: the fallback (example_bytes) takes over
         return None
 
 
 def estimate_peak(inputs: list[dict[str, dict]], *, method: str, datasets: list[dict[str, dict]] = (),
                   options: dict | None = None, streams: bool = False, baseline_bytes: int = 0,
-                  activation_bytes: int | None = None) -> Estimate:
+                  activations: tuple[int, int] | None = None) -> Estimate:
     """Upper bound of a job's peak RssAnon. ``inputs``: each checkpoint's tensors ({name: {dtype, shape}});
     ``datasets``: the dataset and eval dataset's tensors; ``method``: "auto" runs every candidate in turn and
-    counts as the largest; ``activation_bytes``: the widest activation of one example
-    (``widest_activation_bytes``), else one example's input counts, times FALLBACK_ACTIVATION_FACTOR."""
+    counts as the largest; ``activations``: the widest and all activations of one example
+    (``activation_bytes``), else one example's input counts, times FALLBACK_ACTIVATION_FACTOR (widest) and
+    FALLBACK_LAYERS times that (all)."""
     options = options or {}
     if method == "auto":
         candidates = [m for (s, m) in COEFFICIENTS if s == streams]
         return max((estimate_peak(inputs, method=m, datasets=datasets, options=options, streams=streams,
-                                  baseline_bytes=baseline_bytes, activation_bytes=activation_bytes)
+                                  baseline_bytes=baseline_bytes, activations=activations)
                     for m in candidates), key=lambda e: e.peak_bytes)
     terms = COEFFICIENTS[(streams, method)]
     examples = max((entry["shape"][0] for d in datasets for name, entry in d.items()
                     if name in ("inputs", "eval_inputs") and entry["shape"]), default=0)
     batch_rows = min(examples, max(EVALUATION_BATCH_ROWS, int(options.get("batch_size") or 0)))
     per_example = max((example_bytes(d) for d in datasets), default=0)
-    if datasets and activation_bytes is not None:
-        per_example = max(per_example, activation_bytes)
-    elif datasets:
-        per_example *= FALLBACK_ACTIVATION_FACTOR
+    if datasets and activations is not None:
+        widest, every = max(per_example, activations[0]), max(per_example, activations[1])
+    else:
+        widest = per_example * FALLBACK_ACTIVATION_FACTOR
+        every = widest * FALLBACK_LAYERS
+    training_rows = min(examples, int(options.get("batch_size") or DEFAULT_BATCH_SIZE))
     sizes = {
         "inputs": sum(tensor_bytes(t) for t in inputs),
         "model_fp32": tensor_bytes(inputs[0], float32=True) if inputs else 0,
         "datasets": sum(tensor_bytes(d) for d in datasets),
-        "activations": batch_rows * per_example,
+        "activations": batch_rows * widest,
+        "all_activations": training_rows * every if method != "weight_matching" else 0,
     }
     many = len(inputs) if len(inputs) > 2 else 0
     job = (terms.input * sizes["inputs"] + (terms.model + terms.merge_many * many) * sizes["model_fp32"]
-           + terms.data * sizes["datasets"] + terms.activations * sizes["activations"])
+           + terms.data * sizes["datasets"] + terms.activations * sizes["activations"]
+           + terms.all_activations * sizes["all_activations"])
     peak = baseline_bytes + int(SLACK * job) + terms.overhead
     return Estimate(peak_bytes=peak, baseline_bytes=baseline_bytes, terms=sizes)
 

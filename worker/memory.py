@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.config import Settings
 from matching.memory import (STREAMING_DATA_PATH, Estimate, estimate_peak, machine_memory, rss_anon_bytes,
-                             widest_activation_bytes)
+                             activation_bytes)
 
 GiB = 1024**3
 # Jobs this worker runs at once: ``rebasin worker --concurrency`` sets it before the pool processes fork.
@@ -32,10 +32,10 @@ def estimate_job(request: dict, checkpoints: dict, datasets: dict) -> Estimate:
     inputs = [checkpoints[i].tensors for i in request["checkpoints"]]
     data = [datasets[i].tensors for i in (request.get("dataset"), request.get("eval_dataset")) if i]
     shapes = {name: tuple(t["shape"]) for name, t in inputs[0].items()}
-    widest = [widest_activation_bytes(request.get("architecture"), shapes, d) for d in data]
+    sizes = [activation_bytes(request.get("architecture"), shapes, d) for d in data]
     return estimate_peak(inputs, method=request["method"], datasets=data, options=request.get("options") or {},
                          streams=STREAMING_DATA_PATH, baseline_bytes=rss_anon_bytes(),
-                         activation_bytes=None if None in widest else max(widest, default=None))
+                         activations=None if None in sizes or not sizes else max(sizes))
 
 
 def check_fits(request: dict, checkpoints: dict, datasets: dict, settings: Settings) -> tuple[Estimate, int, str]:
