@@ -30,9 +30,10 @@ the number of inputs, and whether the data path streams. The formula, every size
   ``COEFFICIENTS`` (fitted on measurements, see benchmarks/memory_estimate.py and its table in
   benchmarks/README.md); ``slack`` = ``SLACK``.
 
-Today's data path (``streams=False``) holds every input whole, float32 copies of the matched tensors, the
-aligned and merged models, the module, and a serialised copy while writing: about 4 model copies beyond the
-inputs. A streaming data path changes only its row of the table.
+Today's data path (``streams=False``) holds every input whole, float32 copies of the matched tensors (and
+their reshaped layouts), the aligned and merged models, the module, and a serialised copy while writing:
+measured, 8.5 float32 model copies beyond the inputs for a GPT-2 pair, 4 for an MLP. A streaming data path
+changes only its row of the table (``STREAMING_DATA_PATH`` picks the row).
 
 Peaks are measured by ``PeakSampler``: a thread reading the process's RssAnon from /proc/self/status every
 few milliseconds. The kernel keeps a high-water mark only of the whole resident set (VmHWM, file pages
