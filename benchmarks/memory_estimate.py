@@ -76,7 +76,12 @@ def measure(case: str, folder: Path) -> dict:
     from safetensors.torch import load_file
 
     import matching
-    from matching.memory import PeakSampler, estimate_peak, activation_bytes, rss_anon_bytes
+    from matching.memory import (
+        PeakSampler,
+        activation_bytes,
+        estimate_peak,
+        rss_anon_bytes,
+    )
 
     torch.set_num_threads(2)
     arch, options, count, method, dataset, eval_dataset, job_options = CASES[case]

@@ -7,7 +7,12 @@ from datetime import datetime
 import torch
 
 from core.config import Settings
-from matching.memory import cgroup_limits, estimate_peak, machine_memory, physical_memory_bytes
+from matching.memory import (
+    cgroup_limits,
+    estimate_peak,
+    machine_memory,
+    physical_memory_bytes,
+)
 from tests.service_helpers import SIZES, make_mlp, run_job, upload
 from worker import memory
 from worker.memory import worker_budget

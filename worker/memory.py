@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from core.config import Settings
-from matching.memory import (STREAMING_DATA_PATH, Estimate, estimate_peak, machine_memory, rss_anon_bytes,
-                             activation_bytes)
+from matching.memory import (
+    STREAMING_DATA_PATH,
+    Estimate,
+    activation_bytes,
+    estimate_peak,
+    machine_memory,
+    rss_anon_bytes,
+)
 
 GiB = 1024**3
 # Jobs this worker runs at once: ``rebasin worker --concurrency`` sets it before the pool processes fork.
