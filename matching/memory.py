@@ -21,7 +21,8 @@ the number of inputs, and whether the data path streams. The formula, every size
 - ``dataset_bytes``: the stored bytes of the dataset and eval dataset; ``example_bytes``: the widest
   activation of one example in float32 (the largest module output, found by a forward pass of the
   architecture on the meta device: a CNN's widest feature map, a language model's logits), else
-  ``FALLBACK_ACTIVATION_FACTOR`` times one example's input; ``batch_rows`` the rows evaluated at once (1000,
+  ``FALLBACK_ACTIVATION_FACTOR`` times one example's input, or for token ids the positions times the
+  checkpoint's largest dimension (a vocabulary: the logits); ``batch_rows`` the rows evaluated at once (1000,
   the evaluation batch; the job's batch_size for activation and STE matching when larger; at most the
   dataset's examples); ``all_bytes``: every module output of one example added up (activation matching
   holds both models' captured activations of a batch, STE's autograd every layer's), ``training_rows`` the
@@ -156,6 +157,15 @@ def activation_bytes(architecture: dict | None, shapes: dict[str, tuple[int, ...
         return None
 
 
+def _token_logits_bytes(inputs: list[dict[str, dict]], datasets: list[dict[str, dict]]) -> int:
+    """Without a model to run: a language model's logits per example, token positions x the checkpoint's
+    largest dimension (its vocabulary) in float32; 0 for datasets of features."""
+    positions = max((math.prod(d["inputs"]["shape"][1:]) for d in datasets
+                     if "inputs" in d and d["inputs"]["dtype"] not in FLOAT_DTYPES), default=0)
+    largest = max((max(entry["shape"]) for entry in (inputs[0] if inputs else {}).values() if entry["shape"]), default=0)
+    return 4 * positions * largest
+
+
 def estimate_peak(inputs: list[dict[str, dict]], *, method: str, datasets: list[dict[str, dict]] = (),
                   options: dict | None = None, streams: bool = False, baseline_bytes: int = 0,
                   activations: tuple[int, int] | None = None) -> Estimate:
@@ -178,7 +188,7 @@ def estimate_peak(inputs: list[dict[str, dict]], *, method: str, datasets: list[
     if datasets and activations is not None:
         widest, every = max(per_example, activations[0]), max(per_example, activations[1])
     else:
-        widest = per_example * FALLBACK_ACTIVATION_FACTOR
+        widest = max(per_example * FALLBACK_ACTIVATION_FACTOR, _token_logits_bytes(inputs, datasets))
         every = widest * FALLBACK_LAYERS
     training_rows = min(examples, int(options.get("batch_size") or DEFAULT_BATCH_SIZE))
     sizes = {

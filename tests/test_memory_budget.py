@@ -57,6 +57,10 @@ def test_estimate_grows_with_inputs_datasets_and_method():
     assert ste.peak_bytes > with_data.peak_bytes
     assert estimate_peak([layer, layer], method="auto", datasets=[data]).peak_bytes == ste.peak_bytes
     assert estimate_peak([layer, layer], method="weight_matching", baseline_bytes=10**9).peak_bytes == pair.peak_bytes + 10**9
+    # Token ids without a model to run (architecture hf): the logits, positions x vocabulary, per example.
+    lm = {"wte": {"dtype": "BF16", "shape": [50257, 64]}, "head": {"dtype": "BF16", "shape": [50257, 64]}}
+    tokens = {"inputs": {"dtype": "I64", "shape": [100, 128]}, "targets": {"dtype": "I64", "shape": [100, 128]}}
+    assert estimate_peak([lm, lm], method="weight_matching", datasets=[tokens]).terms["activations"] == 100 * 128 * 50257 * 4
 
 
 def test_worker_budget_is_the_setting_else_the_machine_shared_by_the_jobs_at_once(monkeypatch):
