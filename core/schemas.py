@@ -134,6 +134,13 @@ class JobResult(BaseModel):
     mlflow: dict[str, Any] | None = Field(None, description="with the mlflow option: run_id, experiment_id, and with "
                                           "register_as registered_model and model_version; error when the export failed")
     warnings: list[str] | None = Field(None, description="what went wrong without failing the merge (an MLflow export)")
+    partial: dict[str, Any] | None = Field(None, description=(
+        "options.merge_until: {merge_until, cut (the module cut after), shared (the trunk's tensors), heads (the "
+        "other tensors, one copy per head), flops: {two_models, merged, zipped}, flops_fraction (zipped / two "
+        "models), zipped (without label_sets: the heads' mean on the evaluation data), definition}; 'sweep': "
+        "{cuts: [{module, permutation, shared_tensors, flops, flops_fraction, joint_accuracy}], flops}"))
+    joint_accuracy: dict[str, Any] | None = Field(None, description=(
+        "options.label_sets: {ensemble, full_merge, zipped (with merge_until), label_sets, definition}"))
     auto: dict[str, Any] | None = Field(None, description=(
         "method auto: {chosen, criterion, split, time_budget_s, candidates: {method: {score, barrier, barrier_naive, "
         "merged, seconds}}, skipped: {method: why}}; score is the held-out loss barrier with the job's correction "
@@ -198,6 +205,20 @@ class JobOptions(BaseModel):
     time_budget_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
         "auto: seconds the job may spend on its candidates. Weight and activation matching always run; STE matching "
         "runs only with a budget, and is stopped (and left out) when the budget runs out."))
+    merge_until: str | None = Field(None, min_length=1, max_length=200, description=(
+        "A partial merge (two checkpoints, an architecture): a module of the architecture (`layer2` of a "
+        "torchvision ResNet, `layers.1` of an MLP) or a permutation of its spec (`P_layers.1`). Everything up to "
+        "and including it, in execution order, is merged into one shared trunk; everything after stays as two "
+        "heads, A's own and aligned B's: the artifact zipped.safetensors (`trunk.*`, `heads.0.*`, `heads.1.*`; "
+        "matching.load_zipped builds it). The result's `partial` lists the shared tensors and the FLOPs. "
+        "`sweep`: every cut point of the spec, each with its FLOPs (and joint accuracy with label_sets), no "
+        "zipped.safetensors."))
+    label_sets: list[Annotated[list[Annotated[int, Field(ge=0, lt=100_000)]], Field(min_length=1, max_length=100_000)]] | None = Field(
+        None, min_length=2, max_length=2, description=(
+            "The classes A and B were trained on (two checkpoints), disjoint, e.g. [[0,1,2,3,4],[5,6,7,8,9]]. The "
+            "result gains `joint_accuracy` on the evaluation data's examples of those classes: each head scores its "
+            "own classes and the prediction is the arg max over the union (ZipIt!): `ensemble` (A and B), "
+            "`full_merge` (the merged model) and, with merge_until, `zipped`."))
 
 
 class JobCreate(BaseModel):

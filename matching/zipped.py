@@ -301,3 +301,99 @@ def count_flops(forward, example) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         forward(example)
     return int(counter.get_total_flops())
+
+
+PARTIAL_DEFINITION = ("cut: the end of the last call of the merge_until module (a permutation: of the last module whose "
+                      "output carries it), in execution order; trunk: every module whose first call started before "
+                      "the cut, its tensors merged and shared; heads: every other tensor, heads.0 from A, heads.1 from "
+                      "aligned B")
+JOINT_DEFINITION = ("ZipIt!'s joint accuracy: on the held-out examples whose class is in a label set, each head (model) "
+                    "scores only its own label set's classes and the prediction is the arg max over the union; a single "
+                    "merged model scores the union with its one output")
+
+
+def partial_merge(architecture: dict, spec: PermutationSpec, state_a: dict, aligned_b: dict, merged: dict, *,
+                  merge_until: str | None, label_sets: list[list[int]] | None, held_out, bn_inputs=None,
+                  device="cpu", tick=None, trunk_merge=None) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """The report entries of a partial merge (``partial``, and ``joint_accuracy`` with label sets) and the zipped
+    state (None for a sweep or without merge_until). ``merged``: the full merge (its trunk tensors are the trunk);
+    ``held_out``: (inputs, targets) or None; ``bn_inputs``: data to re-estimate the zipped model's BatchNorm
+    statistics on (its heads see the merged trunk's features), or None. ``trunk_merge(trunk keys)``: the two full
+    states of the zipped model (equal on the trunk keys); by default the full merge's trunk in A and aligned B."""
+    from matching.evaluate import evaluate, has_batchnorm, reset_batchnorm
+
+    def zipped(module):
+        if module is None:  # nothing merged: A and aligned B as they are
+            return build_zipped(architecture, state_a, aligned_b, None).to(device)
+        model = build_zipped(architecture, *trunk_merge(set(trunk_keys(probe, plan_cut(calls, module)))), module)
+        model.to(device)
+        if bn_inputs is not None and has_batchnorm(model):
+            reset_batchnorm(model, bn_inputs)
+        return model
+
+    def merged_trunk(keys):
+        return [{k: merged[k] if k in keys else v for k, v in state.items()} for state in (state_a, aligned_b)]
+
+    trunk_merge = trunk_merge or merged_trunk
+    probe = build_zipped(architecture, state_a, aligned_b, None).heads[0]
+    example = example_input(architecture["name"], probe, batch=1)
+    calls = trace_calls(probe, example)
+    single = count_flops(probe, example)
+    report: dict = {}
+    if label_sets is not None:
+        outputs = output_logits(probe.eval()(example)).shape[-1]
+        if max(c for s in label_sets for c in s) >= outputs:
+            raise MatchingError(f"label_sets name class {max(c for s in label_sets for c in s)} but the model has "
+                                f"{outputs} outputs")
+    joint = None
+    if label_sets is not None and held_out is not None:
+        inputs, targets = held_out
+        full = build_zipped(architecture, merged, merged, None).heads[0].to(device)
+        joint = {"ensemble": joint_accuracy(zipped(None), inputs, targets, label_sets),
+                 "full_merge": joint_accuracy(lambda x: (full(x),) * len(label_sets), inputs, targets, label_sets),
+                 "label_sets": label_sets, "definition": JOINT_DEFINITION}
+
+    def describe(module, point=None):
+        model = zipped(module)
+        entry = {"module": module, **({"permutation": point["permutation"]} if point else {}),
+                 "shared_tensors": len(trunk_keys(model.heads[0], model.cut)),
+                 "flops": count_flops(model.cpu(), example)}
+        entry["flops_fraction"] = entry["flops"] / (2 * single)
+        model.to(device)
+        if joint is not None:
+            entry["joint_accuracy"] = joint_accuracy(model, *held_out, label_sets)
+        return entry, model
+
+    if merge_until is None:
+        return {"joint_accuracy": joint} if joint else {}, None
+    points = cut_points(probe, spec, calls)
+    flops = {"two_models": 2 * single, "merged": single}
+    if merge_until == "sweep":
+        cuts = []
+        for i, point in enumerate(points):
+            cuts.append(describe(point["module"], point)[0])
+            if tick is not None:
+                tick("partial_sweep", i + 1, len(points), f"cut after {point['module']}")
+        report["partial"] = {"merge_until": "sweep", "cuts": cuts, "flops": flops, "definition": PARTIAL_DEFINITION}
+    else:
+        module = resolve_cut(probe, spec, calls, merge_until)
+        entry, model = describe(module)
+        keys = trunk_keys(model.heads[0], model.cut)
+        report["partial"] = {"merge_until": merge_until, "cut": module, "flops": {**flops, "zipped": entry["flops"]},
+                             "flops_fraction": entry["flops_fraction"], "shared": keys,
+                             "heads": [k for k in state_a if k not in set(keys)], "definition": PARTIAL_DEFINITION}
+        if joint is not None:
+            joint["zipped"] = entry["joint_accuracy"]
+        elif held_out is not None:  # one label space: the heads' mean
+            model.average = True
+            report["partial"]["zipped"] = evaluate(model, *held_out)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.heads[0].state_dict().items()}
+        state_b = {k: v.detach().cpu().contiguous() for k, v in model.heads[1].state_dict().items()}
+        zipped_tensors = zipped_state(state, state_b, state, keys)
+    if joint is not None:
+        report["joint_accuracy"] = joint
+    return report, (None if merge_until == "sweep" else zipped_tensors)
+
+
+def zipped_metadata(architecture: dict, cut: str | None) -> dict[str, str]:
+    return {"format": FORMAT, "architecture": json.dumps(architecture), "merge_until": cut or ""}
