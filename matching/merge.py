@@ -93,6 +93,11 @@ def _options(options: dict | None) -> dict:
     return out
 
 
+def _reported_options(opts: dict, method: str) -> dict:
+    """The options the method read, defaults filled in; the partial-merge ones only when given."""
+    return {k: v for k, v in opts.items() if k in METHOD_OPTIONS[method] and not (k in PARTIAL_OPTIONS and v is None)}
+
+
 def _label_sets(value) -> list[list[int]] | None:
     """options.label_sets: one list of class indices per checkpoint (two), disjoint, none empty."""
     if value is None:
@@ -398,7 +403,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     tick("validate", 1, 1, "inputs ok")
 
     report: dict = {"method": method, "num_checkpoints": len(states),
-                    "options": {k: v for k, v in opts.items() if k in METHOD_OPTIONS[method]}}
+                    "options": _reported_options(opts, method)}
     if arch_options is not None:
         shown = {k: v for k, v in arch_options.items() if k != "config"}  # hf: the config is the checkpoint's own
         report["architecture"] = {"name": architecture["name"], "options": shown}
@@ -453,8 +458,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
                                         bn_inputs=bn_inputs if mode != "none" else None, device=dev, tick=tick)
         report.update(partial)
         if zipped is not None:
-            zipped_metadata = metadata({**arch, "options": {k: v for k, v in arch_options.items()}},
-                                       report["partial"]["cut"])
+            zipped_metadata = metadata(arch, report["partial"]["cut"])
             zipped = {k: v.to(dtypes.get(k.split(".", 2)[-1] if k.startswith("heads.") else k[len("trunk."):],
                                          v.dtype)) for k, v in zipped.items()}
     report["seconds_total"] = time.perf_counter() - started
@@ -516,7 +520,7 @@ def _merge_auto(states, opts, started, *, options, progress, should_cancel, **jo
     _, chosen, outcome = best
     report = outcome.report
     report["method"] = "auto"
-    report["options"] = {k: v for k, v in opts.items() if k in METHOD_OPTIONS["auto"]}
+    report["options"] = _reported_options(opts, "auto")
     report["auto"] = {"chosen": chosen, "criterion": _AUTO_CRITERION, "split": report["evaluation"]["split"],
                       "time_budget_s": budget, "candidates": candidates, "skipped": skipped}
     report["seconds_total"] = time.perf_counter() - started

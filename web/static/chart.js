@@ -124,10 +124,11 @@ export function drawSweep(container, partial, joint) {
     });
   }
   const levels = joint ? [["ensemble", "Ensemble"], ["full_merge", "Full merge"]] : [];
-  for (const [key, label] of levels) {
+  levels.forEach(([key, label], i) => {  // labels at opposite ends: the two levels are often close
     el("line", { x1: margin, x2: width - margin, y1: y(joint[key]), y2: y(joint[key]), class: `level ${key}` }, svg);
-    el("text", { x: width - margin, y: y(joint[key]) - 4, class: "tick", "text-anchor": "end" }, svg).textContent = `${label} ${fmt(joint[key])}`;
-  }
+    el("text", { x: i ? width - margin : margin + 4, y: y(joint[key]) - 4, class: "tick", "text-anchor": i ? "end" : "start" }, svg)
+      .textContent = `${label} ${fmt(joint[key])}`;
+  });
   const legend = document.createElement("p");
   legend.className = "legend";
   for (const [key, label] of series) {
