@@ -336,7 +336,8 @@ def partial_merge(architecture: dict, spec: PermutationSpec, state_a: dict, alig
 
     trunk_merge = trunk_merge or merged_trunk
     probe = build_zipped(architecture, state_a, aligned_b, None).heads[0]
-    example = example_input(architecture["name"], probe, batch=1)
+    # FLOPs of one example: of the evaluation data when there is some (its size, not the architecture's default)
+    example = held_out[0][:1].cpu() if held_out is not None else example_input(architecture["name"], probe, batch=1)
     calls = trace_calls(probe, example)
     single = count_flops(probe, example)
     report: dict = {}
