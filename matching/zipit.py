@@ -64,16 +64,18 @@ class ZipResult:
 def zipit_merge(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b: dict, inputs: torch.Tensor, *,
                 alpha: float = ALPHA_DEFAULT, beta: float = BETA_DEFAULT, trunk: Collection[str] | None = None,
                 merge_lambda: float = 0.5, reset_bn: bool = True, batch_size: int = 256, device="cpu",
-                tick=None) -> ZipResult:
+                tick=None, correlations: dict[str, torch.Tensor] | None = None) -> ZipResult:
     """ZipIt! merge of models A and B (one architecture, ``model``) on ``inputs`` (see the module docstring).
-    ``trunk``: the state keys merged (a partial merge); None merges everything."""
+    ``trunk``: the state keys merged (a partial merge); None merges everything. ``correlations``: what
+    ``feature_correlations`` returned for these models and inputs (a sweep over cuts computes them once)."""
     start = time.perf_counter()
     if not (0.0 <= alpha <= 1.0 and 0.0 <= beta <= 1.0 and 0.0 <= merge_lambda <= 1.0):
         raise MatchingError(f"zip: alpha, beta and merge_lambda must be in [0, 1] (got {alpha}, {beta}, {merge_lambda})")
     check_zip_spec(spec)
     merged_perms = merged_permutations(spec, trunk)
-    correlations = feature_correlations(spec, model, state_a, state_b, inputs, merged_perms,
-                                        batch_size=batch_size, device=device, tick=tick)
+    if correlations is None or not merged_perms <= set(correlations):
+        correlations = feature_correlations(spec, model, state_a, state_b, inputs, merged_perms,
+                                            batch_size=batch_size, device=device, tick=tick)
     merges, unmerges, counts = {}, {}, {}
     for perm in sorted(merged_perms):
         merges[perm], unmerges[perm], counts[perm] = zip_features(correlations[perm], alpha, beta, merge_lambda)
@@ -224,6 +226,13 @@ def _fallback_pair(corr: torch.Tensor, active: torch.Tensor) -> tuple[int, int]:
     sims[~active] = -torch.inf
     sims[:, ~active] = -torch.inf
     return tuple(sorted(divmod(int(sims.argmax()), len(sims))))
+
+
+def clusters(unmerge: torch.Tensor) -> list[list[list[int]]]:
+    """Each merged unit's members as [[A's units], [B's units]] (for permutation.json)."""
+    n = unmerge.shape[1]
+    return [[torch.nonzero(unmerge[:n, c]).flatten().tolist(), torch.nonzero(unmerge[n:, c]).flatten().tolist()]
+            for c in range(n)]
 
 
 def permutation_merge(perm: torch.Tensor, merge_lambda: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:

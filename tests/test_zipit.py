@@ -1,6 +1,8 @@
 """ZipIt! (matching.zipit): the fold is exact where it should be, a planted permutation is found, and on two MLPs
 trained on disjoint halves of digits (classes 0-4 and 5-9) zip's full merge beats weight matching's."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +154,32 @@ def test_zip_beats_weight_matching_on_models_of_different_tasks(task_pair):
     print(f"joint accuracy: ensemble {ensemble:.3f}, zip {zipped:.3f}, weight matching {matched:.3f}")
     assert zipped >= matched + 0.1  # measured 0.876 against 0.576 (ensemble 0.898)
     assert zipped <= ensemble + 0.02
+
+
+def test_zip_through_merge_checkpoints(task_pair, tmp_path):
+    from matching.merge import merge_checkpoints, write_artifacts
+    from tests.data_helpers import write_digits
+
+    (state_a, state_b), x, xe, ye = task_pair
+    data = write_digits(tmp_path / "digits.safetensors")
+    job = {"architecture": {"name": "mlp"}, "dataset": data}
+    outcome = merge_checkpoints([state_a, state_b], method="zip", options={"lambdas": 3, "beta": 0.5}, **job)
+    report = outcome.report
+    assert report["method"] == "zip" and report["options"]["alpha"] == 0.0 and report["options"]["beta"] == 0.5
+    assert report["repair"]["mode"] == "none" and report["matching"]["merges"]["P_layers.0"]["within_a"] > 0
+    model, spec = model_and_spec("mlp", sizes=[64, 128, 128, 10])
+    library = zipit_merge(spec, model, state_a, state_b, x, beta=0.5).merged
+    assert all(torch.allclose(outcome.merged[k], library[k], atol=1e-6) for k in library)
+    accuracy = (outputs(model, outcome.merged, xe).argmax(1) == ye).float().mean().item()
+    assert report["merged"]["accuracy"] == pytest.approx(accuracy, abs=1e-6) and accuracy > 0.8
+    write_artifacts(outcome, tmp_path / "out")
+    groups = json.loads((tmp_path / "out" / "permutation.json").read_text())["zip"]["P_layers.1"]
+    assert len(groups) == 128 and sorted(i for a, _ in groups for i in a) == list(range(128))
+
+    for options, others, message in (
+            ({"alpha": 1.5}, {}, "out of range"),
+            ({"repair": "repair"}, {}, "not available with zip"),
+            ({}, {"dataset": None}, "zip needs a dataset"),
+            ({}, {"states": [state_a, state_b, state_a]}, "zip merges two checkpoints")):
+        with pytest.raises(MatchingError, match=message):
+            merge_checkpoints(others.pop("states", [state_a, state_b]), method="zip", options=options, **{**job, **others})
