@@ -50,6 +50,8 @@ from matching.spec import PermutationSpec
 ALPHA_DEFAULT = 0.0
 BETA_DEFAULT = 0.5
 EPS = 1e-7
+# layers whose weights are [out, in, ...] and whose other permuted tensors are per-output-channel vectors
+KNOWN_LAYOUTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass
@@ -71,7 +73,7 @@ def zipit_merge(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b:
     start = time.perf_counter()
     if not (0.0 <= alpha <= 1.0 and 0.0 <= beta <= 1.0 and 0.0 <= merge_lambda <= 1.0):
         raise MatchingError(f"zip: alpha, beta and merge_lambda must be in [0, 1] (got {alpha}, {beta}, {merge_lambda})")
-    check_zip_spec(spec)
+    check_zip_spec(spec, model)
     merged_perms = merged_permutations(spec, trunk)
     if correlations is None or not merged_perms <= set(correlations):
         correlations = feature_correlations(spec, model, state_a, state_b, inputs, merged_perms,
@@ -94,8 +96,9 @@ def zipit_merge(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b:
     return ZipResult(merged, heads, merges, unmerges, info)
 
 
-def check_zip_spec(spec: PermutationSpec) -> None:
-    """Refuse what the fold does not cover (see the module docstring)."""
+def check_zip_spec(spec: PermutationSpec, model: nn.Module | None = None) -> None:
+    """Refuse what the fold does not cover (see the module docstring). With the model: every permuted tensor must
+    belong to a layer whose layout is known to be [out, in, ...] (or a per-channel vector)."""
     if spec.perms:
         kinds = sorted({next(iter(e)) for e in spec.perms.values()})
         raise MatchingError(f"zip merges free permutations only; this spec has block-structured ones ({', '.join(kinds)}: "
@@ -105,6 +108,14 @@ def check_zip_spec(spec: PermutationSpec) -> None:
         if beyond:
             raise MatchingError(f"zip folds merges into a tensor's output axis (0) and input axis (1) only; {key!r} "
                                 f"has permutation {axes[beyond[0]]!r} on axis {beyond[0]}")
+    if model is None:
+        return
+    modules = dict(model.named_modules())
+    for key, axes in spec.axes_to_perm.items():
+        owner = modules.get(key.rpartition(".")[0])
+        if any(axes) and not isinstance(owner, KNOWN_LAYOUTS):
+            raise MatchingError(f"zip knows the layout ([out, in, ...]) of Linear, convolution and normalisation layers; "
+                                f"{key!r} belongs to {type(owner).__name__ if owner is not None else 'no module'}")
 
 
 def merged_permutations(spec: PermutationSpec, trunk: Collection[str] | None) -> set[str]:

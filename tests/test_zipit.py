@@ -14,7 +14,7 @@ from matching.evaluate import interpolate
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, random_perms
 from matching.weight_matching import weight_matching
-from matching.zipit import fold_weights, permutation_merge, zipit_merge
+from matching.zipit import check_zip_spec, fold_weights, permutation_merge, zipit_merge
 from tests.data_helpers import digits
 
 MLP = {"sizes": [64, 48, 48, 10]}
@@ -124,6 +124,10 @@ def test_refused_specs_and_cuts():
     grouped = PermutationSpec(spec.axes_to_perm, {"P_layers.0": {"groups": 4, "group_perm": None}})
     with pytest.raises(MatchingError, match="block-structured"):
         zipit_merge(grouped, model, model.state_dict(), model.state_dict(), torch.rand(8, 64))
+    embedding = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 8), "fc": torch.nn.Linear(8, 3)})
+    with pytest.raises(MatchingError, match="'emb.weight' belongs to Embedding"):  # its units are on axis 1
+        check_zip_spec(PermutationSpec({"emb.weight": (None, "P"), "fc.weight": (None, "P"), "fc.bias": (None,)}),
+                       embedding)
     with pytest.raises(MatchingError, match="alpha, beta"):
         zipit_merge(spec, model, model.state_dict(), model.state_dict(), torch.rand(8, 64), alpha=2.0)
 
