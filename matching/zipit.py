@@ -91,7 +91,7 @@ def zipit_merge(spec: PermutationSpec, model: nn.Module, state_a: dict, state_b:
         bn_reset = True
     info = {"alpha": alpha, "beta": beta, "merge_lambda": merge_lambda, "partial": trunk is not None,
             "merged_permutations": sorted(merged_perms), "merges": counts, "bn_reset": bn_reset,
-            "num_examples": len(inputs), "seconds": time.perf_counter() - start,
+            "num_examples": len(inputs), "iterations": 1, "seconds": time.perf_counter() - start,
             "objective": "ZipIt!: greedy merges of the most correlated features, across and within the models"}
     return ZipResult(merged, heads, merges, unmerges, info)
 

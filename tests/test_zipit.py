@@ -194,6 +194,16 @@ def test_zip_through_merge_checkpoints(task_pair, tmp_path):
     groups = json.loads((tmp_path / "out" / "permutation.json").read_text())["zip"]["P_layers.1"]
     assert len(groups) == 128 and sorted(i for a, _ in groups for i in a) == list(range(128))
 
+    # the local command: python -m matching merge --method zip
+    from matching.__main__ import main
+    from safetensors.torch import save_file
+    for name, state in (("a", state_a), ("b", state_b)):
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+    assert main(["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--arch", "mlp",
+                 "--data", str(data), "--method", "zip", "--beta", "0.5", "--lambdas", "3",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())["merged"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
     for options, others, message in (
             ({"alpha": 1.5}, {}, "out of range"),
             ({"repair": "repair"}, {}, "not available with zip"),
