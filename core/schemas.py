@@ -138,7 +138,7 @@ class JobResult(BaseModel):
         "options.merge_until: {merge_until, cut (the module cut after), shared (the trunk's tensors), heads (the "
         "other tensors, one copy per head), flops: {two_models, merged, zipped}, flops_fraction (zipped / two "
         "models), zipped (without label_sets: the heads' mean on the evaluation data), definition}; 'sweep': "
-        "{cuts: [{module, permutation, shared_tensors, flops, flops_fraction, joint_accuracy}], flops}"))
+        "{cuts: [{module, permutation, shared_tensors, flops, flops_fraction, joint_accuracy} or {module, permutation, refused: why the method cannot cut there}], flops}"))
     joint_accuracy: dict[str, Any] | None = Field(None, description=(
         "options.label_sets: {ensemble, full_merge, zipped (with merge_until), label_sets, definition}"))
     auto: dict[str, Any] | None = Field(None, description=(

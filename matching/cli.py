@@ -14,7 +14,7 @@ from matching.merge import DEFAULTS, PARTIAL_OPTIONS
 
 METHOD_NAMES = {"weight": "weight_matching", "activation": "activation_matching", "ste": "ste_matching"}
 # One set of spellings for every command that takes a method: the short names and the API's.
-METHOD_CHOICES = list(METHOD_NAMES) + list(METHOD_NAMES.values()) + ["auto"]
+METHOD_CHOICES = list(METHOD_NAMES) + list(METHOD_NAMES.values()) + ["auto", "zip"]
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -30,7 +30,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="weight", choices=METHOD_CHOICES, metavar="METHOD",
                         help="weight (data-free), activation or ste (need --data), or auto (needs --data: runs "
-                             "weight and activation matching and keeps the lower held-out barrier); the API's names "
+                             "weight and activation matching and keeps the lower held-out barrier), or zip (ZipIt!, needs "
+                             "--data); the API's names "
                              "weight_matching, activation_matching, ste_matching work too")
 
 
@@ -107,7 +108,9 @@ def add_merge_command(subparsers) -> argparse.ArgumentParser:
                              ("--lambdas", int, "number of interpolation points"),
                              ("--merge-lambda", float, "where between A and aligned B the merged model lies"),
                              ("--steps", int, "STE steps"), ("--learning-rate", float, "STE learning rate"),
-                             ("--batch-size", int, "activation and STE batch size")):
+                             ("--batch-size", int, "activation and STE batch size"),
+                             ("--alpha", float, "zip: factor on a merged feature's correlations (0: merged once)"),
+                             ("--beta", float, "zip: share of merges allowed within one model")):
         option = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, help=f"{what} (default {DEFAULTS[option]})")
     p.add_argument("--repair", choices=["none", "reset", "repair"],

@@ -23,12 +23,14 @@ from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
 from matching.weight_matching import statistics_keys, weight_matching
+from matching.zipit import ALPHA_DEFAULT, BETA_DEFAULT
 
-METHODS = ("weight_matching", "activation_matching", "ste_matching", "auto")
+METHODS = ("weight_matching", "activation_matching", "ste_matching", "auto", "zip")
 # auto: the methods it runs, in this order (STE only when options.time_budget_s leaves time for it)
 AUTO_CANDIDATES = ("weight_matching", "activation_matching", "ste_matching")
 OPTION_TYPES = {"seed": int, "max_iter": int, "lambdas": int, "merge_lambda": float, "steps": int,
-                "learning_rate": float, "batch_size": int, "time_budget_s": float}
+                "learning_rate": float, "batch_size": int, "time_budget_s": float, "alpha": float, "beta": float}
+ZIP_OPTIONS = ("alpha", "beta")  # method zip (matching.zipit) only
 # Partial merges and different label spaces (matching.zipped): every method reads them.
 PARTIAL_OPTIONS = ("merge_until", "label_sets")
 # The options each method reads (the report lists these only).
@@ -36,12 +38,13 @@ METHOD_OPTIONS = {
     "weight_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "repair", *PARTIAL_OPTIONS),
     "activation_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "batch_size", "repair",  # max_iter: MergeMany
                             *PARTIAL_OPTIONS),
-    "ste_matching": (*(o for o in OPTION_TYPES if o != "time_budget_s"), "repair", *PARTIAL_OPTIONS),
-    "auto": (*OPTION_TYPES, "repair", *PARTIAL_OPTIONS),
+    "ste_matching": (*(o for o in OPTION_TYPES if o not in ("time_budget_s", *ZIP_OPTIONS)), "repair", *PARTIAL_OPTIONS),
+    "auto": (*(o for o in OPTION_TYPES if o not in ZIP_OPTIONS), "repair", *PARTIAL_OPTIONS),
+    "zip": ("lambdas", "merge_lambda", "batch_size", *ZIP_OPTIONS, "repair", *PARTIAL_OPTIONS),
 }
 MAX_LABELS = 100_000
 DEFAULTS = {"seed": 0, "max_iter": 100, "lambdas": 25, "merge_lambda": 0.5, "steps": 200, "learning_rate": 1e-3,
-            "batch_size": 256, "time_budget_s": None}
+            "batch_size": 256, "time_budget_s": None, "alpha": ALPHA_DEFAULT, "beta": BETA_DEFAULT}
 # "none": plain interpolation; "reset": BatchNorm statistics re-estimated on the data; "repair": REPAIR (after the
 # reset, in BN networks). Left out: chosen per architecture (repair_default).
 REPAIR_MODES = ("none", "reset", "repair")
@@ -85,11 +88,13 @@ def _options(options: dict | None) -> dict:
     checks = {"max_iter": out["max_iter"] >= 1, "lambdas": 2 <= out["lambdas"] <= 1001,
               "merge_lambda": 0.0 <= out["merge_lambda"] <= 1.0, "steps": out["steps"] >= 1,
               "learning_rate": 0 < out["learning_rate"] < math.inf, "batch_size": out["batch_size"] >= 1,
-              "time_budget_s": out["time_budget_s"] is None or 0 < out["time_budget_s"] < math.inf}
+              "time_budget_s": out["time_budget_s"] is None or 0 < out["time_budget_s"] < math.inf,
+              "alpha": 0.0 <= out["alpha"] <= 1.0, "beta": 0.0 <= out["beta"] <= 1.0}
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise MatchingError(f"option(s) out of range: {', '.join(f'{k}={out[k]!r}' for k in bad)} (max_iter, steps, "
-                            "batch_size >= 1; lambdas 2..1001; merge_lambda in [0, 1]; learning_rate, time_budget_s > 0)")
+                            "batch_size >= 1; lambdas 2..1001; merge_lambda, alpha, beta in [0, 1]; learning_rate, "
+                            "time_budget_s > 0)")
     return out
 
 
@@ -211,6 +216,11 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
     opts = _options(options)
     if len(shapes) < 2:
         raise MatchingError("give at least two checkpoints (two = align B to A; three or more = MergeMany)")
+    if method == "zip" and len(shapes) != 2:
+        raise MatchingError(f"zip merges two checkpoints, not {len(shapes)}; for three or more use another method (MergeMany)")
+    if method == "zip" and opts["repair"] == "repair":
+        raise MatchingError("repair='repair' is not available with zip (its units are merged features, not A's and B's "
+                            "units); use 'reset' or 'none'")
     if (architecture is None) == (permutation_spec is None):
         raise MatchingError("give exactly one of 'architecture' and 'permutation_spec'")
     first = {k: tuple(v) for k, v in shapes[0].items()}
@@ -407,7 +417,10 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     if arch_options is not None:
         shown = {k: v for k, v in arch_options.items() if k != "config"}  # hf: the config is the checkpoint's own
         report["architecture"] = {"name": architecture["name"], "options": shown}
-    if len(states) == 2:
+    if method == "zip":
+        merged, aligned, match_info, permutation = _zip_pair(spec, model, states[0], states[1], train, opts, dev, tick)
+        endpoints, weights = [states[0], aligned[0]], [1 - opts["merge_lambda"], opts["merge_lambda"]]
+    elif len(states) == 2:
         perms, match_info = _align_pair(method, spec, model, states[0], states[1], train, opts, dev, tick)
         aligned = [apply_permutation(spec, perms, states[1])]
         merged = interpolate(states[0], aligned[0], opts["merge_lambda"])
@@ -425,6 +438,8 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     report["matching"] = match_info
 
     mode, chosen = (opts["repair"], "option") if opts["repair"] is not None else (repair_default(model, bn_inputs), "default")
+    if method == "zip" and mode == "repair":  # its units are merged features: the endpoints' statistics do not apply
+        mode = "none"
     bn_reset = False
     if model is not None and bn_inputs is not None and mode != "none":
         repairer = Repair(model, spec, endpoints, bn_inputs) if mode == "repair" else None
@@ -453,9 +468,11 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
         if opts["label_sets"] is not None and not targets_ok:
             raise MatchingError("option 'label_sets' needs class labels of shape [N] in the evaluation data")
         held = (model_input(eval_inputs, eval_inputs.device), eval_targets) if targets_ok and eval_mask is None else None
+        trunk_merge = _zip_trunk(spec, model, states, train, opts, dev, tick) if method == "zip" else None
         partial, zipped = partial_merge(arch, spec, states[0], aligned[0], merged, merge_until=opts["merge_until"],
                                         label_sets=opts["label_sets"], held_out=held,
-                                        bn_inputs=bn_inputs if mode != "none" else None, device=dev, tick=tick)
+                                        bn_inputs=bn_inputs if mode != "none" else None, device=dev, tick=tick,
+                                        trunk_merge=trunk_merge)
         report.update(partial)
         if zipped is not None:
             zipped_metadata = metadata(arch, report["partial"]["cut"])
@@ -581,6 +598,40 @@ def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, i
     return ste_matching(spec, model, state_a, state_b, train, steps=opts["steps"], learning_rate=opts["learning_rate"],
                         batch_size=opts["batch_size"], seed=opts["seed"], max_iter=opts["max_iter"], device=dev,
                         tick=lambda i, n, msg: tick("ste_matching", i, n, msg))
+
+
+def _zip_pair(spec, model, state_a, state_b, train, opts, dev, tick):
+    """ZipIt! (matching.zipit), a full merge: (merged, aligned, matching report, permutation.json). B is not
+    permuted (its features are merged, not matched one to one): ``aligned`` is B as given, so the "aligned"
+    curves are the naive ones; the merged model is evaluated in ``report["merged"]``. BN statistics are
+    re-estimated afterwards with the job's repair mode (reset), like every other method's."""
+    from matching.zipit import clusters, zipit_merge
+    result = zipit_merge(spec, model, state_a, state_b, train.inputs, alpha=opts["alpha"], beta=opts["beta"],
+                         merge_lambda=opts["merge_lambda"], reset_bn=False, batch_size=opts["batch_size"], device=dev,
+                         tick=lambda i, n, msg: tick("zip", i, n, msg))
+    info = {**result.info, "aligned": "B as given: zip merges features, it does not permute B"}
+    permutation = {**spec_to_json(spec), "zip": {p: clusters(u) for p, u in result.unmerges.items()},
+                   "zip_definition": "per permutation, each merged unit's members [[A's units], [B's units]]; the "
+                                     "merged unit is their weighted average (merge_lambda), and each member reads it back"}
+    return result.merged, [state_b], info, permutation
+
+
+def _zip_trunk(spec, model, states, train, opts, dev, tick):
+    """Method zip with merge_until: each cut's trunk zipped on its own (matching.zipit, the merge and unmerge
+    folded into the trunk and into each head's first layers), from correlations computed once for every cut."""
+    from matching.zipit import feature_correlations, merged_permutations, zipit_merge
+    correlations = {}
+
+    def trunk_merge(keys):
+        if not correlations:
+            correlations.update(feature_correlations(spec, model, states[0], states[1], train.inputs,
+                                                     merged_permutations(spec, None), batch_size=opts["batch_size"],
+                                                     device=dev, tick=lambda i, n, m: tick("zip", i, n, m)))
+        result = zipit_merge(spec, model, states[0], states[1], train.inputs, alpha=opts["alpha"], beta=opts["beta"],
+                             trunk=keys, merge_lambda=opts["merge_lambda"], batch_size=opts["batch_size"], device=dev,
+                             correlations=correlations)
+        return [{**state, **result.merged, **head} for state, head in zip(states, result.heads)]
+    return trunk_merge
 
 
 def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_split, bn_inputs, repair, tick) -> dict:

@@ -372,7 +372,10 @@ def partial_merge(architecture: dict, spec: PermutationSpec, state_a: dict, alig
     if merge_until == "sweep":
         cuts = []
         for i, point in enumerate(points):
-            cuts.append(describe(point["module"], point)[0])
+            try:
+                cuts.append(describe(point["module"], point)[0])
+            except MatchingError as error:  # a cut the method cannot make (zip: across a residual stream)
+                cuts.append({**point, "refused": str(error)})
             if tick is not None:
                 tick("partial_sweep", i + 1, len(points), f"cut after {point['module']}")
         report["partial"] = {"merge_until": "sweep", "cuts": cuts, "flops": flops, "definition": PARTIAL_DEFINITION}
