@@ -5,7 +5,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, WithJsonSchema, model_validator
 
-Method = Literal["weight_matching", "activation_matching", "ste_matching", "auto"]
+Method = Literal["weight_matching", "activation_matching", "ste_matching", "auto", "zip"]
 Item = TypeVar("Item")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -205,6 +205,12 @@ class JobOptions(BaseModel):
     time_budget_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
         "auto: seconds the job may spend on its candidates. Weight and activation matching always run; STE matching "
         "runs only with a budget, and is stopped (and left out) when the budget runs out."))
+    alpha: float | None = Field(None, ge=0, le=1, description=(
+        "zip: factor on a merged feature's correlations for further merges (0: every feature merged at most once; "
+        "default 0)."))
+    beta: float | None = Field(None, ge=0, le=1, description=(
+        "zip: the fraction of each model's merges that may be within the model (0: only across the models, a "
+        "permutation; default 0.5)."))
     merge_until: str | None = Field(None, min_length=1, max_length=200, description=(
         "A partial merge (two checkpoints, an architecture): a module of the architecture (`layer2` of a "
         "torchvision ResNet, `layers.1` of an MLP) or a permutation of its spec (`P_layers.1`). Everything up to "
@@ -236,21 +242,24 @@ class JobCreate(BaseModel):
                     "else": {"required": ["permutation_spec"], "properties": {"permutation_spec": {"type": "object"}}},
                 },
                 {
-                    "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching", "auto"]}}},
+                    "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching", "auto", "zip"]}}},
                     "then": {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}},
                 },
             ],
         },
     )
 
-    method: Method = "weight_matching"
+    method: Method = Field("weight_matching", description=(
+        "zip: ZipIt! (Stoica et al., ICLR 2024) for two models trained on different tasks: features merged greedily by "
+        "activation correlation on the dataset, across and within the models (options alpha, beta), the merge and "
+        "unmerge folded into the weights; with options.merge_until, each cut's trunk is zipped."))
     checkpoints: list[str] = Field(min_length=2, max_length=64, json_schema_extra={"uniqueItems": True},
                                    description="A first; more than two = MergeMany. Distinct.")
     architecture: ArchitectureRef | None = Field(None, description="a registered architecture (GET /v1/architectures); "
                                                  "exactly one of this and permutation_spec")
     permutation_spec: dict[str, Any] | None = Field(None, description='{"axes_to_perm": {name: ["P_0", null, ...]}}: '
                                                     "weight matching only; exactly one of this and architecture")
-    dataset: str | None = Field(None, description="dataset id; required by activation_matching, ste_matching and auto "
+    dataset: str | None = Field(None, description="dataset id; required by activation_matching, ste_matching, zip and auto "
                                 "(auto: runs weight, activation and, with options.time_budget_s, STE matching, each "
                                 "evaluated on the held-out split with the job's statistics correction, and keeps the "
                                 "lowest barrier; every candidate is in the result's 'auto')")

@@ -195,7 +195,7 @@ def test_auto_is_offered_first_once_a_dataset_is_chosen(browser, server, files):
     assert values() == ["weight_matching", "activation_matching", "ste_matching"]
     assert method.input_value() == "weight_matching"
     choose(form.locator('[data-field="dataset"] select'), files["data"].name)
-    assert values() == ["auto", "weight_matching", "activation_matching", "ste_matching"]
+    assert values() == ["auto", "weight_matching", "activation_matching", "ste_matching", "zip"]
     assert method.input_value() == "auto"
     form.locator('[data-field="dataset"] select').select_option("")
     assert method.input_value() == "weight_matching" and "auto" not in values()

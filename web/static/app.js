@@ -382,10 +382,11 @@ async function newJobView() {
   const methodDefault = resolve(props.method, doc).default || "weight_matching";
   let methodPicked = false; // the user chose a method: choosing a dataset does not change it
   const methodSelect = h("select", { name: "method", onchange: () => { methodPicked = true; } });
-  // auto compares the methods on the dataset's held-out split: offered, first and chosen, once a dataset is chosen
+  // auto compares the methods on the dataset's held-out split: offered, first and chosen, once a dataset is chosen;
+  // zip (which merges features by their correlations on the dataset) is offered once a dataset is chosen
   function renderMethods() {
     const withData = Boolean(datasetSelect.value) && methodEnum.includes("auto");
-    const names = withData ? ["auto", ...methodEnum.filter((m) => m !== "auto")] : methodEnum.filter((m) => m !== "auto");
+    const names = withData ? ["auto", ...methodEnum.filter((m) => m !== "auto")] : methodEnum.filter((m) => m !== "auto" && m !== "zip");
     const current = methodSelect.value;
     methodSelect.replaceChildren(...names.map((m) => h("option", { value: m }, m.replace("_", " "))));
     methodSelect.value = methodPicked && names.includes(current) ? current : (withData ? "auto" : methodDefault);
