@@ -1,11 +1,11 @@
 """Partial merges of models trained on different classes: joint accuracy and FLOPs per cut point.
 
     python -m benchmarks.bench_partial            # MLPs 64-128x3-10 on digits 0-4 / 5-9 (about a minute)
-    python -m benchmarks.bench_partial --width 512 --methods weight_matching,activation_matching
+    python -m benchmarks.bench_partial --width 512 --methods weight_matching,zip
 
 Model A is trained on digits' classes 0-4, model B on 5-9, from different seeds (as tests/test_partial_merge.py
 trains them). Every row is ``matching.merge_checkpoints`` with ``options.merge_until: "sweep"`` and
-``label_sets`` (what a job runs), the job's default correction (REPAIR for these networks). Joint accuracy
+``label_sets`` (what a job runs), the job's default correction (REPAIR for these networks; none for zip). Joint accuracy
 (ZipIt!): on the held-out split, each head scores its own classes, the prediction is the arg max over all ten.
 """
 
@@ -51,7 +51,7 @@ def table(reports: dict[str, dict]) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, report in reports.items():
         joint = report["joint_accuracy"]
-        cells = [joint["ensemble"], *[c["joint_accuracy"] for c in report["partial"]["cuts"]], joint["full_merge"]]
+        cells = [joint["ensemble"], *[c.get("joint_accuracy", float("nan")) for c in report["partial"]["cuts"]], joint["full_merge"]]
         rows.append(f"| {method} | " + " | ".join(f"{100 * v:.1f}%" for v in cells) + " |")
     return "\n".join(rows)
 
@@ -59,7 +59,7 @@ def table(reports: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--methods", default="weight_matching,activation_matching")
+    parser.add_argument("--methods", default="weight_matching,activation_matching,zip")
     args = parser.parse_args()
     torch.set_num_threads(1)
     x, y, xe, ye = demo.digits()
