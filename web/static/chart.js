@@ -101,7 +101,8 @@ export function drawCurves(container, curves, caption) {
 // A partial-merge sweep: per cut point (x, in execution order), the joint accuracy and the FLOPs as a fraction of
 // the two models (y, both in [0, 1]); the ensemble's and the full merge's joint accuracy as dashed levels.
 export function drawSweep(container, partial, joint) {
-  const cuts = partial.cuts.filter((c) => Number.isFinite(c.flops_fraction)),  // not the cuts the method refused width = 640, margin = 52, top = 24, height = 220;
+  const cuts = partial.cuts.filter((c) => Number.isFinite(c.flops_fraction));  // not the cuts the method refused
+  const width = 640, margin = 52, top = 24, height = 220;
   const svg = el("svg", { viewBox: `0 0 ${width} ${height + 90}`, role: "img", class: "chart sweep", id: "sweep-chart",
     "aria-label": "Partial-merge sweep: joint accuracy and FLOPs per cut point" });
   const x = (i) => margin + (cuts.length > 1 ? i / (cuts.length - 1) : 0.5) * (width - 2 * margin);
