@@ -5,7 +5,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, WithJsonSchema, model_validator
 
-Method = Literal["weight_matching", "activation_matching", "ste_matching", "auto"]
+Method = Literal["weight_matching", "activation_matching", "ste_matching", "auto", "zip"]
 Item = TypeVar("Item")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -152,6 +152,13 @@ class JobResult(BaseModel):
     memory: MemoryReport | None = Field(None, description="the job's estimated and measured peak memory, and the "
                                         "worker's budget (jobs run by a worker)")
     warnings: list[str] | None = Field(None, description="what went wrong without failing the merge (an MLflow export)")
+    partial: dict[str, Any] | None = Field(None, description=(
+        "options.merge_until: {merge_until, cut (the module cut after), shared (the trunk's tensors), heads (the "
+        "other tensors, one copy per head), flops: {two_models, merged, zipped}, flops_fraction (zipped / two "
+        "models), zipped (without label_sets: the heads' mean on the evaluation data), definition}; 'sweep': "
+        "{cuts: [{module, permutation, shared_tensors, flops, flops_fraction, joint_accuracy} or {module, permutation, refused: why the method cannot cut there}], flops}"))
+    joint_accuracy: dict[str, Any] | None = Field(None, description=(
+        "options.label_sets: {ensemble, full_merge, zipped (with merge_until), label_sets, definition}"))
     auto: dict[str, Any] | None = Field(None, description=(
         "method auto: {chosen, criterion, split, time_budget_s, candidates: {method: {score, barrier, barrier_naive, "
         "merged, seconds}}, skipped: {method: why}}; score is the held-out loss barrier with the job's correction "
@@ -216,6 +223,26 @@ class JobOptions(BaseModel):
     time_budget_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, description=(
         "auto: seconds the job may spend on its candidates. Weight and activation matching always run; STE matching "
         "runs only with a budget, and is stopped (and left out) when the budget runs out."))
+    alpha: float | None = Field(None, ge=0, le=1, description=(
+        "zip: factor on a merged feature's correlations for further merges (0: every feature merged at most once; "
+        "default 0)."))
+    beta: float | None = Field(None, ge=0, le=1, description=(
+        "zip: the fraction of each model's merges that may be within the model (0: only across the models, a "
+        "permutation; default 0.5)."))
+    merge_until: str | None = Field(None, min_length=1, max_length=200, description=(
+        "A partial merge (two checkpoints, an architecture): a module of the architecture (`layer2` of a "
+        "torchvision ResNet, `layers.1` of an MLP) or a permutation of its spec (`P_layers.1`). Everything up to "
+        "and including it, in execution order, is merged into one shared trunk; everything after stays as two "
+        "heads, A's own and aligned B's: the artifact zipped.safetensors (`trunk.*`, `heads.0.*`, `heads.1.*`; "
+        "matching.load_zipped builds it). The result's `partial` lists the shared tensors and the FLOPs. "
+        "`sweep`: every cut point of the spec, each with its FLOPs (and joint accuracy with label_sets), no "
+        "zipped.safetensors."))
+    label_sets: list[Annotated[list[Annotated[int, Field(ge=0, lt=100_000)]], Field(min_length=1, max_length=100_000)]] | None = Field(
+        None, min_length=2, max_length=2, description=(
+            "The classes A and B were trained on (two checkpoints), disjoint, e.g. [[0,1,2,3,4],[5,6,7,8,9]]. The "
+            "result gains `joint_accuracy` on the evaluation data's examples of those classes: each head scores its "
+            "own classes and the prediction is the arg max over the union (ZipIt!): `ensemble` (A and B), "
+            "`full_merge` (the merged model) and, with merge_until, `zipped`."))
 
 
 class JobCreate(BaseModel):
@@ -233,21 +260,24 @@ class JobCreate(BaseModel):
                     "else": {"required": ["permutation_spec"], "properties": {"permutation_spec": {"type": "object"}}},
                 },
                 {
-                    "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching", "auto"]}}},
+                    "if": {"required": ["method"], "properties": {"method": {"enum": ["activation_matching", "ste_matching", "auto", "zip"]}}},
                     "then": {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}},
                 },
             ],
         },
     )
 
-    method: Method = "weight_matching"
+    method: Method = Field("weight_matching", description=(
+        "zip: ZipIt! (Stoica et al., ICLR 2024) for two models trained on different tasks: features merged greedily by "
+        "activation correlation on the dataset, across and within the models (options alpha, beta), the merge and "
+        "unmerge folded into the weights; with options.merge_until, each cut's trunk is zipped."))
     checkpoints: list[str] = Field(min_length=2, max_length=64, json_schema_extra={"uniqueItems": True},
                                    description="A first; more than two = MergeMany. Distinct.")
     architecture: ArchitectureRef | None = Field(None, description="a registered architecture (GET /v1/architectures); "
                                                  "exactly one of this and permutation_spec")
     permutation_spec: dict[str, Any] | None = Field(None, description='{"axes_to_perm": {name: ["P_0", null, ...]}}: '
                                                     "weight matching only; exactly one of this and architecture")
-    dataset: str | None = Field(None, description="dataset id; required by activation_matching, ste_matching and auto "
+    dataset: str | None = Field(None, description="dataset id; required by activation_matching, ste_matching, zip and auto "
                                 "(auto: runs weight, activation and, with options.time_budget_s, STE matching, each "
                                 "evaluated on the held-out split with the job's statistics correction, and keeps the "
                                 "lowest barrier; every candidate is in the result's 'auto')")

@@ -26,6 +26,9 @@ merge_checkpoints(states, method=..., architecture=... | permutation_spec=..., d
   folders laid out the same way (``merged.tar``/``aligned.tar``, or directories with ``folders="dir"``).
 - Options: seed, max_iter, lambdas (number of points, default 25), merge_lambda (0.5), steps (STE, 200),
   learning_rate (STE, 1e-3), batch_size (activation/STE, 256), repair.
+- Partial merges (matching.zipped): option ``merge_until`` (a module, a spec permutation, or "sweep") merges
+  everything up to the cut into a shared trunk and keeps the rest as two heads (``zipped.safetensors``;
+  ``load_zipped(path)`` gives the model); ``label_sets`` adds ZipIt!'s joint accuracy (``joint_accuracy``).
 """
 
 from matching.architectures import build_model, infer_options, list_architectures
@@ -35,8 +38,9 @@ from matching.infer import infer_spec, verify_spec
 from matching.merge import MergeOutcome, check_inputs, merge_checkpoints, write_artifacts
 from matching.spec import PermutationSpec, apply_permutation, spec_from_json, spec_to_json
 from matching.weight_matching import weight_matching
+from matching.zipped import ZippedModel, load_zipped
 
 __all__ = ["build_model", "infer_options", "list_architectures", "Cancelled", "MatchingError", "Dataset",
            "load_dataset", "infer_spec", "verify_spec", "MergeOutcome", "check_inputs", "merge_checkpoints",
            "write_artifacts", "PermutationSpec", "apply_permutation", "spec_from_json", "spec_to_json",
-           "weight_matching"]
+           "weight_matching", "ZippedModel", "load_zipped"]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from matching.checkpoints import load_checkpoint
 from matching.errors import Cancelled, MatchingError
-from matching.merge import DEFAULTS
+from matching.merge import DEFAULTS, PARTIAL_OPTIONS
 
 METHOD_NAMES = {"weight": "weight_matching", "activation": "activation_matching", "ste": "ste_matching"}
 # One set of spellings for every command that takes a method: the short names and the API's.
-METHOD_CHOICES = list(METHOD_NAMES) + list(METHOD_NAMES.values()) + ["auto"]
+METHOD_CHOICES = list(METHOD_NAMES) + list(METHOD_NAMES.values()) + ["auto", "zip"]
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -30,7 +30,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="weight", choices=METHOD_CHOICES, metavar="METHOD",
                         help="weight (data-free), activation or ste (need --data), or auto (needs --data: runs "
-                             "weight and activation matching and keeps the lower held-out barrier); the API's names "
+                             "weight and activation matching and keeps the lower held-out barrier), or zip (ZipIt!, needs "
+                             "--data); the API's names "
                              "weight_matching, activation_matching, ste_matching work too")
 
 
@@ -107,12 +108,19 @@ def add_merge_command(subparsers) -> argparse.ArgumentParser:
                              ("--lambdas", int, "number of interpolation points"),
                              ("--merge-lambda", float, "where between A and aligned B the merged model lies"),
                              ("--steps", int, "STE steps"), ("--learning-rate", float, "STE learning rate"),
-                             ("--batch-size", int, "activation and STE batch size")):
+                             ("--batch-size", int, "activation and STE batch size"),
+                             ("--alpha", float, "zip: factor on a merged feature's correlations (0: merged once)"),
+                             ("--beta", float, "zip: share of merges allowed within one model")):
         option = flag[2:].replace("-", "_")
         p.add_argument(flag, type=kind, help=f"{what} (default {DEFAULTS[option]})")
     p.add_argument("--repair", choices=["none", "reset", "repair"],
                    help="statistics correction of the merged model (default: reset for BatchNorm networks, repair "
                         "otherwise; needs --data or --eval-data)")
+    p.add_argument("--merge-until", metavar="MODULE",
+                   help="partial merge: merge up to this module (or spec permutation), keep the rest as two heads "
+                        "(zipped.safetensors); 'sweep': every cut point in the report")
+    p.add_argument("--label-sets", type=_option_value, metavar="JSON",
+                   help="the classes A and B were trained on, e.g. [[0,1,2,3,4],[5,6,7,8,9]]: joint accuracy")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run_merge)
     return p
@@ -134,7 +142,7 @@ def run_merge(args) -> int:
                 spec = json.loads(args.spec.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise MatchingError(f"--spec {args.spec}: cannot read JSON ({exc})") from None
-        options = {name: getattr(args, name) for name in dict.fromkeys([*DEFAULTS, "repair"])
+        options = {name: getattr(args, name) for name in dict.fromkeys([*DEFAULTS, "repair", *PARTIAL_OPTIONS])
                    if getattr(args, name, None) is not None}
         outcome = merge_checkpoints(states, method=METHOD_NAMES.get(args.method, args.method), architecture=architecture,
                                     permutation_spec=spec, dataset=args.data, eval_dataset=args.eval_data,
@@ -180,6 +188,16 @@ def format_report(report: dict) -> str:
                      + (f" (repair: {report['repair']['mode']})" if "repair" in report else ""))
     else:
         lines.append("no evaluation data: no barrier report")
+    partial, joint = report.get("partial"), report.get("joint_accuracy")
+    if joint:
+        lines.append("joint accuracy: " + ", ".join(f"{k} {joint[k]:.4f}" for k in ("ensemble", "full_merge", "zipped")
+                                                   if k in joint))
+    if partial and "cut" in partial:
+        lines.append(f"zipped up to {partial['cut']}: {len(partial['shared'])} shared tensors, FLOPs "
+                     f"{partial['flops_fraction']:.2f} of the two models")
+    for cut in partial.get("cuts", []) if partial else []:
+        lines.append(f"cut after {cut['module']}: FLOPs {cut['flops_fraction']:.2f}"
+                     + (f", joint accuracy {cut['joint_accuracy']:.4f}" if "joint_accuracy" in cut else ""))
     return "\n".join(lines)
 
 

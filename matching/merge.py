@@ -18,26 +18,33 @@ from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
                                load_dataset, model_input, model_logits, reset_batchnorm, subsample)
 from matching.folders import FolderLayout, write_folder, write_folder_tar
-from matching.hf import check_configs, check_input_shape, tied_groups
+from matching.hf import check_configs, check_input_shape, logits as output_logits, tied_groups
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
 from matching.weight_matching import statistics_keys, weight_matching
+from matching.zipit import ALPHA_DEFAULT, BETA_DEFAULT
 
-METHODS = ("weight_matching", "activation_matching", "ste_matching", "auto")
+METHODS = ("weight_matching", "activation_matching", "ste_matching", "auto", "zip")
 # auto: the methods it runs, in this order (STE only when options.time_budget_s leaves time for it)
 AUTO_CANDIDATES = ("weight_matching", "activation_matching", "ste_matching")
 OPTION_TYPES = {"seed": int, "max_iter": int, "lambdas": int, "merge_lambda": float, "steps": int,
-                "learning_rate": float, "batch_size": int, "time_budget_s": float}
+                "learning_rate": float, "batch_size": int, "time_budget_s": float, "alpha": float, "beta": float}
+ZIP_OPTIONS = ("alpha", "beta")  # method zip (matching.zipit) only
+# Partial merges and different label spaces (matching.zipped): every method reads them.
+PARTIAL_OPTIONS = ("merge_until", "label_sets")
 # The options each method reads (the report lists these only).
 METHOD_OPTIONS = {
-    "weight_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "repair"),
-    "activation_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "batch_size", "repair"),  # max_iter: MergeMany
-    "ste_matching": (*(o for o in OPTION_TYPES if o != "time_budget_s"), "repair"),
-    "auto": (*OPTION_TYPES, "repair"),
+    "weight_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "repair", *PARTIAL_OPTIONS),
+    "activation_matching": ("seed", "max_iter", "lambdas", "merge_lambda", "batch_size", "repair",  # max_iter: MergeMany
+                            *PARTIAL_OPTIONS),
+    "ste_matching": (*(o for o in OPTION_TYPES if o not in ("time_budget_s", *ZIP_OPTIONS)), "repair", *PARTIAL_OPTIONS),
+    "auto": (*(o for o in OPTION_TYPES if o not in ZIP_OPTIONS), "repair", *PARTIAL_OPTIONS),
+    "zip": ("lambdas", "merge_lambda", "batch_size", *ZIP_OPTIONS, "repair", *PARTIAL_OPTIONS),
 }
+MAX_LABELS = 100_000
 DEFAULTS = {"seed": 0, "max_iter": 100, "lambdas": 25, "merge_lambda": 0.5, "steps": 200, "learning_rate": 1e-3,
-            "batch_size": 256, "time_budget_s": None}
+            "batch_size": 256, "time_budget_s": None, "alpha": ALPHA_DEFAULT, "beta": BETA_DEFAULT}
 # "none": plain interpolation; "reset": BatchNorm statistics re-estimated on the data; "repair": REPAIR (after the
 # reset, in BN networks). Left out: chosen per architecture (repair_default).
 REPAIR_MODES = ("none", "reset", "repair")
@@ -51,18 +58,26 @@ class MergeOutcome:
     permutation: dict
     report: dict
     extra: dict = field(default_factory=dict)
+    # A partial merge (options.merge_until): zipped.safetensors' tensors and metadata (matching.zipped)
+    zipped: dict[str, torch.Tensor] | None = None
+    zipped_metadata: dict[str, str] | None = None
 
 
 def _options(options: dict | None) -> dict:
     options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTION_TYPES) - {"repair"})
+    unknown = sorted(set(options) - set(OPTION_TYPES) - {"repair", *PARTIAL_OPTIONS})
     if unknown:
-        raise MatchingError(f"unknown job option(s) {unknown}; allowed: {sorted([*OPTION_TYPES, 'repair'])}")
+        raise MatchingError(f"unknown job option(s) {unknown}; allowed: {sorted([*OPTION_TYPES, 'repair', *PARTIAL_OPTIONS])}")
+    partial = {"merge_until": options.pop("merge_until", None), "label_sets": _label_sets(options.pop("label_sets", None))}
+    if partial["merge_until"] is not None and (not isinstance(partial["merge_until"], str)
+                                               or not 0 < len(partial["merge_until"]) <= 200):
+        raise MatchingError(f"option 'merge_until' must name a module or a permutation (at most 200 characters), "
+                            f"or be 'sweep'; got {partial['merge_until']!r}")
     repair = options.pop("repair", None)
     if repair is not None and repair not in REPAIR_MODES:
         raise MatchingError(f"option 'repair' must be one of {list(REPAIR_MODES)} (or left out: chosen per architecture), "
                             f"got {repair!r}")
-    out = {**DEFAULTS, "repair": repair}
+    out = {**DEFAULTS, "repair": repair, **partial}
     for name, value in options.items():
         if name == "time_budget_s" and value is None:
             continue
@@ -73,12 +88,32 @@ def _options(options: dict | None) -> dict:
     checks = {"max_iter": out["max_iter"] >= 1, "lambdas": 2 <= out["lambdas"] <= 1001,
               "merge_lambda": 0.0 <= out["merge_lambda"] <= 1.0, "steps": out["steps"] >= 1,
               "learning_rate": 0 < out["learning_rate"] < math.inf, "batch_size": out["batch_size"] >= 1,
-              "time_budget_s": out["time_budget_s"] is None or 0 < out["time_budget_s"] < math.inf}
+              "time_budget_s": out["time_budget_s"] is None or 0 < out["time_budget_s"] < math.inf,
+              "alpha": 0.0 <= out["alpha"] <= 1.0, "beta": 0.0 <= out["beta"] <= 1.0}
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise MatchingError(f"option(s) out of range: {', '.join(f'{k}={out[k]!r}' for k in bad)} (max_iter, steps, "
-                            "batch_size >= 1; lambdas 2..1001; merge_lambda in [0, 1]; learning_rate, time_budget_s > 0)")
+                            "batch_size >= 1; lambdas 2..1001; merge_lambda, alpha, beta in [0, 1]; learning_rate, "
+                            "time_budget_s > 0)")
     return out
+
+
+def _reported_options(opts: dict, method: str) -> dict:
+    """The options the method read, defaults filled in; the partial-merge ones only when given."""
+    return {k: v for k, v in opts.items() if k in METHOD_OPTIONS[method] and not (k in PARTIAL_OPTIONS and v is None)}
+
+
+def _label_sets(value) -> list[list[int]] | None:
+    """options.label_sets: one list of class indices per checkpoint (two), disjoint, none empty."""
+    if value is None:
+        return None
+    ok = (isinstance(value, list) and len(value) == 2
+          and all(isinstance(s, list) and 0 < len(s) <= MAX_LABELS for s in value)
+          and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < MAX_LABELS for s in value for c in s))
+    if not ok or len({c for s in value for c in s}) != sum(len(s) for s in value):
+        raise MatchingError("option 'label_sets' must be two lists of distinct class indices, e.g. [[0,1,2,3,4],"
+                            f"[5,6,7,8,9]]: the classes A and B were trained on, non-empty, disjoint, each below {MAX_LABELS}")
+    return value
 
 
 _SPEC_CACHE: dict[tuple, PermutationSpec] = {}
@@ -181,6 +216,11 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
     opts = _options(options)
     if len(shapes) < 2:
         raise MatchingError("give at least two checkpoints (two = align B to A; three or more = MergeMany)")
+    if method == "zip" and len(shapes) != 2:
+        raise MatchingError(f"zip merges two checkpoints, not {len(shapes)}; for three or more use another method (MergeMany)")
+    if method == "zip" and opts["repair"] == "repair":
+        raise MatchingError("repair='repair' is not available with zip (its units are merged features, not A's and B's "
+                            "units); use 'reset' or 'none'")
     if (architecture is None) == (permutation_spec is None):
         raise MatchingError("give exactly one of 'architecture' and 'permutation_spec'")
     first = {k: tuple(v) for k, v in shapes[0].items()}
@@ -201,7 +241,16 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
     if opts["repair"] in ("reset", "repair") and not (has_dataset or has_eval_dataset):
         raise MatchingError(f"repair={opts['repair']!r} computes statistics on data: give a 'dataset' (or an "
                             "'eval_dataset', whose 'inputs' are then used)")
+    partial = [o for o in PARTIAL_OPTIONS if opts[o] is not None]
+    if partial and len(shapes) != 2:
+        raise MatchingError(f"option(s) {partial} need exactly two checkpoints (A and B: two heads)")
+    if opts["label_sets"] is not None and not (has_dataset or has_eval_dataset):
+        raise MatchingError("option 'label_sets' is for the joint accuracy on evaluation data: give an 'eval_dataset' "
+                            "(or a 'dataset')")
     if permutation_spec is not None:
+        if partial:
+            raise MatchingError(f"option(s) {partial} need a model to run data through; give an architecture instead "
+                                "of a bare permutation_spec")
         if opts["repair"] in ("reset", "repair"):
             raise MatchingError(f"repair={opts['repair']!r} needs a model to run data through; give an architecture "
                                 "instead of a bare permutation_spec")
@@ -211,7 +260,25 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
         perm_sizes(spec, first)
         return None, spec, opts, None
     model, spec, arch_options = _model_and_spec(architecture, first, configs)
+    if partial:
+        _check_partial(model, spec, architecture["name"], opts)
     return model, spec, opts, arch_options
+
+
+def _check_partial(model, spec, name, opts) -> None:
+    """merge_until names a module the model calls or a permutation; label_sets' classes are model outputs."""
+    from matching.zipped import resolve_cut, trace_calls
+    example = example_input(name, model)
+    calls = trace_calls(model, example)
+    if opts["merge_until"] not in (None, "sweep"):
+        resolve_cut(model, spec, calls, opts["merge_until"])
+    if opts["label_sets"] is not None:
+        with torch.no_grad():
+            output = model.eval()(**example) if isinstance(example, dict) else model.eval()(example)
+        outputs = output_logits(output).shape[-1]
+        top = max(c for s in opts["label_sets"] for c in s)
+        if top >= outputs:
+            raise MatchingError(f"option 'label_sets' names class {top} but the model has {outputs} outputs")
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -346,11 +413,14 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     tick("validate", 1, 1, "inputs ok")
 
     report: dict = {"method": method, "num_checkpoints": len(states),
-                    "options": {k: v for k, v in opts.items() if k in METHOD_OPTIONS[method]}}
+                    "options": _reported_options(opts, method)}
     if arch_options is not None:
         shown = {k: v for k, v in arch_options.items() if k != "config"}  # hf: the config is the checkpoint's own
         report["architecture"] = {"name": architecture["name"], "options": shown}
-    if len(states) == 2:
+    if method == "zip":
+        merged, aligned, match_info, permutation = _zip_pair(spec, model, states[0], states[1], train, opts, dev, tick)
+        endpoints, weights = [states[0], aligned[0]], [1 - opts["merge_lambda"], opts["merge_lambda"]]
+    elif len(states) == 2:
         perms, match_info = _align_pair(method, spec, model, states[0], states[1], train, opts, dev, tick)
         aligned = [apply_permutation(spec, perms, states[1])]
         merged = interpolate(states[0], aligned[0], opts["merge_lambda"])
@@ -368,6 +438,8 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     report["matching"] = match_info
 
     mode, chosen = (opts["repair"], "option") if opts["repair"] is not None else (repair_default(model, bn_inputs), "default")
+    if method == "zip" and mode == "repair":  # its units are merged features: the endpoints' statistics do not apply
+        mode = "none"
     bn_reset = False
     if model is not None and bn_inputs is not None and mode != "none":
         repairer = Repair(model, spec, endpoints, bn_inputs) if mode == "repair" else None
@@ -388,10 +460,28 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
         train_split = _train_split(train, held_out)
         report.update(_evaluation(model, spec, states, aligned, merged, opts, (model_input(eval_inputs, eval_inputs.device), eval_targets, eval_split, eval_mask),
                                   train_split, bn_inputs, mode == "repair", tick))
+    zipped = zipped_metadata = None
+    if any(opts[o] is not None for o in PARTIAL_OPTIONS):
+        from matching.zipped import partial_merge, zipped_metadata as metadata
+        arch = {"name": architecture["name"], "options": arch_options}
+        targets_ok = eval_targets is not None and eval_targets.dim() == 1
+        if opts["label_sets"] is not None and not targets_ok:
+            raise MatchingError("option 'label_sets' needs class labels of shape [N] in the evaluation data")
+        held = (model_input(eval_inputs, eval_inputs.device), eval_targets) if targets_ok and eval_mask is None else None
+        trunk_merge = _zip_trunk(spec, model, states, train, opts, dev, tick) if method == "zip" else None
+        partial, zipped = partial_merge(arch, spec, states[0], aligned[0], merged, merge_until=opts["merge_until"],
+                                        label_sets=opts["label_sets"], held_out=held,
+                                        bn_inputs=bn_inputs if mode != "none" else None, device=dev, tick=tick,
+                                        trunk_merge=trunk_merge)
+        report.update(partial)
+        if zipped is not None:
+            zipped_metadata = metadata(arch, report["partial"]["cut"])
+            zipped = {k: v.to(dtypes.get(k.split(".", 2)[-1] if k.startswith("heads.") else k[len("trunk."):],
+                                         v.dtype)) for k, v in zipped.items()}
     report["seconds_total"] = time.perf_counter() - started
     cast = lambda s: {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in s.items() if k in dtypes}
     return MergeOutcome(merged=cast(merged), aligned=[cast(a) for a in aligned], permutation=permutation,
-                        report=report)
+                        report=report, zipped=zipped, zipped_metadata=zipped_metadata)
 
 
 def _auto_score(report: dict) -> tuple[float, str]:
@@ -447,7 +537,7 @@ def _merge_auto(states, opts, started, *, options, progress, should_cancel, **jo
     _, chosen, outcome = best
     report = outcome.report
     report["method"] = "auto"
-    report["options"] = {k: v for k, v in opts.items() if k in METHOD_OPTIONS["auto"]}
+    report["options"] = _reported_options(opts, "auto")
     report["auto"] = {"chosen": chosen, "criterion": _AUTO_CRITERION, "split": report["evaluation"]["split"],
                       "time_budget_s": budget, "candidates": candidates, "skipped": skipped}
     report["seconds_total"] = time.perf_counter() - started
@@ -508,6 +598,40 @@ def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, i
     return ste_matching(spec, model, state_a, state_b, train, steps=opts["steps"], learning_rate=opts["learning_rate"],
                         batch_size=opts["batch_size"], seed=opts["seed"], max_iter=opts["max_iter"], device=dev,
                         tick=lambda i, n, msg: tick("ste_matching", i, n, msg))
+
+
+def _zip_pair(spec, model, state_a, state_b, train, opts, dev, tick):
+    """ZipIt! (matching.zipit), a full merge: (merged, aligned, matching report, permutation.json). B is not
+    permuted (its features are merged, not matched one to one): ``aligned`` is B as given, so the "aligned"
+    curves are the naive ones; the merged model is evaluated in ``report["merged"]``. BN statistics are
+    re-estimated afterwards with the job's repair mode (reset), like every other method's."""
+    from matching.zipit import clusters, zipit_merge
+    result = zipit_merge(spec, model, state_a, state_b, train.inputs, alpha=opts["alpha"], beta=opts["beta"],
+                         merge_lambda=opts["merge_lambda"], reset_bn=False, batch_size=opts["batch_size"], device=dev,
+                         tick=lambda i, n, msg: tick("zip", i, n, msg))
+    info = {**result.info, "aligned": "B as given: zip merges features, it does not permute B"}
+    permutation = {**spec_to_json(spec), "zip": {p: clusters(u) for p, u in result.unmerges.items()},
+                   "zip_definition": "per permutation, each merged unit's members [[A's units], [B's units]]; the "
+                                     "merged unit is their weighted average (merge_lambda), and each member reads it back"}
+    return result.merged, [state_b], info, permutation
+
+
+def _zip_trunk(spec, model, states, train, opts, dev, tick):
+    """Method zip with merge_until: each cut's trunk zipped on its own (matching.zipit, the merge and unmerge
+    folded into the trunk and into each head's first layers), from correlations computed once for every cut."""
+    from matching.zipit import feature_correlations, merged_permutations, zipit_merge
+    correlations = {}
+
+    def trunk_merge(keys):
+        if not correlations:
+            correlations.update(feature_correlations(spec, model, states[0], states[1], train.inputs,
+                                                     merged_permutations(spec, None), batch_size=opts["batch_size"],
+                                                     device=dev, tick=lambda i, n, m: tick("zip", i, n, m)))
+        result = zipit_merge(spec, model, states[0], states[1], train.inputs, alpha=opts["alpha"], beta=opts["beta"],
+                             trunk=keys, merge_lambda=opts["merge_lambda"], batch_size=opts["batch_size"], device=dev,
+                             correlations=correlations)
+        return [{**state, **result.merged, **head} for state, head in zip(states, result.heads)]
+    return trunk_merge
 
 
 def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_split, bn_inputs, repair, tick) -> dict:
@@ -596,6 +720,10 @@ def write_artifacts(outcome: MergeOutcome, out_dir: Path, layout: FolderLayout |
     else:
         for i, state in enumerate(outcome.aligned):
             save(state, f"aligned_{i}")
+    if outcome.zipped is not None:
+        path = out_dir / "zipped.safetensors"
+        save_file({k: v.contiguous() for k, v in outcome.zipped.items()}, str(path), metadata=outcome.zipped_metadata)
+        written.append(path)
     for name, obj in (("permutation.json", outcome.permutation), ("report.json", outcome.report)):
         path = out_dir / name
         path.write_text(json.dumps(obj, indent=1, allow_nan=False))

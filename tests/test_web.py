@@ -195,7 +195,7 @@ def test_auto_is_offered_first_once_a_dataset_is_chosen(browser, server, files):
     assert values() == ["weight_matching", "activation_matching", "ste_matching"]
     assert method.input_value() == "weight_matching"
     choose(form.locator('[data-field="dataset"] select'), files["data"].name)
-    assert values() == ["auto", "weight_matching", "activation_matching", "ste_matching"]
+    assert values() == ["auto", "weight_matching", "activation_matching", "ste_matching", "zip"]
     assert method.input_value() == "auto"
     form.locator('[data-field="dataset"] select').select_option("")
     assert method.input_value() == "weight_matching" and "auto" not in values()
@@ -218,6 +218,44 @@ def test_auto_is_offered_first_once_a_dataset_is_chosen(browser, server, files):
         job = client.get(f"/v1/jobs/{page.url.rsplit('/', 1)[1]}").json()
     kept = job["result"]["auto"]["chosen"]
     assert "(kept)" in page.locator(f'#candidates tr[data-candidate="{kept}"]').inner_text()
+    context.close()
+
+
+def test_partial_merge_sweep_from_the_form_is_drawn(browser, server, files, screenshots, tmp_path):
+    """options.merge_until and options.label_sets are in the form (label_sets typed as JSON); the sweep's joint
+    accuracy and FLOPs per cut are drawn, beside the joint-accuracy table."""
+    paths = {}
+    for name, seed in (("deep_a", 3), ("deep_b", 4)):
+        paths[name] = tmp_path / f"{name}.safetensors"
+        paths[name].write_bytes(save_safetensors(trained("mlp", seed, epochs=4, sizes=[64, 32, 32, 10])))
+    with api_client(server) as client:
+        for path, kind in ((paths["deep_a"], "checkpoints"), (paths["deep_b"], "checkpoints"), (files["data"], "datasets")):
+            client.post(f"/v1/{kind}", files={"file": (path.name, path.read_bytes())}).raise_for_status()
+    context, page = sign_in(browser, server)
+    page.goto(server.url + "/#/new")
+    form = page.locator("#job-form")
+    choose(form.get_by_label("Model A"), paths["deep_a"].name)
+    choose(form.get_by_label("Model B"), paths["deep_b"].name)
+    page.wait_for_function("s => document.querySelector(s).value !== ''", arg='[data-field="architecture.options.sizes"] input')
+    choose(form.locator('[data-field="eval_dataset"] select'), files["data"].name)
+    form.locator('[data-field="options.lambdas"] input').fill("3")
+    form.locator('[data-field="options.merge_until"] input').fill("sweep")
+    form.locator('[data-field="options.label_sets"] input').fill("[[0,1,2,3,4],[5,6,7,8,9]]")
+    form.get_by_role("button", name="Start merge").click()
+    page.wait_for_url(re.compile(r"#/jobs/[^/]+$"))
+    page.locator("#result #sweep-chart").wait_for(timeout=120_000)
+    page.screenshot(path=str(screenshots / "partial-sweep-job.png"), full_page=True)
+    with api_client(server) as client:
+        job = client.get(f"/v1/jobs/{page.url.rsplit('/', 1)[1]}").json()
+    assert job["request"]["options"]["label_sets"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    cuts = job["result"]["partial"]["cuts"]
+    dots = page.locator("#sweep-chart circle[data-joint-accuracy]").evaluate_all(
+        "dots => dots.map(d => [d.dataset.cut, Number(d.dataset.jointAccuracy)])")
+    assert dots == [[c["module"], c["joint_accuracy"]] for c in cuts] and len(dots) == 2
+    assert page.locator("#sweep-chart circle[data-flops-fraction]").count() == 2
+    for model in ("ensemble", "full_merge"):
+        shown = page.locator(f'#joint-accuracy tr[data-model="{model}"] td').inner_text()
+        assert abs(float(shown) - job["result"]["joint_accuracy"][model]) < 1e-3
     context.close()
 
 

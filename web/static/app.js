@@ -2,7 +2,7 @@
 // only ever set as text (textContent, attribute values), never parsed as HTML.
 
 import { api, ApiError, newKey, setSession, uploadFile } from "./api.js";
-import { drawCurves } from "./chart.js";
+import { drawCurves, drawSweep } from "./chart.js";
 
 const main = document.getElementById("main");
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
@@ -335,7 +335,8 @@ function optionInput(name, spec, value) {
     attrs.max = spec.maximum ?? spec.exclusiveMaximum ?? null;
   }
   const input = h("input", attrs);
-  input.dataset.kind = spec.type === "list[int]" ? "list" : type;
+  input.dataset.kind = spec.type === "list[int]" ? "list" : spec.type === "array" ? "json" : type;
+  if (spec.type === "array") input.placeholder = "JSON, e.g. [[0,1,2,3,4],[5,6,7,8,9]]";
   if (value !== undefined && value !== null) input.value = Array.isArray(value) ? value.join(",") : value;
   return input;
 }
@@ -347,6 +348,9 @@ function optionValue(input) {
   if (kind === "bool") return raw === "true";
   if (kind === "int") return Number.isInteger(Number(raw)) ? Number(raw) : raw;
   if (kind === "float") return Number.isFinite(Number(raw)) ? Number(raw) : raw;
+  if (kind === "json") {  // sent as typed when it is not JSON: the server names the field
+    try { return JSON.parse(raw); } catch { return raw; }
+  }
   if (kind === "list") return raw.split(/[\s,]+/).filter(Boolean).map((v) => (Number.isFinite(Number(v)) ? Number(v) : v));
   return raw;
 }
@@ -378,10 +382,11 @@ async function newJobView() {
   const methodDefault = resolve(props.method, doc).default || "weight_matching";
   let methodPicked = false; // the user chose a method: choosing a dataset does not change it
   const methodSelect = h("select", { name: "method", onchange: () => { methodPicked = true; } });
-  // auto compares the methods on the dataset's held-out split: offered, first and chosen, once a dataset is chosen
+  // auto compares the methods on the dataset's held-out split: offered, first and chosen, once a dataset is chosen;
+  // zip (which merges features by their correlations on the dataset) is offered once a dataset is chosen
   function renderMethods() {
     const withData = Boolean(datasetSelect.value) && methodEnum.includes("auto");
-    const names = withData ? ["auto", ...methodEnum.filter((m) => m !== "auto")] : methodEnum.filter((m) => m !== "auto");
+    const names = withData ? ["auto", ...methodEnum.filter((m) => m !== "auto")] : methodEnum.filter((m) => m !== "auto" && m !== "zip");
     const current = methodSelect.value;
     methodSelect.replaceChildren(...names.map((m) => h("option", { value: m }, m.replace("_", " "))));
     methodSelect.value = methodPicked && names.includes(current) ? current : (withData ? "auto" : methodDefault);
@@ -657,6 +662,19 @@ function resultView(job) {
     section.appendChild(h("table", { id: "candidates" }, h("thead", {}, h("tr", {}, h("th", {}, "Method"), h("th", {}, "Held-out barrier"), h("th", {}, "Time"))),
       h("tbody", {}, rows, skipped)));
   }
+  if (result.joint_accuracy) {
+    const joint = result.joint_accuracy;
+    const rows = ["ensemble", "full_merge", "zipped"].filter((k) => joint[k] !== undefined).map((k) => h("tr", { "data-model": k },
+      h("th", { scope: "row" }, k.replace("_", " ")), h("td", { "data-metric": "joint_accuracy" }, num(joint[k]))));
+    section.appendChild(h("h3", {}, "Joint accuracy", h("span", { class: "muted" }, ` (label sets ${JSON.stringify(joint.label_sets)})`)));
+    section.appendChild(h("table", { id: "joint-accuracy" }, h("thead", {}, h("tr", {}, h("th", {}, "Model"), h("th", {}, "Joint accuracy"))), h("tbody", {}, rows)));
+  }
+  const partial = result.partial;
+  if (partial && partial.cut) {
+    section.appendChild(h("p", { id: "partial" }, `Partial merge: merged up to ${partial.cut}; ${partial.shared.length} tensors shared, `
+      + `${partial.heads.length} per head; ${num(partial.flops.zipped)} FLOPs against ${num(partial.flops.two_models)} for the two models.`));
+  }
+  if (partial && partial.cuts) drawSweep(section, partial, result.joint_accuracy);
   if (result.curves) drawCurves(section, result.curves, `Interpolation from model A (λ = 0) to model B (λ = 1)${result.evaluation ? `, on ${result.evaluation.split}` : ""}`);
   section.appendChild(h("h3", {}, "Downloads"));
   section.appendChild(h("ul", { class: "artifacts" }, job.artifacts.map((a) => h("li", {},

@@ -97,3 +97,50 @@ export function drawCurves(container, curves, caption) {
   container.appendChild(figure);
   return { show };
 }
+
+// A partial-merge sweep: per cut point (x, in execution order), the joint accuracy and the FLOPs as a fraction of
+// the two models (y, both in [0, 1]); the ensemble's and the full merge's joint accuracy as dashed levels.
+export function drawSweep(container, partial, joint) {
+  const cuts = partial.cuts.filter((c) => Number.isFinite(c.flops_fraction));  // not the cuts the method refused
+  const width = 640, margin = 52, top = 24, height = 220;
+  const svg = el("svg", { viewBox: `0 0 ${width} ${height + 90}`, role: "img", class: "chart sweep", id: "sweep-chart",
+    "aria-label": "Partial-merge sweep: joint accuracy and FLOPs per cut point" });
+  const x = (i) => margin + (cuts.length > 1 ? i / (cuts.length - 1) : 0.5) * (width - 2 * margin);
+  const y = (v) => top + height - v * height;
+  el("line", { x1: margin, x2: width - margin, y1: top + height, y2: top + height, class: "axis" }, svg);
+  el("line", { x1: margin, x2: margin, y1: top, y2: top + height, class: "axis" }, svg);
+  for (const v of [0, 0.5, 1]) el("text", { x: margin - 6, y: y(v) + 4, class: "tick", "text-anchor": "end" }, svg).textContent = v.toFixed(1);
+  cuts.forEach((cut, i) => {
+    const label = el("text", { x: x(i), y: top + height + 16, class: "tick", "text-anchor": "end",
+      transform: `rotate(-30 ${x(i)} ${top + height + 16})` }, svg);
+    label.textContent = cut.module;
+  });
+  const series = [["flops_fraction", "FLOPs / two models"]];
+  if (joint) series.unshift(["joint_accuracy", "Joint accuracy"]);
+  for (const [key, label] of series) {
+    el("polyline", { points: cuts.map((c, i) => `${x(i).toFixed(1)},${y(c[key]).toFixed(1)}`).join(" "), class: `line ${key}` }, svg);
+    cuts.forEach((c, i) => {
+      const dot = el("circle", { cx: x(i), cy: y(c[key]), r: 4, class: `dot ${key}`, "data-cut": c.module, [`data-${key.replace("_", "-")}`]: c[key] }, svg);
+      el("title", {}, dot).textContent = `${c.module}: ${label} ${fmt(c[key])}`;
+    });
+  }
+  const levels = joint ? [["ensemble", "Ensemble"], ["full_merge", "Full merge"]] : [];
+  levels.forEach(([key, label], i) => {  // labels at opposite ends: the two levels are often close
+    el("line", { x1: margin, x2: width - margin, y1: y(joint[key]), y2: y(joint[key]), class: `level ${key}` }, svg);
+    el("text", { x: i ? width - margin : margin + 4, y: y(joint[key]) - 4, class: "tick", "text-anchor": i ? "end" : "start" }, svg)
+      .textContent = `${label} ${fmt(joint[key])}`;
+  });
+  const legend = document.createElement("p");
+  legend.className = "legend";
+  for (const [key, label] of series) {
+    const item = document.createElement("span");
+    item.className = `key ${key}`;
+    item.textContent = label;
+    legend.appendChild(item);
+  }
+  const figure = document.createElement("figure");
+  const figcaption = document.createElement("figcaption");
+  figcaption.textContent = "Partial merges: everything up to each cut merged, the rest kept as two heads (cut points in execution order)";
+  figure.append(figcaption, legend, svg);
+  container.appendChild(figure);
+}
