@@ -32,8 +32,8 @@ them on the inputs (``reset_bn``), a partial merge leaves that to the caller's z
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Collection
 
 import torch
 import torch.nn as nn
