@@ -59,7 +59,7 @@ def test_identical_models_with_no_within_merges_give_the_model_back():
     images = torch.rand(64, 1, 8, 8)
     rstate = resnet.state_dict()
     for key in rstate:  # statistics that are not the initial 0/1, so that merging them is tested
-        if key.endswith("running_mean") or key.endswith("running_var"):
+        if key.endswith(("running_mean", "running_var")):
             rstate[key] = torch.rand_like(rstate[key]) + (0.5 if key.endswith("var") else 0.0)
     merged = zipit_merge(rspec, resnet, rstate, rstate, images, alpha=0.0, beta=0.0, reset_bn=False).merged
     assert torch.allclose(outputs(resnet, merged, images), outputs(resnet, rstate, images), atol=1e-4)
@@ -195,8 +195,9 @@ def test_zip_through_merge_checkpoints(task_pair, tmp_path):
     assert len(groups) == 128 and sorted(i for a, _ in groups for i in a) == list(range(128))
 
     # the local command: python -m matching merge --method zip
-    from matching.__main__ import main
     from safetensors.torch import save_file
+
+    from matching.__main__ import main
     for name, state in (("a", state_a), ("b", state_b)):
         save_file(state, str(tmp_path / f"{name}.safetensors"))
     assert main(["merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--arch", "mlp",
