@@ -96,6 +96,10 @@ def test_schemathesis_finds_nothing(make_embedded_service, tmp_path, keys):
         made = subprocess.run([sys.executable, "-m", "cli", "keys", "create", "--tenant", "team", "--scope", "admin", "--json"],
                               env=process_env(env), capture_output=True, text=True, timeout=300, check=True)
         auth = ["-H", f"Authorization: Bearer {json.loads(made.stdout)['secret']}"]
+        # DELETE /v1/keys/{id} revokes: the key stays readable with status "revoked" (the audit trail
+        # docs/deploy.md describes), which use_after_free reads as a fault. The open run keeps that check for every
+        # resource that DELETE does remove.
+        auth += ["--exclude-checks", "use_after_free"]
     service = make_embedded_service(**env)
     run = subprocess.run(
         [Path(sys.executable).with_name("schemathesis"), "--config-file", str(SCHEMATHESIS_CONFIG), "run", f"{service.url}/openapi.json",
