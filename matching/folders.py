@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from matching.checkpoints import (TORCH_TO_SAFETENSORS, is_safetensors, read_pytorch_state_dict, write_safetensors,
-                                  write_safetensors_from)
+from matching.checkpoints import (TORCH_TO_SAFETENSORS, is_safetensors, map_safetensors, read_pytorch_state_dict,
+                                  tensor_layout, write_safetensors_from)
 from matching.errors import MatchingError
 
 CONFIG = "config.json"
@@ -105,7 +105,7 @@ class ModelFolder:
             raise MatchingError("no config.json: a model folder is config.json and its weights, as save_pretrained writes them")
         sources = self._weight_sources(path)
         self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self._where: dict[str, object] = {}  # tensor -> safe_open handle or loaded state dict
+        self._where: dict[str, dict] = {}  # tensor -> the (memory-mapped or loaded) state dict of its file
         shards: dict[str, list[str]] = {}
         for source, listed in sources.items():
             names = self._read_source(path / source)
@@ -142,17 +142,14 @@ class ModelFolder:
         if file.name.endswith(".safetensors"):
             if not is_safetensors(file):
                 raise MatchingError(f"{file.name} is not a safetensors file")
-            from safetensors import safe_open
-
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-                names = list(handle.keys())
-                entries = {name: handle.get_slice(name) for name in names}
-                layout = {n: (_SAFETENSORS_TO_TORCH[e.get_dtype()], tuple(e.get_shape())) for n, e in entries.items()}
+                handle = map_safetensors(file)  # file-backed views: read when used
             except KeyError as error:
                 raise MatchingError(f"{file.name}: unsupported dtype {error}") from None
             except Exception as error:
                 raise MatchingError(f"{file.name} is not a valid safetensors file ({str(error)[:200]})") from None
+            names = list(handle)
+            layout = {n: (t.dtype, tuple(t.shape)) for n, t in handle.items()}
         else:
             try:
                 handle = read_pytorch_state_dict(file)
@@ -170,8 +167,7 @@ class ModelFolder:
         return names
 
     def get(self, name: str) -> torch.Tensor:
-        where = self._where[name]
-        return where[name] if isinstance(where, dict) else where.get_tensor(name)
+        return self._where[name][name]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in self.tensors}
@@ -179,9 +175,6 @@ class ModelFolder:
     @property
     def num_parameters(self) -> int:
         return sum(math.prod(shape) for _, shape in self.tensors.values())
-
-
-_SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}
 
 
 def is_model_folder(path: str | Path) -> bool:
@@ -222,10 +215,11 @@ def _write_files(state: Mapping[str, torch.Tensor], layout: FolderLayout, out_di
         yield out_dir / name
     weight_map, total_size = {}, 0
     for shard, names in layout.shards.items():
-        write_safetensors({n: state[n] for n in names}, out_dir / shard, SAFETENSORS_METADATA)
-        for n in names:
+        shapes = tensor_layout(state, names)
+        write_safetensors_from(shapes, state.__getitem__, out_dir / shard, SAFETENSORS_METADATA)
+        for n, (dtype, shape) in shapes.items():
             weight_map[n] = shard
-            total_size += state[n].numel() * state[n].element_size()
+            total_size += math.prod(shape) * dtype.itemsize
         yield out_dir / shard
     if len(layout.shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
