@@ -57,11 +57,11 @@ def _tree_anon_bytes(pid: int) -> int:
     return total
 
 
-def run_measured(command: list[str], env: dict) -> tuple[float, int, str]:
+def run_measured(command: list[str], env: dict, cwd: Path) -> tuple[float, int, str]:
     """(wall seconds, peak anonymous bytes of the process tree, output)."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         peak = 0
         while proc.poll() is None:
             peak = max(peak, _tree_anon_bytes(proc.pid))
@@ -78,7 +78,7 @@ def merge(code: Path, a: Path, b: Path, arch: str, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", "import sys; from cli import main; sys.exit(main())", "merge", str(a), str(b),
                "--arch", arch, "--out", str(out), "--device", "cpu"]
-    wall, peak, _ = run_measured(command, env)
+    wall, peak, _ = run_measured(command, env, code)  # in code: "-c" puts the working directory first on sys.path
     report = json.loads((out / "report.json").read_text())
     return {"wall_s": wall, "peak_anon": peak, "sweeps": report["matching"]["iterations"],
             "objective": report["matching"]["objective_final"], "seconds_matching": report["matching"]["seconds"],

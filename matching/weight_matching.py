@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Collection
@@ -221,32 +220,27 @@ class Float32(Mapping):
 
 
 class BoundedCache:
-    """Least-recently-used entries whose sizes (bytes) add up to at most ``budget`` (None: unbounded)."""
+    """Entries whose sizes (bytes) add up to at most ``budget`` (None: unbounded); once it is full, new entries
+    are not kept (entries already in are replaced). Weight matching visits the same entries in a cycle, where
+    evicting the oldest (LRU) would miss every time; this keeps a budget's worth of them hitting."""
 
     def __init__(self, budget: int | None):
-        self.budget, self.used, self.entries = budget, 0, OrderedDict()
+        self.budget, self.used, self.entries = budget, 0, {}
         self.hits = self.misses = 0
 
     def get(self, key):
         if key in self.entries:
-            self.entries.move_to_end(key)
             self.hits += 1
             return self.entries[key][0]
         self.misses += 1
         return None
 
     def put(self, key, value, nbytes: int) -> None:
-        self.drop(key)
-        if self.budget is not None and nbytes > self.budget:
-            return
-        while self.budget is not None and self.used + nbytes > self.budget:
-            self.drop(next(iter(self.entries)))
-        self.entries[key] = (value, nbytes)
-        self.used += nbytes
-
-    def drop(self, key) -> None:
-        if key in self.entries:
-            self.used -= self.entries.pop(key)[1]
+        old = self.entries.pop(key, (None, 0))[1]
+        self.used -= old
+        if self.budget is None or self.used + nbytes <= self.budget:
+            self.entries[key] = (value, nbytes)
+            self.used += nbytes
 
 
 def _new_bytes(tensors, sources) -> int:
@@ -291,8 +285,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping, state_b: Mapping, *
 
     ``cache_bytes`` (None: unbounded, everything in float32 on ``device`` up front): streaming. The states may
     be memory-mapped or lazy mappings; each tensor is read and converted to float32 when a cost term needs it,
-    and the cost matrices and the reshaped tensor copies (``_term_layout``) are kept, least recently used
-    first out, while they fit ``cache_bytes``. A dropped cost matrix is rebuilt in full when it is needed again.
+    and the cost matrices and the reshaped tensor copies (``_term_layout``) are kept as long as they fit
+    ``cache_bytes`` (``BoundedCache``); a cost matrix that was not kept is rebuilt in full when it is needed again.
     """
     start = time.perf_counter()
     sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state_a.items()})
