@@ -213,18 +213,41 @@ def _write_files(state: Mapping[str, torch.Tensor], layout: FolderLayout, out_di
     for name, text in layout.files.items():
         (out_dir / name).write_text(text, encoding="utf-8")
         yield out_dir / name
+    yield from write_shards(state, layout.shards, out_dir)
+
+
+def write_shards(state: Mapping[str, torch.Tensor], shards: dict[str, list[str]], out_dir: Path,
+                 index_name: str = "model.safetensors.index.json"):
+    """Write each shard (file -> its tensors) one tensor at a time, then the index when there are several;
+    yield each file once it is written."""
     weight_map, total_size = {}, 0
-    for shard, names in layout.shards.items():
+    for shard, names in shards.items():
         shapes = tensor_layout(state, names)
         write_safetensors_from(shapes, state.__getitem__, out_dir / shard, SAFETENSORS_METADATA)
         for n, (dtype, shape) in shapes.items():
             weight_map[n] = shard
             total_size += math.prod(shape) * dtype.itemsize
         yield out_dir / shard
-    if len(layout.shards) > 1:
+    if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        yield out_dir / "model.safetensors.index.json"
+        (out_dir / index_name).write_text(json.dumps(index, indent=2) + "\n")
+        yield out_dir / index_name
+
+
+def shard_plan(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_bytes: int, stem: str = "model") -> dict[str, list[str]]:
+    """Tensors (name -> dtype, shape) in order into shards of at most ``max_bytes`` (a larger tensor alone), named
+    as save_pretrained names them: ``{stem}-0000k-of-0000n.safetensors``, or ``{stem}.safetensors`` for one."""
+    groups, size = [[]], 0
+    for name, (dtype, shape) in tensors.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {f"{stem}.safetensors": groups[0]}
+    return {f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors": names for i, names in enumerate(groups, 1)}
 
 
 def write_folder(state: Mapping[str, torch.Tensor], layout: FolderLayout, out_dir: str | Path) -> Path:

@@ -17,8 +17,8 @@ from matching.architectures import build_model, example_input, infer_options
 from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
                                load_dataset, model_input, model_logits, reset_batchnorm, subsample)
-from matching.checkpoints import write_safetensors
-from matching.folders import FolderLayout, write_folder, write_folder_tar
+from matching.checkpoints import tensor_layout
+from matching.folders import FolderLayout, shard_plan, write_folder, write_folder_tar, write_shards
 from matching.hf import check_configs, check_input_shape, tied_groups
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
@@ -660,24 +660,26 @@ def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_spli
 
 
 def write_artifacts(outcome: MergeOutcome, out_dir: Path, layout: FolderLayout | None = None,
-                    folders: str = "tar") -> list[Path]:
+                    folders: str = "tar", shard_bytes: int | None = None) -> list[Path]:
     """merged.safetensors, aligned.safetensors (MergeMany: aligned_<i>.safetensors), permutation.json,
     report.json, and barrier.png when there was evaluation data. With the ``layout`` of model-folder inputs, the
     models are model folders laid out the same way instead: ``merged.tar``, ``aligned.tar`` (``aligned_<i>.tar``),
-    or with ``folders="dir"`` the directories ``merged/``, ``aligned/`` (what ``rebasin download`` unpacks)."""
+    or with ``folders="dir"`` the directories ``merged/``, ``aligned/`` (what ``rebasin download`` unpacks).
+    ``shard_bytes`` (rebasin merge): a plain model larger than that is written as save_pretrained shards it,
+    ``merged-0000k-of-0000n.safetensors`` with ``merged.safetensors.index.json``. Every model is written one
+    tensor at a time."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(state, stem):
         if layout is None:
-            path = out_dir / f"{stem}.safetensors"
-            write_safetensors(state, path)  # one tensor at a time
+            shards = shard_plan(tensor_layout(state), shard_bytes or math.inf, stem)
+            written.extend(write_shards(state, shards, out_dir, f"{stem}.safetensors.index.json"))
         elif folders == "dir":
-            path = write_folder(state, layout, out_dir / stem)
+            written.append(write_folder(state, layout, out_dir / stem))
         else:
-            path = write_folder_tar(state, layout, out_dir / f"{stem}.tar")
-        written.append(path)
+            written.append(write_folder_tar(state, layout, out_dir / f"{stem}.tar"))
 
     save(outcome.merged, "merged")
     if len(outcome.aligned) == 1:

@@ -97,6 +97,12 @@ def test_plain_checkpoints_stream_and_keep_fp16(tmp_path):
     assert outcome.report["matching"]["objective_final"] == info["objective_final"]
     assert_same(load_file(str(tmp_path / "out" / "merged.safetensors")), merged)
     assert_same(load_file(str(tmp_path / "out" / "aligned.safetensors")), aligned)
+    # larger than a shard: shards as save_pretrained writes them, with their index
+    merge.write_artifacts(outcome, tmp_path / "sharded", shard_bytes=20_000)
+    index = json.loads((tmp_path / "sharded" / "merged.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"merged-00001-of-{len(files):05d}.safetensors"
+    assert_same({k: v for f in files for k, v in load_file(str(tmp_path / "sharded" / f)).items()}, merged)
 
 
 def test_memory_map_reads_nothing_into_anonymous_memory(tmp_path):
