@@ -105,7 +105,8 @@ def llama_folder(size: str, seed: int, out: Path) -> Path:
 
     from matching.checkpoints import write_safetensors_from
 
-    config = tf.LlamaConfig(**LLAMA[size], torch_dtype="bfloat16", max_position_embeddings=2048)
+    config = tf.LlamaConfig(**LLAMA[size], torch_dtype="bfloat16", max_position_embeddings=2048,
+                            architectures=["LlamaForCausalLM"])  # what --arch hf builds
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in tf.LlamaForCausalLM(config).state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
