@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
@@ -93,10 +94,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             raise MatchingError("the file is empty")
         if not is_safetensors(path):
             return read_pytorch_state_dict(path)
-        from safetensors.torch import load_file
-
         try:
-            state = load_file(str(path))
+            state = map_safetensors(path)
         except Exception as error:
             raise MatchingError(f"not a valid safetensors file ({str(error).splitlines()[0][:200]})") from None
         if not state:
@@ -108,10 +107,47 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise MatchingError(f"{path}: {error.strerror or error}") from None
 
 
+def map_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of a private memory map of the file: nothing is read until a tensor
+    is used, and what is read stays page cache (file-backed, reclaimable), not the process's anonymous memory.
+    safetensors' own ``safe_open`` checks the header first; a tensor whose offset its dtype cannot be aligned
+    to is copied."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:  # validates the header and the offsets
+        names = list(handle.keys())
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if names else None
+    start = 8 + header_size
+    state = {}
+    for name in names:
+        entry = header[name]
+        dtype = _SAFETENSORS_TO_TORCH[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        size = torch.empty((), dtype=dtype).element_size()
+        if end == begin:
+            state[name] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        tensor = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // size, offset=start + begin)
+        state[name] = (tensor if (start + begin) % size == 0 else tensor.clone()).reshape(entry["shape"])
+    return state
+
+
+def tensor_layout(state: Mapping[str, torch.Tensor], names=None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of ``names`` (default: all), without computing them when ``state`` is lazy (it
+    then says what it holds in its ``layout``, as ``matching.merge.LazyState`` does)."""
+    names = list(state) if names is None else names
+    known = getattr(state, "layout", None)
+    if known is not None:
+        return {n: known[n] for n in names}
+    return {n: (state[n].dtype, tuple(state[n].shape)) for n in names}
+
+
 def write_safetensors(state: Mapping[str, torch.Tensor], out: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file one tensor at a time (safetensors' own save builds the whole file in memory)."""
-    layout = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()}
-    write_safetensors_from(layout, state.__getitem__, out, metadata)
+    write_safetensors_from(tensor_layout(state), state.__getitem__, out, metadata)
 
 
 def write_safetensors_from(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], get: Callable[[str], torch.Tensor],
@@ -136,3 +172,6 @@ def write_safetensors_from(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]
             # Contiguous copies also break memory shared between tensors (tied weights).
             if tensor.numel():
                 handle.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+_SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}

@@ -12,6 +12,8 @@ from matching.checkpoints import load_checkpoint
 from matching.errors import Cancelled, MatchingError
 from matching.merge import DEFAULTS, PARTIAL_OPTIONS
 
+# A plain checkpoint larger than this is written as shards (save_pretrained's default max_shard_size, 5 GB).
+SHARD_BYTES = 5 * 10**9
 METHOD_NAMES = {"weight": "weight_matching", "activation": "activation_matching", "ste": "ste_matching"}
 # One set of spellings for every command that takes a method: the short names and the API's.
 METHOD_CHOICES = list(METHOD_NAMES) + list(METHOD_NAMES.values()) + ["auto", "zip"]
@@ -89,7 +91,8 @@ def add_merge_command(subparsers) -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
         description="Align checkpoints modulo permutation symmetries (Git Re-Basin) and merge them. Two checkpoints: "
                     "B is aligned to A; three or more: MergeMany. Writes merged.safetensors, aligned*.safetensors "
-                    "(model folders: the folders merged/ and aligned*/, laid out as the inputs), permutation.json, "
+                    "(shards with an index above 5 GB; model folders: the folders merged/ and aligned*/, laid out as "
+                    "the inputs), permutation.json, "
                     "report.json (and barrier.png with evaluation data) into --out, and prints the barrier table.")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help=".safetensors or a torch.save state dict (.pt/.pth/.bin, also wrapped as {'state_dict': ...}), or "
@@ -149,7 +152,8 @@ def run_merge(args) -> int:
                                     options=options, device=args.device, progress=bar.update,
                                     configs=[layout.config for layout in layouts] if layouts else None)
         bar.close()
-        files = write_artifacts(outcome, args.out, layout=layouts[0] if layouts else None, folders="dir")
+        files = write_artifacts(outcome, args.out, layout=layouts[0] if layouts else None, folders="dir",
+                                shard_bytes=SHARD_BYTES)
     except (MatchingError, Cancelled) as exc:
         bar.close()
         print(f"rebasin: {exc}", file=sys.stderr)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from matching.checkpoints import (TORCH_TO_SAFETENSORS, is_safetensors, read_pytorch_state_dict, write_safetensors,
-                                  write_safetensors_from)
+from matching.checkpoints import (TORCH_TO_SAFETENSORS, is_safetensors, map_safetensors, read_pytorch_state_dict,
+                                  tensor_layout, write_safetensors_from)
 from matching.errors import MatchingError
 
 CONFIG = "config.json"
@@ -105,7 +105,7 @@ class ModelFolder:
             raise MatchingError("no config.json: a model folder is config.json and its weights, as save_pretrained writes them")
         sources = self._weight_sources(path)
         self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self._where: dict[str, object] = {}  # tensor -> safe_open handle or loaded state dict
+        self._where: dict[str, dict] = {}  # tensor -> the (memory-mapped or loaded) state dict of its file
         shards: dict[str, list[str]] = {}
         for source, listed in sources.items():
             names = self._read_source(path / source)
@@ -142,17 +142,14 @@ class ModelFolder:
         if file.name.endswith(".safetensors"):
             if not is_safetensors(file):
                 raise MatchingError(f"{file.name} is not a safetensors file")
-            from safetensors import safe_open
-
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-                names = list(handle.keys())
-                entries = {name: handle.get_slice(name) for name in names}
-                layout = {n: (_SAFETENSORS_TO_TORCH[e.get_dtype()], tuple(e.get_shape())) for n, e in entries.items()}
+                handle = map_safetensors(file)  # file-backed views: read when used
             except KeyError as error:
                 raise MatchingError(f"{file.name}: unsupported dtype {error}") from None
             except Exception as error:
                 raise MatchingError(f"{file.name} is not a valid safetensors file ({str(error)[:200]})") from None
+            names = list(handle)
+            layout = {n: (t.dtype, tuple(t.shape)) for n, t in handle.items()}
         else:
             try:
                 handle = read_pytorch_state_dict(file)
@@ -170,8 +167,7 @@ class ModelFolder:
         return names
 
     def get(self, name: str) -> torch.Tensor:
-        where = self._where[name]
-        return where[name] if isinstance(where, dict) else where.get_tensor(name)
+        return self._where[name][name]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in self.tensors}
@@ -179,9 +175,6 @@ class ModelFolder:
     @property
     def num_parameters(self) -> int:
         return sum(math.prod(shape) for _, shape in self.tensors.values())
-
-
-_SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}
 
 
 def is_model_folder(path: str | Path) -> bool:
@@ -220,17 +213,41 @@ def _write_files(state: Mapping[str, torch.Tensor], layout: FolderLayout, out_di
     for name, text in layout.files.items():
         (out_dir / name).write_text(text, encoding="utf-8")
         yield out_dir / name
+    yield from write_shards(state, layout.shards, out_dir)
+
+
+def write_shards(state: Mapping[str, torch.Tensor], shards: dict[str, list[str]], out_dir: Path,
+                 index_name: str = "model.safetensors.index.json"):
+    """Write each shard (file -> its tensors) one tensor at a time, then the index when there are several;
+    yield each file once it is written."""
     weight_map, total_size = {}, 0
-    for shard, names in layout.shards.items():
-        write_safetensors({n: state[n] for n in names}, out_dir / shard, SAFETENSORS_METADATA)
-        for n in names:
+    for shard, names in shards.items():
+        shapes = tensor_layout(state, names)
+        write_safetensors_from(shapes, state.__getitem__, out_dir / shard, SAFETENSORS_METADATA)
+        for n, (dtype, shape) in shapes.items():
             weight_map[n] = shard
-            total_size += state[n].numel() * state[n].element_size()
+            total_size += math.prod(shape) * dtype.itemsize
         yield out_dir / shard
-    if len(layout.shards) > 1:
+    if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        yield out_dir / "model.safetensors.index.json"
+        (out_dir / index_name).write_text(json.dumps(index, indent=2) + "\n")
+        yield out_dir / index_name
+
+
+def shard_plan(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_bytes: int, stem: str = "model") -> dict[str, list[str]]:
+    """Tensors (name -> dtype, shape) in order into shards of at most ``max_bytes`` (a larger tensor alone), named
+    as save_pretrained names them: ``{stem}-0000k-of-0000n.safetensors``, or ``{stem}.safetensors`` for one."""
+    groups, size = [[]], 0
+    for name, (dtype, shape) in tensors.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {f"{stem}.safetensors": groups[0]}
+    return {f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors": names for i, names in enumerate(groups, 1)}
 
 
 def write_folder(state: Mapping[str, torch.Tensor], layout: FolderLayout, out_dir: str | Path) -> Path:

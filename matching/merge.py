@@ -6,22 +6,24 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from matching.architectures import build_model, example_input, infer_options
 from matching.errors import Cancelled, MatchingError
 from matching.evaluate import (Dataset, barrier, evaluate, has_batchnorm, interpolate, interpolation_curves,
                                load_dataset, model_input, model_logits, reset_batchnorm, subsample)
-from matching.folders import FolderLayout, write_folder, write_folder_tar
+from matching.checkpoints import tensor_layout
+from matching.folders import FolderLayout, shard_plan, write_folder, write_folder_tar, write_shards
 from matching.hf import check_configs, check_input_shape, logits as output_logits, tied_groups
 from matching.repair import Repair, repair_points
 from matching.infer import infer_spec
-from matching.spec import PermutationSpec, apply_permutation, perm_sizes, spec_from_json, spec_to_json
+from matching.spec import (PermutationSpec, apply_permutation, perm_sizes, permute_tensor, spec_from_json, spec_to_json,
+                           within_axes)
 from matching.weight_matching import statistics_keys, weight_matching
 from matching.zipit import ALPHA_DEFAULT, BETA_DEFAULT
 
@@ -49,12 +51,37 @@ DEFAULTS = {"seed": 0, "max_iter": 100, "lambdas": 25, "merge_lambda": 0.5, "ste
 # reset, in BN networks). Left out: chosen per architecture (repair_default).
 REPAIR_MODES = ("none", "reset", "repair")
 TRAIN_EVAL_MAX_EXAMPLES = 10_000
+# Streaming (weight matching of a pair, no data): what weight matching may keep of cost matrices and reshaped
+# tensor copies (see weight_matching's cache_bytes; benchmarks/README.md, "Memory", for what it costs in time).
+STREAM_CACHE_BYTES = 512 * 1024**2
+# Streaming: a model with more parameters is built on the meta device (no memory) and its spec inferred there,
+# unverified (verifying it runs a float64 copy of the model and a permuted one: 16 bytes per parameter).
+VERIFY_MAX_PARAMETERS = 50_000_000
+
+
+class LazyState(Mapping):
+    """A state dict whose tensors are computed one at a time when read (``get(name)``), their dtype and shape
+    known up front (``layout``): written tensor by tensor (``write_safetensors``), it is never whole in memory."""
+
+    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], get: Callable[[str], torch.Tensor]):
+        self.layout, self._get = layout, get
+
+    def __getitem__(self, key):
+        if key not in self.layout:
+            raise KeyError(key)
+        return self._get(key)
+
+    def __iter__(self):
+        return iter(self.layout)
+
+    def __len__(self):
+        return len(self.layout)
 
 
 @dataclass
 class MergeOutcome:
-    merged: dict[str, torch.Tensor]
-    aligned: list[dict[str, torch.Tensor]]
+    merged: Mapping[str, torch.Tensor]
+    aligned: list[Mapping[str, torch.Tensor]]
     permutation: dict
     report: dict
     extra: dict = field(default_factory=dict)
@@ -130,7 +157,38 @@ def _hf_options(user: dict, configs: list[dict | None] | None) -> dict:
     return {**user, "config": configs[0]}
 
 
-def _model_and_spec(architecture, shapes, configs=None) -> tuple[torch.nn.Module, PermutationSpec, dict]:
+def _build(name: str, options: dict, meta: bool) -> torch.nn.Module:
+    """The model; ``meta``: on the meta device (shapes only) when it has more than VERIFY_MAX_PARAMETERS."""
+    if meta:
+        try:
+            with torch.device("meta"):
+                model = build_model(name, **options)
+        except MatchingError:  # its initialisation needs data (RegNet): build it for real, then move it to meta
+            model = build_model(name, **options).to("meta")
+        if sum(p.numel() for p in model.parameters()) > VERIFY_MAX_PARAMETERS:
+            return model
+    return build_model(name, **options)
+
+
+def _on_meta(model: torch.nn.Module) -> bool:
+    return any(t.is_meta for t in model.state_dict().values())
+
+
+def _spec_of(name: str, options: dict, model: torch.nn.Module) -> PermutationSpec:
+    """The model's inferred spec, verified unless the model is on the meta device (cached by both)."""
+    key = (name, json.dumps(options, sort_keys=True))
+    if key in _SPEC_CACHE:
+        return _SPEC_CACHE[key]
+    if not _on_meta(model):
+        _SPEC_CACHE[key] = infer_spec(model, example_input(name, model))
+        return _SPEC_CACHE[key]
+    if (*key, "unverified") not in _SPEC_CACHE:
+        with torch.device("meta"):
+            _SPEC_CACHE[(*key, "unverified")] = infer_spec(model, example_input(name, model), verify=False)
+    return _SPEC_CACHE[(*key, "unverified")]
+
+
+def _model_and_spec(architecture, shapes, configs=None, meta=False) -> tuple[torch.nn.Module, PermutationSpec, dict]:
     if not isinstance(architecture, dict) or not isinstance(architecture.get("name"), str):
         raise MatchingError('architecture must be an object {"name": ..., "options": {...}}')
     name = architecture["name"]
@@ -140,7 +198,7 @@ def _model_and_spec(architecture, shapes, configs=None) -> tuple[torch.nn.Module
     if name == "hf":
         user = _hf_options(user, configs)
     options = {**infer_options(name, shapes), **user}
-    model = build_model(name, **options)
+    model = _build(name, options, meta)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     # Buffers a checkpoint may leave out, and names that share a parameter with another one (tied embeddings,
     # which save_pretrained writes once): filled in by _full_state.
@@ -161,10 +219,7 @@ def _model_and_spec(architecture, shapes, configs=None) -> tuple[torch.nn.Module
             parts.append("wrong shapes " + ", ".join(f"{k}: {list(shapes[k])} (expected {list(expected[k])})" for k in wrong[:5]))
         shown = {k: v for k, v in options.items() if k != "config"}  # hf: the checkpoint's own config.json
         raise MatchingError(f"checkpoint does not fit architecture {name!r} with options {shown}: " + "; ".join(parts))
-    cache_key = (name, json.dumps(options, sort_keys=True))
-    if cache_key not in _SPEC_CACHE:
-        _SPEC_CACHE[cache_key] = infer_spec(model, example_input(name, model))
-    return model, _SPEC_CACHE[cache_key], options
+    return model, _spec_of(name, options, model), options
 
 
 def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, architecture: dict | None = None,
@@ -210,7 +265,8 @@ def check_example_shape(name: str, arch_options: dict, example_shape: tuple[int,
                         f"{name!r} with options {arch_options} cannot take{_takes(name, probe)}")
 
 
-def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False, configs=None):
+def _check(shapes, method, architecture, permutation_spec, options, has_dataset, has_eval_dataset=False, configs=None,
+           meta=False):
     if method not in METHODS:
         raise MatchingError(f"unknown method {method!r}; use one of {list(METHODS)}")
     opts = _options(options)
@@ -259,7 +315,7 @@ def _check(shapes, method, architecture, permutation_spec, options, has_dataset,
         spec = spec_from_json(permutation_spec)
         perm_sizes(spec, first)
         return None, spec, opts, None
-    model, spec, arch_options = _model_and_spec(architecture, first, configs)
+    model, spec, arch_options = _model_and_spec(architecture, first, configs, meta)
     if partial:
         _check_partial(model, spec, architecture["name"], opts)
     return model, spec, opts, arch_options
@@ -329,8 +385,8 @@ def _full_state(model, state):
         present = next((name for name in group if name in full), None)
         for name in group if present is not None else ():
             full.setdefault(name, full[present])
-    for key, value in model.state_dict().items():
-        full.setdefault(key, value.clone())
+    for key, value in model.state_dict().items():  # a meta model's: only num_batches_tracked (0) may be missing
+        full.setdefault(key, torch.zeros(value.shape, dtype=value.dtype) if value.is_meta else value.clone())
     return full
 
 
@@ -378,8 +434,14 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     tick = _ticker(progress, should_cancel)
     tick("validate", 0, 1, "checking inputs")
     shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in states]
+    # Weight matching of a pair without data streams: no model runs (no BN reset, REPAIR or evaluation), so a
+    # large one is built on the meta device, the checkpoints are read tensor by tensor where they lie (memory
+    # maps: load_checkpoint, load_folder), and the outputs are computed as they are written (LazyState).
+    # A partial merge builds the zipped model from real tensors: it does not stream.
+    streaming = (method == "weight_matching" and len(states) == 2 and dataset is None and eval_dataset is None
+                 and not any((options or {}).get(o) is not None for o in PARTIAL_OPTIONS))
     model, spec, opts, arch_options = _check(shapes, method, architecture, permutation_spec, options,
-                                             dataset is not None, eval_dataset is not None, configs)
+                                             dataset is not None, eval_dataset is not None, configs, streaming)
     if method == "auto":
         return _merge_auto(states, opts, started, architecture=architecture, dataset=dataset,
                            eval_dataset=eval_dataset, options=options, device=device, progress=progress,
@@ -391,10 +453,11 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     held_out = load_dataset(eval_dataset) if eval_dataset is not None else None
     # Every stage works on the job's device: the checkpoints and the evaluation data cross to it once, here,
     # and the results come back once, at the end.
-    states = [{k: v.to(dev) for k, v in s.items()} for s in states]
+    if not streaming:
+        states = [{k: v.to(dev) for k, v in s.items()} for s in states]
     train, held_out = (d if d is None else _to_device(d, dev) for d in (train, held_out))
     if model is not None:
-        model = model.to(dev)
+        model = model if _on_meta(model) else model.to(dev)
         states = [_full_state(model, s) for s in states]
         for data, name in ((train, "dataset"), (held_out, "eval_dataset")):
             if data is not None:
@@ -420,6 +483,11 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     if method == "zip":
         merged, aligned, match_info, permutation = _zip_pair(spec, model, states[0], states[1], train, opts, dev, tick)
         endpoints, weights = [states[0], aligned[0]], [1 - opts["merge_lambda"], opts["merge_lambda"]]
+    elif streaming:
+        perms, match_info = _align_pair(method, spec, model, states[0], states[1], train, opts, dev, tick,
+                                        cache_bytes=STREAM_CACHE_BYTES)
+        aligned, merged = _streamed_outputs(spec, perms, states, dtypes, opts["merge_lambda"])
+        permutation = {**spec_to_json(spec), "permutations": {p: v.tolist() for p, v in perms.items()}}
     elif len(states) == 2:
         perms, match_info = _align_pair(method, spec, model, states[0], states[1], train, opts, dev, tick)
         aligned = [apply_permutation(spec, perms, states[1])]
@@ -479,9 +547,31 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
             zipped = {k: v.to(dtypes.get(k.split(".", 2)[-1] if k.startswith("heads.") else k[len("trunk."):],
                                          v.dtype)) for k, v in zipped.items()}
     report["seconds_total"] = time.perf_counter() - started
+    if streaming:  # no data, so nothing above changed them: written as they are computed
+        return MergeOutcome(merged=merged, aligned=aligned, permutation=permutation, report=report)
     cast = lambda s: {k: v.detach().to("cpu", dtypes[k]).contiguous() for k, v in s.items() if k in dtypes}
     return MergeOutcome(merged=cast(merged), aligned=[cast(a) for a in aligned], permutation=permutation,
                         report=report, zipped=zipped, zipped_metadata=zipped_metadata)
+
+
+def _streamed_outputs(spec, perms, states, dtypes, merge_lambda) -> tuple[list[LazyState], LazyState]:
+    """[aligned B] and the merged model as LazyStates: each tensor permuted (and interpolated, in float32 as
+    ``interpolate``) when it is read, in the checkpoint's dtype, as the in-memory path computes it."""
+    a, b = states
+    layout = {k: (dtype, tuple(a[k].shape)) for k, dtype in dtypes.items()}
+    within = within_axes(spec, {k: s for k, (_, s) in layout.items() if k in spec.axes_to_perm},
+                         {p: len(v) for p, v in perms.items()}) if spec.perms else {}
+
+    def permuted(key):
+        return permute_tensor(spec, perms, key, b[key], within)
+
+    def merged(key):
+        t = a[key]
+        t = torch.lerp(t.float(), permuted(key).to(t.device).float(), merge_lambda) if t.is_floating_point() else t
+        return t.detach().to("cpu", dtypes[key]).contiguous()
+
+    aligned = LazyState(layout, lambda key: permuted(key).detach().to("cpu", dtypes[key]).contiguous())
+    return [aligned], LazyState(layout, merged)
 
 
 def _auto_score(report: dict) -> tuple[float, str]:
@@ -585,11 +675,12 @@ def buffer_keys(model, state) -> set[str]:
     return {k for k, _ in model.named_buffers()}
 
 
-def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, init_perms=None):
-    """Permutations of B into A's basin, and the matching report."""
+def _align_pair(method, spec, model, state_a, state_b, train, opts, dev, tick, init_perms=None, cache_bytes=None):
+    """Permutations of B into A's basin, and the matching report (``cache_bytes``: weight matching streams)."""
     if method == "weight_matching":
         return weight_matching(spec, state_a, state_b, max_iter=opts["max_iter"], seed=opts["seed"], device=dev,
-                               init_perms=init_perms, unmatched=buffer_keys(model, state_a), tick=lambda i, n, msg: tick("weight_matching", i, n, msg))
+                               init_perms=init_perms, unmatched=buffer_keys(model, state_a), cache_bytes=cache_bytes,
+                               tick=lambda i, n, msg: tick("weight_matching", i, n, msg))
     if method == "activation_matching":
         from matching.activation_matching import activation_matching
         return activation_matching(spec, model, state_a, state_b, train.inputs, batch_size=opts["batch_size"],
@@ -695,24 +786,26 @@ def _evaluation(model, spec, states, aligned, merged, opts, held_out, train_spli
 
 
 def write_artifacts(outcome: MergeOutcome, out_dir: Path, layout: FolderLayout | None = None,
-                    folders: str = "tar") -> list[Path]:
+                    folders: str = "tar", shard_bytes: int | None = None) -> list[Path]:
     """merged.safetensors, aligned.safetensors (MergeMany: aligned_<i>.safetensors), permutation.json,
     report.json, and barrier.png when there was evaluation data. With the ``layout`` of model-folder inputs, the
     models are model folders laid out the same way instead: ``merged.tar``, ``aligned.tar`` (``aligned_<i>.tar``),
-    or with ``folders="dir"`` the directories ``merged/``, ``aligned/`` (what ``rebasin download`` unpacks)."""
+    or with ``folders="dir"`` the directories ``merged/``, ``aligned/`` (what ``rebasin download`` unpacks).
+    ``shard_bytes`` (rebasin merge): a plain model larger than that is written as save_pretrained shards it,
+    ``merged-0000k-of-0000n.safetensors`` with ``merged.safetensors.index.json``. Every model is written one
+    tensor at a time."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(state, stem):
         if layout is None:
-            path = out_dir / f"{stem}.safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            shards = shard_plan(tensor_layout(state), shard_bytes or math.inf, stem)
+            written.extend(write_shards(state, shards, out_dir, f"{stem}.safetensors.index.json"))
         elif folders == "dir":
-            path = write_folder(state, layout, out_dir / stem)
+            written.append(write_folder(state, layout, out_dir / stem))
         else:
-            path = write_folder_tar(state, layout, out_dir / f"{stem}.tar")
-        written.append(path)
+            written.append(write_folder_tar(state, layout, out_dir / f"{stem}.tar"))
 
     save(outcome.merged, "merged")
     if len(outcome.aligned) == 1:

@@ -273,16 +273,22 @@ def apply_permutation(spec: PermutationSpec, perms: dict[str, torch.Tensor], sta
     if hasattr(state, "_metadata"):
         out._metadata = state._metadata
     for key, tensor in state.items():
-        for axis, perm in enumerate(spec.axes_to_perm.get(key, ())):
-            if perm is None or perm == except_perm or (key, axis) in within:
-                continue
-            tensor = torch.index_select(tensor, axis, full_index(spec, perms, perm).to(tensor.device))
-        for (k, axis), group_axis in within.items():
-            perm = spec.axes_to_perm[k][axis]
-            if k == key and perm != except_perm:
-                tensor = permute_within(tensor, axis, group_axis, perms[perm].to(tensor.device), spec.perms[perm]["groups"])
-        out[key] = tensor
+        out[key] = permute_tensor(spec, perms, key, tensor, within, except_perm)
     return out
+
+
+def permute_tensor(spec: PermutationSpec, perms: dict[str, torch.Tensor], key: str, tensor: torch.Tensor,
+                   within: dict[tuple[str, int], int], except_perm: str | None = None) -> torch.Tensor:
+    """One tensor of ``apply_permutation`` (``within``: its ``within_axes``), for outputs written one at a time."""
+    for axis, perm in enumerate(spec.axes_to_perm.get(key, ())):
+        if perm is None or perm == except_perm or (key, axis) in within:
+            continue
+        tensor = torch.index_select(tensor, axis, full_index(spec, perms, perm).to(tensor.device))
+    for (k, axis), group_axis in within.items():
+        perm = spec.axes_to_perm[k][axis]
+        if k == key and perm != except_perm:
+            tensor = permute_within(tensor, axis, group_axis, perms[perm].to(tensor.device), spec.perms[perm]["groups"])
+    return tensor
 
 
 def permute_within(tensor: torch.Tensor, axis: int, group_axis: int, perm: torch.Tensor, groups: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Collection
 
@@ -201,11 +202,58 @@ def _unit_rows(layout: torch.Tensor, other_dim: int, n: int) -> torch.Tensor:
     return layout.reshape(n, -1) if other_dim == 1 else layout.reshape(-1, n).T
 
 
-def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_iter: int = 100, seed: int = 0,
+class Float32(Mapping):
+    """A state's tensors in float32 on ``device``, converted one at a time when read: a half-precision or
+    memory-mapped checkpoint is never copied whole."""
+
+    def __init__(self, state: Mapping, device):
+        self.state, self.device = state, device
+
+    def __getitem__(self, key):
+        return self.state[key].to(self.device, torch.float32)
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+
+class BoundedCache:
+    """Entries whose sizes (bytes) add up to at most ``budget`` (None: unbounded); once it is full, new entries
+    are not kept (entries already in are replaced). Weight matching visits the same entries in a cycle, where
+    evicting the oldest (LRU) would miss every time; this keeps a budget's worth of them hitting."""
+
+    def __init__(self, budget: int | None):
+        self.budget, self.used, self.entries = budget, 0, {}
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        if key in self.entries:
+            self.hits += 1
+            return self.entries[key][0]
+        self.misses += 1
+        return None
+
+    def put(self, key, value, nbytes: int) -> None:
+        old = self.entries.pop(key, (None, 0))[1]
+        self.used -= old
+        if self.budget is None or self.used + nbytes <= self.budget:
+            self.entries[key] = (value, nbytes)
+            self.used += nbytes
+
+
+def _new_bytes(tensors, sources) -> int:
+    """Bytes of ``tensors`` that do not share memory with any of ``sources`` (what caching them holds)."""
+    shared = {s.untyped_storage().data_ptr() for s in sources}
+    return sum(t.untyped_storage().nbytes() for t in tensors if t.untyped_storage().data_ptr() not in shared)
+
+
+def weight_matching(spec: PermutationSpec, state_a: Mapping, state_b: Mapping, *, max_iter: int = 100, seed: int = 0,
                     init_perms: dict | None = None, device: str | torch.device = "cpu", solver: str = "auto",
                     rel_tol: float = REL_TOL, tick: Callable[[int, int, str], None] | None = None,
                     propagate: bool = True, fixed: Collection[str] = (),
-                    unmatched: Collection[str] | None = None) -> tuple[dict, dict]:
+                    unmatched: Collection[str] | None = None, cache_bytes: int | None = None) -> tuple[dict, dict]:
     """Coordinate descent over permutations maximising sum <W_A, pi(W_B)> (Algorithm 1).
 
     Returns ({perm name: index tensor on cpu}, {objective_initial, objective_final, iterations, seconds,
@@ -234,16 +282,24 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     Late passes move few units, so they cost a small fraction of a full recomputation. A LAP is solved in a
     thread while the next permutation's cost is updated and its LAP started, unless that one depends on it:
     the same result as one after the other, with both cores busy.
+
+    ``cache_bytes`` (None: unbounded, everything in float32 on ``device`` up front): streaming. The states may
+    be memory-mapped or lazy mappings; each tensor is read and converted to float32 when a cost term needs it,
+    and the cost matrices and the reshaped tensor copies (``_term_layout``) are kept as long as they fit
+    ``cache_bytes`` (``BoundedCache``); a cost matrix that was not kept is rebuilt in full when it is needed again.
     """
     start = time.perf_counter()
     sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in state_a.items()})
     unmatched = statistics_keys(state_a) if unmatched is None else set(unmatched)
     keys = [k for k, axes in spec.axes_to_perm.items() if any(axes) and k not in unmatched]
     # float32 on the job's device: half-precision checkpoints would overflow/round in the cost sums
-    a = {k: state_a[k].to(device, torch.float32) for k in keys}
-    b = {k: state_b[k].to(device, torch.float32) for k in keys}
+    streaming = cache_bytes is not None
+    a, b = ({k: s[k] if streaming else s[k].to(device, torch.float32) for k in keys} for s in (state_a, state_b))
     # block structure (segments, expansions, grouped weights) as plain axes; groups are kept in spec.perms
     spec, (a, b) = matching_view(spec, [a, b])
+    stored = (a, b)  # streaming: what a and b convert from when read
+    if streaming:
+        a, b = Float32(a, device), Float32(b, device)
     perms = identity_perms(sizes, device)
     if init_perms:
         perms.update({p: torch.as_tensor(v, device=device) for p, v in init_perms.items() if p in perms})
@@ -255,13 +311,16 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     neighbours = {p: sorted({q for _, _, others in terms[p] for q, _ in others}
                             | ({spec.perms[p]["group_perm"]} if spec.perms.get(p, {}).get("group_perm") else set()))
                   for p in terms}
-    layouts: dict = {}  # (key, axis) -> (A, B, dim of the other permuted axis), see _term_layout; on first use
+    # (key, axis) -> (A, B, dim of the other permuted axis), see _term_layout; p -> cost matrix (see below)
+    cache = BoundedCache(cache_bytes)
 
     def term_layout(key, axis, other_axis):
-        if (key, axis) not in layouts:
+        layout = cache.get((key, axis))
+        if layout is None:
             (a3, d), (b3, _) = _term_layout(a[key], axis, other_axis), _term_layout(b[key], axis, other_axis)
-            layouts[(key, axis)] = (a3, b3, d)
-        return layouts[(key, axis)]
+            layout = (a3, b3, d)
+            cache.put((key, axis), layout, _new_bytes((a3, b3), (stored[0][key], stored[1][key])))
+        return layout
 
     def add_term(cost, key, axis, others, with_perms, alpha=1.0):
         """cost += alpha * A_(axis) B_(axis)^T, B's other axes permuted by with_perms."""
@@ -304,7 +363,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
                 add_term(cost, key, axis, others, perms)
         return cost
 
-    cache: dict[str, tuple[torch.Tensor, dict]] = {}  # p -> (cost matrix, neighbour perms it was built with)
+    built_with: dict[str, dict] = {}  # p -> the neighbour perms its (cached) cost matrix was built with
     # each tensor's <A, pi(B)>, measured again only where a permutation on it moved since
     values = {k: key_objective(spec, perms if init_perms else None, k, a, b) for k, axes in spec.axes_to_perm.items() if any(axes)}
     values_initial, measured = dict(values), dict(perms)
@@ -372,15 +431,17 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             if pending is not None and pending[0] in neighbours[p]:
                 gain += finish(pending)  # p's cost depends on the permutation being solved
                 pending = None
-            if p in cache and all(cache[p][1][q] is perms[q] for q in neighbours[p]):
+            if p in built_with and all(built_with[p][q] is perms[q] for q in neighbours[p]):
                 continue  # nothing it depends on moved: same cost, same optimum
             t0 = time.perf_counter()
             if propagating:  # partial costs (see above), completed by update_cost in the next pass
                 cost = full_cost(p, unseen)
-                cache[p] = (cost, {q: None if q in unseen else perms[q] for q in neighbours[p]})
+                built_with[p] = {q: None if q in unseen else perms[q] for q in neighbours[p]}
             else:
-                cost = update_cost(p, *cache[p]) if p in cache else full_cost(p)
-                cache[p] = (cost, {q: perms[q] for q in neighbours[p]})
+                cached = cache.get(p)
+                cost = update_cost(p, cached, built_with[p]) if cached is not None else full_cost(p)
+                built_with[p] = {q: perms[q] for q in neighbours[p]}
+            cache.put(p, cost, cost.numel() * cost.element_size())
             seconds_cost += time.perf_counter() - t0
             structure = spec.perms.get(p, {})
             if structure.get("groups", 1) > 1:
@@ -411,4 +472,6 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     info = {"objective_initial": objective_initial, "objective_final": measure(),
             "iterations": iterations, "seconds": time.perf_counter() - start, "trajectory": trajectory,
             "seconds_lap": seconds_lap, "seconds_cost_updates": seconds_cost}
+    if streaming:
+        info["cache"] = {"budget_bytes": cache_bytes, "hits": cache.hits, "misses": cache.misses}
     return {p: v.cpu() for p, v in perms.items()}, info
