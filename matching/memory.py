@@ -31,10 +31,10 @@ the number of inputs, and whether the data path streams. The formula, every size
   ``COEFFICIENTS`` (fitted on measurements, see benchmarks/memory_estimate.py and its table in
   benchmarks/README.md); ``slack`` = ``SLACK``.
 
-Today's data path (``streams=False``) holds every input whole, float32 copies of the matched tensors (and
+The in-memory data path (``streams=False``) holds every input whole, float32 copies of the matched tensors (and
 their reshaped layouts), the aligned and merged models, the module, and a serialised copy while writing:
 measured, 8.5 float32 model copies beyond the inputs for a GPT-2 pair, 4 for an MLP. A streaming data path
-changes only its row of the table (``STREAMING_DATA_PATH`` picks the row).
+has its own row (``streams=True``, for the jobs ``matching.merge.streams`` sends down it).
 
 Peaks are measured by ``PeakSampler``: a thread reading the process's RssAnon from /proc/self/status every
 few milliseconds. The kernel keeps a high-water mark only of the whole resident set (VmHWM, file pages
@@ -54,9 +54,6 @@ from pathlib import Path
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
-# Whether this version's data path streams tensors (memory maps, tensor-by-tensor writing): picks the row of
-# COEFFICIENTS the worker's estimate uses.
-STREAMING_DATA_PATH = False
 EVALUATION_BATCH_ROWS = 1000  # matching.evaluate.evaluate's batch
 SLACK = 1.25
 # Without a model to run on the meta device: the widest activation taken as this many times the input.
@@ -79,7 +76,7 @@ class Coefficients:
     overhead: int  # bytes, whatever the size
 
 
-# (streams, method) -> terms. Today's data path (streams=False), fitted on the peaks measured by
+# (streams, method) -> terms. The in-memory data path (streams=False), fitted on the peaks measured by
 # benchmarks/memory_estimate.py (table in benchmarks/README.md): MODEL from the GPT-2 pair (weight matching
 # holds about 8 float32 model copies beyond the inputs for a transformer, 4 for an MLP: the upper one is
 # kept), MERGE_MANY from the three-MLP MergeMany, ACTIVATIONS from ResNet-20x4 and a small GPT's logits,
@@ -93,7 +90,13 @@ COEFFICIENTS: dict[tuple[bool, str], Coefficients] = {
     (False, "ste_matching"): Coefficients(input=1.0, model=11.0, merge_many=3.0, data=2.0, activations=6.0,
                                           all_activations=1.5, overhead=192 * MiB),
 }
-COEFFICIENTS.update({(True, method): terms for (_, method), terms in list(COEFFICIENTS.items())})
+# The streaming path (matching.merge.streams: weight matching of a pair without data) memory-maps the inputs
+# (file pages, not RssAnon), keeps cost matrices and tensor copies within matching.merge.STREAM_CACHE_BYTES
+# (512 MiB, in the overhead) and writes the outputs tensor by tensor. Measured by benchmarks/bench_memory.py:
+# ViT-L/16 fp32 peak 1.19 GiB for 1.13 GiB a checkpoint, a 1.1 B LLaMA bf16 pair 2.10 GiB for 2.05 GiB (4.1 GiB
+# in float32); half a float32 model bounds both above what the cache and the interpreter take.
+COEFFICIENTS[(True, "weight_matching")] = Coefficients(input=0.0, model=0.5, merge_many=0.0, data=0.0, activations=0.0,
+                                                       all_activations=0.0, overhead=(512 + 256) * MiB)
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,8 @@ def estimate_peak(inputs: list[dict[str, dict]], *, method: str, datasets: list[
     FALLBACK_LAYERS times that (all)."""
     options = options or {}
     if method == "auto":
-        candidates = [m for (s, m) in COEFFICIENTS if s == streams]
-        return max((estimate_peak(inputs, method=m, datasets=datasets, options=options, streams=streams,
+        candidates = [m for (s, m) in COEFFICIENTS if not s]  # auto has data: nothing streams
+        return max((estimate_peak(inputs, method=m, datasets=datasets, options=options, streams=False,
                                   baseline_bytes=baseline_bytes, activations=activations)
                     for m in candidates), key=lambda e: e.peak_bytes)
     terms = COEFFICIENTS[(streams, method)]

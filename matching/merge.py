@@ -421,6 +421,13 @@ def _check_data_fits(model, dataset: Dataset, name: str, device, architecture: s
             raise MatchingError(f"{name} has class labels up to {int(targets.max())} but the model has {logits.shape[-1]} outputs")
 
 
+def streams(method: str, num_inputs: int, has_data: bool, options: dict | None) -> bool:
+    """Whether a job takes the streaming path: weight matching of a pair without data (no model runs, so
+    nothing needs whole models in memory). A partial merge builds the zipped model from real tensors."""
+    return (method == "weight_matching" and num_inputs == 2 and not has_data
+            and not any((options or {}).get(o) is not None for o in PARTIAL_OPTIONS))
+
+
 def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "weight_matching",
                       architecture: dict | None = None, permutation_spec: dict | None = None,
                       dataset: str | Path | None = None, eval_dataset: str | Path | None = None,
@@ -437,9 +444,7 @@ def merge_checkpoints(states: list[dict[str, torch.Tensor]], *, method: str = "w
     # Weight matching of a pair without data streams: no model runs (no BN reset, REPAIR or evaluation), so a
     # large one is built on the meta device, the checkpoints are read tensor by tensor where they lie (memory
     # maps: load_checkpoint, load_folder), and the outputs are computed as they are written (LazyState).
-    # A partial merge builds the zipped model from real tensors: it does not stream.
-    streaming = (method == "weight_matching" and len(states) == 2 and dataset is None and eval_dataset is None
-                 and not any((options or {}).get(o) is not None for o in PARTIAL_OPTIONS))
+    streaming = streams(method, len(states), dataset is not None or eval_dataset is not None, options)
     model, spec, opts, arch_options = _check(shapes, method, architecture, permutation_spec, options,
                                              dataset is not None, eval_dataset is not None, configs, streaming)
     if method == "auto":

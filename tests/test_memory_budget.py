@@ -63,6 +63,19 @@ def test_estimate_grows_with_inputs_datasets_and_method():
     assert estimate_peak([lm, lm], method="weight_matching", datasets=[tokens]).terms["activations"] == 100 * 128 * 50257 * 4
 
 
+def test_a_streaming_pair_counts_half_a_float32_model_not_the_inputs():
+    from matching.merge import streams
+
+    big = {"w": {"dtype": "BF16", "shape": [50_000, 4096]}}  # 0.4 GB as stored, 0.8 GB in float32
+    assert streams("weight_matching", 2, False, {}) and not streams("weight_matching", 2, True, {})
+    assert not streams("weight_matching", 3, False, {}) and not streams("activation_matching", 2, False, {})
+    assert not streams("weight_matching", 2, False, {"merge_until": "layers.1"})
+    streamed = estimate_peak([big, big], method="weight_matching", streams=True)
+    in_memory = estimate_peak([big, big], method="weight_matching")
+    assert streamed.peak_bytes < in_memory.peak_bytes / 4
+    assert streamed.peak_bytes >= 0.5 * streamed.terms["model_fp32"]
+
+
 def test_worker_budget_is_the_setting_else_the_machine_shared_by_the_jobs_at_once(monkeypatch):
     assert worker_budget(Settings(_env_file=None, worker_memory_bytes=8 * 2**30)) == (8 * 2**30, "setting")
     monkeypatch.setattr(memory, "jobs_at_once", 4)  # rebasin worker --concurrency 4

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from core.config import Settings
+from matching.merge import streams
 from matching.memory import (
-    STREAMING_DATA_PATH,
     Estimate,
     activation_bytes,
     estimate_peak,
@@ -40,7 +40,8 @@ def estimate_job(request: dict, checkpoints: dict, datasets: dict) -> Estimate:
     shapes = {name: tuple(t["shape"]) for name, t in inputs[0].items()}
     sizes = [activation_bytes(request.get("architecture"), shapes, d) for d in data]
     return estimate_peak(inputs, method=request["method"], datasets=data, options=request.get("options") or {},
-                         streams=STREAMING_DATA_PATH, baseline_bytes=rss_anon_bytes(),
+                         streams=streams(request["method"], len(inputs), bool(data), request.get("options")),
+                         baseline_bytes=rss_anon_bytes(),
                          activations=None if None in sizes or not sizes else max(sizes))
 
 
