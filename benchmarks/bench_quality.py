@@ -8,7 +8,11 @@ Cases (trained here from fixed seeds, as ``benchmarks/reproduce.py`` trains them
 
 - ``mlp-digits-64``, ``mlp-mnist1d-W`` (W in 64, 128, 256, 512, 1024): 3 hidden layers, Adam 1e-3, 20 epochs;
 - ``resnet20-bn-x1``, ``resnet20-bn-x4``, ``vgg11-bn`` (SGD, then exact BN statistics), ``resnet20-ln-x1``,
-  ``resnet20-ln-x4`` (GroupNorm, Adam): digits 8x8, 6 epochs.
+  ``resnet20-ln-x4`` (GroupNorm, Adam): digits 8x8, 6 epochs;
+- ``gpt``: the built-in decoder (2 blocks, width 32, 4 heads) on the generated copy task (``cli.demo.copy_tokens``;
+  accuracies over next-token positions, the first half of each sequence is unpredictable), Adam 3e-3, 10 epochs.
+  As ``tests/test_transformers_trained.py`` trains it. (Its small timm ViT is not a case: built with
+  ``img_size=8``, a job cannot merge it, since the spec is inferred from timm's default 224x224 example input.)
 
 Every merge is ``matching.merge_checkpoints`` (what a job runs) with the job's default correction: BN networks
 "reset" (BN statistics re-estimated at every lambda), others "repair" (REPAIR). Columns (held-out split): loss
@@ -36,13 +40,15 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: a tree on
 
 import matching  # noqa: E402
 from benchmarks.reproduce import conv_models, digits, mnist1d, train, train_conv, write_dataset  # noqa: E402
+from cli.demo import copy_tokens, fit  # noqa: E402
 from matching.evaluate import barrier, evaluate, interpolation_curves  # noqa: E402
 
 DEFAULT_CASES = ["mlp-digits-64", "resnet20-bn-x1", "vgg11-bn", "resnet20-ln-x1"]
 MLP_WIDTHS = [64, 128, 256, 512, 1024]
 CONV = {"resnet20-bn-x1": ("ResNet20-BN", 1), "resnet20-bn-x4": ("ResNet20-BN", 4), "vgg11-bn": ("VGG11-BN", None),
         "resnet20-ln-x1": ("ResNet20-LN", 1), "resnet20-ln-x4": ("ResNet20-LN", 4)}
-ALL_CASES = ["mlp-digits-64", *[f"mlp-mnist1d-{w}" for w in MLP_WIDTHS], *CONV]
+GPT = {"vocab_size": 16, "block_size": 15, "n_layer": 2, "n_head": 4, "n_embd": 32}
+ALL_CASES = ["mlp-digits-64", *[f"mlp-mnist1d-{w}" for w in MLP_WIDTHS], *CONV, "gpt"]
 CONV_EPOCHS, MLP_EPOCHS = 6, 20
 
 
@@ -53,6 +59,15 @@ def case_setup(case: str):
         data = digits() if source == "digits" else mnist1d()
         options = {"sizes": [data[0].shape[1], *[int(width)] * 3, 10]}
         return "mlp", options, data, lambda seed: train("mlp", options, data, seed, MLP_EPOCHS)
+    if case == "gpt":
+        data = copy_tokens()
+
+        def fit_gpt(seed):
+            torch.manual_seed(seed)
+            model = matching.build_model("gpt", **GPT)
+            fit(model, data[0], data[1], torch.optim.Adam(model.parameters(), lr=3e-3), 10, seed)
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return "gpt", GPT, data, fit_gpt
     title, width = CONV[case]
     name, options, lr = conv_models({"vgg_width": 0.25, "resnet_width": width, "conv_lr": 0.05})[title]
     options = {**options, "num_classes": 10, "in_channels": 1}
@@ -65,7 +80,7 @@ def ensemble_accuracy(model, states, inputs, targets) -> float:
     for state in states:
         model.load_state_dict(state)
         with torch.no_grad():
-            probs = probs + model.eval()(inputs).softmax(-1)
+            probs = probs + model.eval()(inputs).softmax(-1)  # [N, T, vocab] for a language model: per position
     return (probs.argmax(-1) == targets).float().mean().item()
 
 

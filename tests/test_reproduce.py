@@ -16,7 +16,7 @@ def test_reproduce_quick_writes_report_plots_and_verdicts(tmp_path):
     report = (tmp_path / "report.md").read_text()
     claims = [line for line in report.splitlines() if line.startswith("| ") and line.rstrip().endswith("** |")]
     assert len(claims) >= 8 and all("**agrees**" in c or "**disagrees**" in c for c in claims)
-    for section in ("Matching methods", "Width", "Training time", "VGG11 and ResNet20", "MergeMany"):
+    for section in ("Matching methods", "Width", "Training time", "VGG11 and ResNet20", "MergeMany", "Disjoint data (Figure 5)"):
         assert f"## {section}" in report
     for png in ("methods.png", "width.png", "epochs.png", "conv.png"):
         assert (tmp_path / png).stat().st_size > 5000 and f"({png})" in report
