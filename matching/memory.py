@@ -89,7 +89,13 @@ COEFFICIENTS: dict[tuple[bool, str], Coefficients] = {
                                                  all_activations=0.75, overhead=192 * MiB),
     (False, "ste_matching"): Coefficients(input=1.0, model=11.0, merge_many=3.0, data=2.0, activations=6.0,
                                           all_activations=1.5, overhead=192 * MiB),
+    # ZipIt! holds what activation matching does plus each layer's [2n, 2n] correlations and the merge/unmerge
+    # matrices (small beside the activations): activation matching's terms, not measured on their own.
+    (False, "zip"): Coefficients(input=1.0, model=8.5, merge_many=0.0, data=2.0, activations=6.0,
+                                 all_activations=0.75, overhead=192 * MiB),
 }
+# What method "auto" runs (matching.merge.AUTO_CANDIDATES): its estimate is theirs, the largest.
+AUTO_CANDIDATES = ("weight_matching", "activation_matching", "ste_matching")
 # The streaming path (matching.merge.streams: weight matching of a pair without data) memory-maps the inputs
 # (file pages, not RssAnon), keeps cost matrices and tensor copies within matching.merge.STREAM_CACHE_BYTES
 # (512 MiB, in the overhead) and writes the outputs tensor by tensor. Measured by benchmarks/bench_memory.py:
@@ -179,10 +185,9 @@ def estimate_peak(inputs: list[dict[str, dict]], *, method: str, datasets: list[
     FALLBACK_LAYERS times that (all)."""
     options = options or {}
     if method == "auto":
-        candidates = [m for (s, m) in COEFFICIENTS if not s]  # auto has data: nothing streams
         return max((estimate_peak(inputs, method=m, datasets=datasets, options=options, streams=False,
                                   baseline_bytes=baseline_bytes, activations=activations)
-                    for m in candidates), key=lambda e: e.peak_bytes)
+                    for m in AUTO_CANDIDATES), key=lambda e: e.peak_bytes)  # auto has data: nothing streams
     terms = COEFFICIENTS[(streams, method)]
     examples = max((entry["shape"][0] for d in datasets for name, entry in d.items()
                     if name in ("inputs", "eval_inputs") and entry["shape"]), default=0)

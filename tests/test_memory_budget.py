@@ -63,6 +63,16 @@ def test_estimate_grows_with_inputs_datasets_and_method():
     assert estimate_peak([lm, lm], method="weight_matching", datasets=[tokens]).terms["activations"] == 100 * 128 * 50257 * 4
 
 
+def test_every_method_has_an_estimate():
+    from matching.merge import AUTO_CANDIDATES, METHODS
+    from matching.memory import AUTO_CANDIDATES as AUTO_ESTIMATED
+
+    layer = {"w": {"dtype": "F32", "shape": [100, 100]}}
+    assert AUTO_ESTIMATED == AUTO_CANDIDATES
+    for method in METHODS:
+        assert estimate_peak([layer, layer], method=method).peak_bytes > 0
+
+
 def test_a_streaming_pair_counts_half_a_float32_model_not_the_inputs():
     from matching.merge import streams
 
