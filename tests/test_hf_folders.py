@@ -217,8 +217,9 @@ def test_folder_checkpoints_over_http(embedded_service, folders, tmp_path, capsy
     download aligned.tar and merged.tar: from_pretrained loads them, aligned B is B."""
     state, _ = load_folder(folders["a"])
     spec = mlp_units_spec(state)
+    archive_a = folder_tar(folders["a"], gz=True)  # once: gzip stamps the time, so a second call may differ
     with embedded_service.client() as client:
-        a = client.post("/v1/checkpoints", files={"file": ("a.tar.gz", folder_tar(folders["a"], gz=True))})
+        a = client.post("/v1/checkpoints", files={"file": ("a.tar.gz", archive_a)})
         assert a.status_code == 201, a.text
         b = client.post("/v1/checkpoints", files={"file": ("b.zip", folder_zip(folders["b_sharded"]))})
         assert b.status_code == 201, b.text
@@ -226,7 +227,7 @@ def test_folder_checkpoints_over_http(embedded_service, folders, tmp_path, capsy
         assert a["format"] == b["format"] == "hf-folder" and a["num_tensors"] == len(state)
         assert a["num_parameters"] == sum(t.numel() for t in state.values())
         import hashlib
-        assert a["sha256"] == hashlib.sha256(folder_tar(folders["a"], gz=True)).hexdigest()
+        assert a["sha256"] == hashlib.sha256(archive_a).hexdigest()
 
         job = run_job(client, {"method": "weight_matching", "checkpoints": [a["id"], b["id"]],
                                "permutation_spec": spec})
