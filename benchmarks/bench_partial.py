@@ -6,7 +6,8 @@
 Model A is trained on digits' classes 0-4, model B on 5-9, from different seeds (as tests/test_partial_merge.py
 trains them). Every row is ``matching.merge_checkpoints`` with ``options.merge_until: "sweep"`` and
 ``label_sets`` (what a job runs), the job's default correction (REPAIR for these networks; none for zip). Joint accuracy
-(ZipIt!): on the held-out split, each head scores its own classes, the prediction is the arg max over all ten.
+(matching.zipped.JOINT_DEFINITION): on the held-out split, each head's softmax over its own classes, the prediction
+is the most probable of all ten (a single model: its output split the same way).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ full merge and of partial merges (a shared trunk, two heads), beside the two-mod
     python -m benchmarks.bench_zip --grid           # the MLP's alpha x beta grid behind the defaults
 
 A is trained on digits 0-4 (seed 0), B on 5-9 (seed 1), 10-way heads each (cli.demo.train: SGD, momentum 0.9).
-Joint accuracy, held-out split: one model takes the arg max over all classes; two heads (the ensemble, a partial
-merge) each give the logits of their own classes, the arg max is over the union. BN networks: statistics
+Joint accuracy, held-out split (matching.zipped.joint_predictions): each head (of the ensemble, of a partial merge)
+gives the softmax over its own classes, the prediction is the most probable of the union; one model is scored the
+same way, its output split by label set. BN networks: statistics
 re-estimated on the training inputs for every merged model. Weight matching's partial merge: its merged trunk,
 A's head and aligned B's.
 """
@@ -29,6 +30,7 @@ from matching.infer import infer_spec  # noqa: E402
 from matching.spec import apply_permutation  # noqa: E402
 from matching.weight_matching import weight_matching  # noqa: E402
 from matching.zipit import feature_correlations, zipit_merge  # noqa: E402
+from matching.zipped import joint_predictions  # noqa: E402
 
 CASES = {"mlp": ({"sizes": [64, 128, 128, 10]}, 20, ["layers.0", "layers.1"]),
          "resnet20": ({"width": 2, "in_channels": 1}, 10, ["layer1", "layer2"])}
@@ -58,8 +60,8 @@ def main() -> None:
 
     def joint(state_a, state_b=None):
         la = logits(state_a)
-        out = la if state_b is None else torch.cat([la[:, :5], logits(state_b)[:, 5:]], 1)
-        return (out.argmax(1) == ye).float().mean().item()
+        heads = [la, la if state_b is None else logits(state_b)]
+        return (joint_predictions(heads, [list(range(5)), list(range(5, 10))]) == ye).float().mean().item()
 
     perms, _ = weight_matching(spec, *states, unmatched={k for k, _ in model.named_buffers()})
     aligned = apply_permutation(spec, perms, states[1])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
 from matching.architectures import build_model, example_input, infer_options
 from matching.errors import Cancelled, MatchingError

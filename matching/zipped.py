@@ -272,12 +272,15 @@ def load_zipped(path_or_state, architecture: dict | str | None = None, average: 
 
 
 def joint_predictions(logits: list[torch.Tensor], label_sets: list[list[int]]) -> torch.Tensor:
-    """ZipIt!'s joint prediction: each head scores only its own classes; the prediction is the arg max over the
-    union of those scores (a class is predicted from the head that owns it)."""
+    """Joint prediction of heads trained separately: each head's softmax over its own label set's classes (its
+    probabilities), then the arg max over the union (a class is predicted from the head that owns it). Raw logits of
+    two heads are not on one scale: cross-entropy fixes a head's logits only up to an added constant, so a head
+    with larger logits would win every example; probabilities are comparable. A single model is scored the same
+    way, its one output split by label set."""
     scores = torch.full((logits[0].shape[0], max(max(s) for s in label_sets) + 1), -torch.inf, device=logits[0].device)
     for head, classes in zip(logits, label_sets):
         index = torch.tensor(classes, device=head.device)
-        scores[:, index] = head[:, index].float()
+        scores[:, index] = head[:, index].float().softmax(1)
     return scores.argmax(1)
 
 
@@ -307,9 +310,10 @@ PARTIAL_DEFINITION = ("cut: the end of the last call of the merge_until module (
                       "output carries it), in execution order; trunk: every module whose first call started before "
                       "the cut, its tensors merged and shared; heads: every other tensor, heads.0 from A, heads.1 from "
                       "aligned B")
-JOINT_DEFINITION = ("ZipIt!'s joint accuracy: on the held-out examples whose class is in a label set, each head (model) "
-                    "scores only its own label set's classes and the prediction is the arg max over the union; a single "
-                    "merged model scores the union with its one output")
+JOINT_DEFINITION = ("joint accuracy: on the held-out examples whose class is in a label set, each head (model) gives "
+                    "the softmax over only its own label set's classes and the prediction is the arg max of those "
+                    "probabilities over the union; a single merged model is scored the same way, its one output split "
+                    "by label set")
 
 
 def partial_merge(architecture: dict, spec: PermutationSpec, state_a: dict, aligned_b: dict, merged: dict, *,

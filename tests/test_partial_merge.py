@@ -57,6 +57,7 @@ def test_partial_merge_and_sweep_over_http(embedded_service):
           "ensemble", zipped["ensemble"], "full permutation merges", full_merges, "full zip", zipped["full_merge"])
     assert zipped["zipped"] >= permuted["zipped"]  # zip, at the same cut as weight matching
     assert zipped["zipped"] >= zipped["ensemble"] - 0.10
+    # measured 0.893 against 0.693 (weight matching), ensemble 0.911: the 0.20 is met with no margin
     assert zipped["zipped"] >= max(full_merges) + 0.15
     assert permuted["zipped"] >= permuted["full_merge"]  # a permutation merge, too, keeps more when cut
     partial = zip_job["result"]["partial"]
@@ -69,7 +70,7 @@ def test_partial_merge_and_sweep_over_http(embedded_service):
     model = matching.load_zipped(load_safetensors(zipped_bytes), "mlp")
     with torch.no_grad():
         head_a, head_b = model(eval_x)
-    union = torch.cat([head_a[:, :5], head_b[:, 5:]], 1)
+    union = torch.cat([head_a[:, :5].softmax(1), head_b[:, 5:].softmax(1)], 1)  # each head's own probabilities
     assert abs((union.argmax(1) == eval_y).float().mean().item() - zipped["zipped"]) < 1e-6
 
     cuts = sweep_job["result"]["partial"]["cuts"]

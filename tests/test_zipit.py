@@ -15,6 +15,7 @@ from matching.infer import infer_spec
 from matching.spec import PermutationSpec, apply_permutation, perm_sizes, random_perms
 from matching.weight_matching import weight_matching
 from matching.zipit import check_zip_spec, fold_weights, permutation_merge, zipit_merge
+from matching.zipped import joint_predictions
 from tests.data_helpers import digits
 
 MLP = {"sizes": [64, 48, 48, 10]}
@@ -147,22 +148,25 @@ def test_zip_beats_weight_matching_on_models_of_different_tasks(task_pair):
     (state_a, state_b), x, xe, ye = task_pair
     model, spec = model_and_spec("mlp", sizes=[64, 128, 128, 10])
 
-    def joint_accuracy(state):  # one model on the union of the label sets
-        return (outputs(model, state, xe).argmax(1) == ye).float().mean().item()
+    label_sets = [list(range(5)), list(range(5, 10))]
 
-    la, lb = outputs(model, state_a, xe), outputs(model, state_b, xe)
-    ensemble = (torch.cat([la[:, :5], lb[:, 5:]], 1).argmax(1) == ye).float().mean().item()  # each head its classes
+    def joint(logits_a, logits_b):  # each head's probabilities over its own classes (matching.zipped's rule)
+        return (joint_predictions([logits_a, logits_b], label_sets) == ye).float().mean().item()
+
+    def joint_accuracy(state):  # one model, its output split by label set
+        return joint(*(outputs(model, state, xe),) * 2)
+
+    ensemble = joint(outputs(model, state_a, xe), outputs(model, state_b, xe))
     perms, _ = weight_matching(spec, state_a, state_b)
     matched = joint_accuracy(interpolate(state_a, apply_permutation(spec, perms, state_b), 0.5))
     zipped = joint_accuracy(zipit_merge(spec, model, state_a, state_b, x).merged)
     print(f"joint accuracy: ensemble {ensemble:.3f}, zip {zipped:.3f}, weight matching {matched:.3f}")
-    assert zipped >= matched + 0.1  # measured 0.876 against 0.576 (ensemble 0.898)
+    assert zipped >= matched + 0.1  # measured 0.856 against 0.556 (ensemble 0.893)
     assert zipped <= ensemble + 0.02
 
     # partial, cut after layers.0: shared trunk, each head its own classes
     def two_heads(trunk, heads):
-        la, lb = (zipped_mlp(trunk, head, xe) for head in heads)
-        return (torch.cat([la[:, :5], lb[:, 5:]], 1).argmax(1) == ye).float().mean().item()
+        return joint(*(zipped_mlp(trunk, head, xe) for head in heads))
 
     trunk = ["layers.0.weight", "layers.0.bias"]
     aligned = apply_permutation(spec, perms, state_b)
@@ -171,7 +175,7 @@ def test_zip_beats_weight_matching_on_models_of_different_tasks(task_pair):
     result = zipit_merge(spec, model, state_a, state_b, x, trunk=trunk)
     zipped_cut = two_heads(result.merged, result.heads)
     print(f"cut after layers.0: zip {zipped_cut:.3f}, weight matching {matched_cut:.3f}")
-    assert zipped_cut >= matched_cut + 0.05  # measured 0.909 against 0.791
+    assert zipped_cut >= matched_cut + 0.05  # measured 0.880 against 0.687
 
 
 def test_zip_through_merge_checkpoints(task_pair, tmp_path):

@@ -62,6 +62,9 @@ def test_joint_prediction_takes_each_class_from_its_own_head():
     head_a = torch.tensor([[0.0, 5.0, 9.0, 9.0], [1.0, 0.0, 9.0, 9.0]])
     head_b = torch.tensor([[9.0, 9.0, 1.0, 2.0], [9.0, 9.0, 3.0, 0.0]])
     assert joint_predictions([head_a, head_b], [[0, 1], [2, 3]]).tolist() == [1, 2]
+    # Heads are compared by their probabilities: a constant added to one head's logits (which its softmax, and so
+    # its training, cannot see) changes nothing; raw logits would give every example to head B.
+    assert joint_predictions([head_a, head_b + 100], [[0, 1], [2, 3]]).tolist() == [1, 2]
 
 
 @pytest.mark.parametrize("options, message", [
