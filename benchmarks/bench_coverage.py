@@ -4,7 +4,7 @@ transformers model types.
     python -m benchmarks.bench_coverage [--torchvision all|none|NAME,...] [--timm families|120|NAME,...]
                                         [--hf none|all|TYPE,...]
                                         [--timeout 600] [--max-params 200e6] [--max-build 700e6]
-                                        [--family-max-params 60e6] [--jsonl results.jsonl]
+                                        [--family-max-params 60e6] [--jsonl results.jsonl] [--jobs 1]
 
 Per model, each in a fresh subprocess (its own memory, a timeout): traced by torch.fx or not (and why),
 spec verified (a random permutation keeps the outputs in float64), the share of hidden channels permuted,
@@ -29,6 +29,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 NUM_CLASSES = 11
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--family-max-params", type=float, default=60e6,
                         help="--timm families: the smallest model of each family, families above this left out")
     parser.add_argument("--jsonl", help="append each result here as it comes")
+    parser.add_argument("--jobs", type=int, default=1, help="models measured at once (each in its own subprocess)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -195,23 +197,29 @@ def main() -> None:
         names += [f"hf/{t}" for t in TYPES]
     elif args.hf != "none":
         names += [f"hf/{t}" for t in args.hf.split(",") if t]
-    results = []
-    for name in names:
+    def run_one(name: str) -> dict:
         try:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_coverage", "--one", name,
                                    "--max-params", str(args.max_params), "--max-build", str(args.max_build)],
                                   capture_output=True, text=True,
                                   timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            result = json.loads(lines[-1]) if lines else {"name": name, "traced": False,
-                                                           "why": f"crashed: {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else proc.returncode}"}
+            return json.loads(lines[-1]) if lines else {"name": name, "traced": False,
+                                                        "why": f"crashed: {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else proc.returncode}"}
         except subprocess.TimeoutExpired:
-            result = {"name": name, "traced": None, "why": f"timeout after {args.timeout:.0f} s"}
-        results.append(result)
-        print(_row(result), flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as handle:
-                handle.write(json.dumps(result) + "\n")
+            return {"name": name, "traced": None, "why": f"timeout after {args.timeout:.0f} s"}
+
+    done = {}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # threads only wait on the subprocesses
+        for future in as_completed([pool.submit(run_one, name) for name in names]):
+            result = future.result()
+            done[result["name"]] = result
+            print(_row(result), flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as handle:
+                    handle.write(json.dumps(result) + "\n")
+    results = [done[name] for name in names]
+    print("\n".join(_row(r) for r in results))
     print(summary(results))
 
 

@@ -53,6 +53,8 @@ def build(model_type: str):
         if model_type == "mobilevit":
             config.hidden_sizes = [32, 48, 64]
     config.num_labels = CLASSES
+    if getattr(config, "architectures", None) is None:  # DeiT's auto class (a tuple of two) iterates over it
+        config.architectures = []
     kind = "vision" if model_type in VISION else "masked" if model_type in MASKED else "causal"
     auto = {"vision": tf.AutoModelForImageClassification, "masked": tf.AutoModelForMaskedLM,
             "causal": tf.AutoModelForCausalLM}[kind]
