@@ -48,6 +48,8 @@ def build(model_type: str):
                             ("window_size", 4), ("embedding_size", 16), ("neck_hidden_sizes", [8, 8, 16, 16, 24, 32, 64])):
             if hasattr(config, name):
                 setattr(config, name, value)
+        if model_type == "swin":  # 8 x 8 patches, 4 x 4 in the second stage: whole windows of 4 (fewer do not run)
+            config.patch_size = 4
         if model_type == "convnext":
             config.num_stages = 2
         if model_type == "mobilevit":
