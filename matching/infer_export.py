@@ -42,7 +42,7 @@ _METHODS = {op: name for names, name in (
     (("permute.default",), "permute"), (("transpose.int",), "transpose"), (("unsqueeze.default",), "unsqueeze"),
     (("squeeze.dim", "squeeze.dims", "squeeze.default"), "squeeze"), (("flatten.using_ints",), "flatten"),
     (("contiguous.default",), "contiguous"), (("clone.default",), "clone"),
-    (("alias.default", "detach.default", "lift_fresh_copy.default"), "detach"),
+    (("alias.default", "detach.default", "detach_.default", "lift_fresh_copy.default"), "detach"),
     (("split.Tensor", "split_with_sizes.default"), "split"), (("chunk.default",), "chunk"),
     (("unbind.int",), "unbind"), (("mean.dim",), "mean"), (("sum.dim_IntList",), "sum"), (("amax.default",), "amax"),
     (("sym_size.int",), "size"), (("type_as.default",), "type_as"),
@@ -59,6 +59,7 @@ _FUNCTIONS = {op: fn for names, fn in (
     (("add.Tensor", "add.Scalar"), operator.add), (("sub.Tensor", "sub.Scalar"), operator.sub),
     (("mul.Tensor", "mul.Scalar"), operator.mul), (("div.Tensor", "div.Scalar"), operator.truediv),
     (("matmul.default", "bmm.default"), operator.matmul), (("einsum.default",), torch.einsum),
+    (("maximum.default", "max.other"), torch.maximum), (("minimum.default", "min.other"), torch.minimum),
     (("cat.default",), torch.cat), (("stack.default",), torch.stack), (("where.self",), torch.where), (("roll.default",), torch.roll), (("conv1d.default", "conv1d.padding"), F.conv1d),
     (("conv2d.default", "conv2d.padding"), F.conv2d), (("conv3d.default", "conv3d.padding"), F.conv3d),
     (("dropout.default",), F.dropout), (("dropout_.default",), F.dropout), (("exp.default",), torch.exp), (("neg.default",), torch.neg),
@@ -70,6 +71,7 @@ _FUNCTIONS = {op: fn for names, fn in (
     (("max_pool2d.default",), F.max_pool2d), (("avg_pool2d.default",), F.avg_pool2d),
     (("adaptive_avg_pool2d.default",), F.adaptive_avg_pool2d), (("adaptive_avg_pool1d.default",), F.adaptive_avg_pool1d),
 ) for op in _ops(*names)}
+_MASKED_FILL = set(_ops("masked_fill.Scalar", "masked_fill.Tensor"))
 _UPSAMPLE = {op: mode for names, mode in (
     (("upsample_bilinear2d.vec",), "bilinear"), (("upsample_nearest2d.vec",), "nearest"),
     (("upsample_bicubic2d.vec",), "bicubic"), (("upsample_nearest1d.vec",), "nearest"),
@@ -159,6 +161,8 @@ def _rewrite(node):
         _function(node, F.pad, (args[0], args[1], "constant", args[2] if len(args) > 2 else 0.0))
     elif target in _TRANSPOSED and _rank(args[0]) is not None:  # weight.T
         _method(node, "permute", (args[0], list(range(_rank(args[0])))[::-1]))
+    elif target in _MASKED_FILL:  # x.masked_fill(mask, value) = where(mask, value, x): the rules know where
+        _function(node, torch.where, (args[1], args[2], args[0]))
     elif target in _UPSAMPLE:  # (x, output_size, [align_corners,] scale_factors): spatial only
         mode, x, size, *rest = _UPSAMPLE[target], *args
         align = rest[0] if len(rest) == 2 else None

@@ -157,7 +157,7 @@ class RotaryRules:
         in_shape = self.shape(x)
         hd, wd = h.axis("head"), h.axis("within")
         prefix = lambda shape, i: math.prod(shape[:i])
-        if "repeat" in h.roles and h.roles.index("repeat") == hd + 1 and len(out_shape) == len(in_shape) - 1 \
+        if hd is not None and "repeat" in h.roles and h.roles.index("repeat") == hd + 1 and len(out_shape) == len(in_shape) - 1 \
                 and tuple(out_shape[:hd]) == tuple(in_shape[:hd]) and out_shape[hd] == in_shape[hd] * in_shape[hd + 1] \
                 and tuple(out_shape[hd + 1:]) == tuple(in_shape[hd + 2:]):
             pinned = self.pin_heads(h, in_shape[wd], "repeated")
@@ -173,7 +173,7 @@ class RotaryRules:
                 and self.derived.get(self.find(h.within[0]), ("",))[0] == "expand":  # GPT-J's interleaved pairs merged
             return "heads", replace(h, roles=h.roles[:wd + 1] + h.roles[wd + 2:],
                                     within=(self.pinned_like(h, out_shape[wd]),))
-        if wd is not None and wd == hd + 1 and len(h.within) == 1 and self.derived.get(self.find(h.within[0]), ("",))[0] == "expand":
+        if wd is not None and hd is not None and wd == hd + 1 and len(h.within) == 1 and self.derived.get(self.find(h.within[0]), ("",))[0] == "expand":
             for i in range(len(out_shape)):
                 if prefix(out_shape, i) == prefix(in_shape, hd) and out_shape[i] == in_shape[hd] * in_shape[wd]:
                     return "info", (self.find(h.within[0]), i)
