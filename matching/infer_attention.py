@@ -388,7 +388,7 @@ class AttentionRules(RotaryRules):
             return "tuple", [("heads", Heads(roles, h.head, (w,))) for w in h.within]
         if op is operator.getitem:
             return self.head_index(h, args[1])
-        if op in ("view", "reshape", torch.reshape):
+        if op in ("view", "reshape", torch.reshape, "reshape_as", "view_as"):  # *_as: its shape
             return self.head_reshape(x, h, out_shape)
         return None
 
@@ -470,6 +470,8 @@ class AttentionRules(RotaryRules):
                 for axis, role in enumerate(th.roles):
                     roles[axis + nd - len(th.roles)] = roles[axis + nd - len(th.roles)] or role
         for t in tensors:
+            self._fix_within_table(t, roles, nd)
+        for t in tensors:
             shape = self.shape(t)
             for axis, size in enumerate(shape):
                 role = roles[axis + nd - len(shape)]
@@ -496,6 +498,19 @@ class AttentionRules(RotaryRules):
             if t.name not in self.heads and t.name not in self.params and self.find(self.info[t.name][0]) != FIXED:
                 return None
         return "heads", replace(base, roles=tuple(roles))
+
+    def _fix_within_table(self, t, roles, nd):
+        """A table along the heads' dimensions whose channel is a free label, broadcast over the heads (RoFormer's
+        sinusoidal positions: an embedding weight in the state dict): it stays in place (the rotary pins the
+        dimensions within a head anyway), so its label is fixed."""
+        if t.name in self.heads or t.name in self.params or t.name not in self.info:
+            return
+        label, cdim = self.info[t.name]
+        shape = self.shape(t)
+        if shape is None or self.find(label) == FIXED or roles[cdim + nd - len(shape)] != "within":
+            return
+        if all(size == 1 for axis, size in enumerate(shape) if roles[axis + nd - len(shape)] not in (None, "within")):
+            self.fix(label)
 
     def head_matmul(self, a, b):
         if not all(isinstance(t, torch.fx.Node) and t.name in self.heads for t in (a, b)):

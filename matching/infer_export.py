@@ -71,6 +71,7 @@ _FUNCTIONS = {op: fn for names, fn in (
     (("max_pool2d.default",), F.max_pool2d), (("avg_pool2d.default",), F.avg_pool2d),
     (("adaptive_avg_pool2d.default",), F.adaptive_avg_pool2d), (("adaptive_avg_pool1d.default",), F.adaptive_avg_pool1d),
 ) for op in _ops(*names)}
+_BADDBMM = set(_ops("baddbmm.default"))
 _MASKED_FILL = set(_ops("masked_fill.Scalar", "masked_fill.Tensor"))
 _UPSAMPLE = {op: mode for names, mode in (
     (("upsample_bilinear2d.vec",), "bilinear"), (("upsample_nearest2d.vec",), "nearest"),
@@ -161,6 +162,16 @@ def _rewrite(node):
         _function(node, F.pad, (args[0], args[1], "constant", args[2] if len(args) > 2 else 0.0))
     elif target in _TRANSPOSED and _rank(args[0]) is not None:  # weight.T
         _method(node, "permute", (args[0], list(range(_rank(args[0])))[::-1]))
+    elif target in _BADDBMM:  # beta * input + alpha * (b1 @ b2) (Bloom's ALiBi scores): the ops the rules know
+        x, b1, b2 = args[:3]
+        beta, alpha = kw.get("beta", 1), kw.get("alpha", 1)
+        with node.graph.inserting_before(node):
+            product = node.graph.call_function(operator.matmul, (b1, b2))
+            if alpha != 1:
+                product = node.graph.call_function(operator.mul, (product, alpha))
+            if beta != 1:
+                x = node.graph.call_function(operator.mul, (x, beta))
+        _function(node, operator.add, (x, product))
     elif target in _MASKED_FILL:  # x.masked_fill(mask, value) = where(mask, value, x): the rules know where
         _function(node, torch.where, (args[1], args[2], args[0]))
     elif target in _UPSAMPLE:  # (x, output_size, [align_corners,] scale_factors): spatial only

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from matching.infer_labels import FIXED
 
@@ -33,6 +34,8 @@ LEFT_OUT = {
     "repeated": "dimensions within a key/value head repeated for grouped-query attention stay in place: every query "
                 "head of the group would have to share their permutation, which the spec format cannot express "
                 "(whole key/value heads, and query heads within their group, still move)",
+    "head norm": "dimensions within a query/key head stay in place: a layer norm over each head's dimensions "
+                 "(Persimmon's q/k norm) has one weight for all heads (whole heads still move)",
 }
 _NEG = {torch.neg, "neg", aten.neg.default}
 _ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, torch.pow, torch.rsqrt, "pow", "rsqrt", torch.tanh, "tanh"}
@@ -88,6 +91,10 @@ class RotaryRules:
         if h is None:
             return None
         x = args[0]
+        if op is F.layer_norm and isinstance(args[1], (list, tuple)) and len(args[1]) == 1 \
+                and h.axis("within") == len(h.roles) - 1:  # over each head's dimensions: the heads still move
+            pinned = self.pin_heads(h, args[1][0], "head norm")
+            return None if pinned is None else ("heads", pinned)
         if op in _NEG or op in _ELEMENTWISE and all(not isinstance(a, torch.fx.Node) for a in args[1:]):
             return "heads", h
         if op in ("mean", torch.mean) and len(args) > 1:  # a norm's statistics over the head's dimensions
@@ -104,7 +111,7 @@ class RotaryRules:
             if all(role is None or role == "repeat" or n == m for role, n, m in zip(h.roles, in_shape, out_shape)):
                 return "heads", h
             return None
-        if op in ("view", "reshape", torch.reshape, "flatten", torch.flatten):
+        if op in ("view", "reshape", torch.reshape, "flatten", torch.flatten, "reshape_as", "view_as"):
             return self.heads_merged(x, h, out_shape)
         if op is operator.getitem:
             return self.heads_sliced(x, h, args[1], out_shape)
