@@ -230,7 +230,7 @@ def main() -> None:
     print(summary(results))
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not caught by the broad `except Exception` of a capture that falls back
     pass
 
 
