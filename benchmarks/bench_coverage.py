@@ -4,7 +4,7 @@ transformers model types.
     python -m benchmarks.bench_coverage [--torchvision all|none|NAME,...] [--timm families|120|NAME,...]
                                         [--hf none|all|TYPE,...]
                                         [--timeout 600] [--max-params 200e6] [--max-build 700e6]
-                                        [--family-max-params 60e6] [--jsonl results.jsonl]
+                                        [--family-max-params 60e6] [--jsonl results.jsonl] [--jobs 1]
 
 Per model, each in a fresh subprocess (its own memory, a timeout): traced by torch.fx or not (and why),
 spec verified (a random permutation keeps the outputs in float64), the share of hidden channels permuted,
@@ -28,7 +28,10 @@ import argparse
 import json
 import subprocess
 import sys
+import signal
 import time
+from functools import partial
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 NUM_CLASSES = 11
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
@@ -169,6 +172,10 @@ def main() -> None:
     parser.add_argument("--family-max-params", type=float, default=60e6,
                         help="--timm families: the smallest model of each family, families above this left out")
     parser.add_argument("--jsonl", help="append each result here as it comes")
+    parser.add_argument("--jobs", type=int, default=1, help="models measured at once (each in its own subprocess)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every model in this one process (no import per model: a busy machine; --timeout "
+                             "by an alarm, which Python code answers between operations)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -185,7 +192,7 @@ def main() -> None:
         picked, above = timm_families(args.family_max_params)
         names += picked
         print(f"timm families: {len(picked)} with a model up to {args.family_max_params / 1e6:.0f} M parameters; "
-              f"above: {', '.join(above) or 'none'}", flush=True)
+              f"above: {', '.join(above) or 'none'}\n(as --timm {','.join(n.split('/', 1)[1] for n in picked)})", flush=True)
     elif args.timm.isdigit():
         names += timm_sample(int(args.timm))
     elif args.timm != "none":
@@ -195,24 +202,53 @@ def main() -> None:
         names += [f"hf/{t}" for t in TYPES]
     elif args.hf != "none":
         names += [f"hf/{t}" for t in args.hf.split(",") if t]
-    results = []
-    for name in names:
+    def run_one(name: str) -> dict:
         try:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_coverage", "--one", name,
                                    "--max-params", str(args.max_params), "--max-build", str(args.max_build)],
                                   capture_output=True, text=True,
                                   timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            result = json.loads(lines[-1]) if lines else {"name": name, "traced": False,
-                                                           "why": f"crashed: {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else proc.returncode}"}
+            return json.loads(lines[-1]) if lines else {"name": name, "traced": False,
+                                                        "why": f"crashed: {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else proc.returncode}"}
         except subprocess.TimeoutExpired:
-            result = {"name": name, "traced": None, "why": f"timeout after {args.timeout:.0f} s"}
-        results.append(result)
-        print(_row(result), flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as handle:
-                handle.write(json.dumps(result) + "\n")
+            return {"name": name, "traced": None, "why": f"timeout after {args.timeout:.0f} s"}
+
+    if args.in_process:
+        run_one = partial(_measure_here, max_params=args.max_params, max_build=args.max_build, timeout=args.timeout)
+    done = {}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # threads only wait on the subprocesses
+        futures = [] if args.in_process else [pool.submit(run_one, name) for name in names]
+        for result in (run_one(name) for name in names) if args.in_process else (f.result() for f in as_completed(futures)):
+            done[result["name"]] = result
+            print(_row(result), flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as handle:
+                    handle.write(json.dumps(result) + "\n")
+    results = [done[name] for name in names]
+    print("\n".join(_row(r) for r in results))
     print(summary(results))
+
+
+class _Timeout(BaseException):  # not caught by the broad `except Exception` of a capture that falls back
+    pass
+
+
+def _measure_here(name: str, max_params: float, max_build: float, timeout: float) -> dict:
+    def expire(signum, frame):
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(int(timeout))
+    try:
+        return measure(name, max_params, max_build)
+    except _Timeout:
+        return {"name": name, "traced": None, "why": f"timeout after {timeout:.0f} s"}
+    except Exception as exc:  # noqa: BLE001 - one model's crash is its row
+        return {"name": name, "traced": False, "why": f"crashed: {type(exc).__name__}: {exc}"[:160]}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _row(r: dict) -> str:

@@ -48,11 +48,15 @@ def build(model_type: str):
                             ("window_size", 4), ("embedding_size", 16), ("neck_hidden_sizes", [8, 8, 16, 16, 24, 32, 64])):
             if hasattr(config, name):
                 setattr(config, name, value)
+        if model_type == "swin":  # 8 x 8 patches, 4 x 4 in the second stage: whole windows of 4 (fewer do not run)
+            config.patch_size = 4
         if model_type == "convnext":
             config.num_stages = 2
         if model_type == "mobilevit":
             config.hidden_sizes = [32, 48, 64]
     config.num_labels = CLASSES
+    if getattr(config, "architectures", None) is None:  # DeiT's auto class (a tuple of two) iterates over it
+        config.architectures = []
     kind = "vision" if model_type in VISION else "masked" if model_type in MASKED else "causal"
     auto = {"vision": tf.AutoModelForImageClassification, "masked": tf.AutoModelForMaskedLM,
             "causal": tf.AutoModelForCausalLM}[kind]

@@ -233,7 +233,8 @@ def add_spec_command(subparsers) -> argparse.ArgumentParser:
     which.add_argument("--module", metavar="PKG.MOD:FACTORY", help="a function or class in an importable module that returns the model")
     p.add_argument("--arch-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the architecture, or keyword argument of the factory (repeatable)")
-    p.add_argument("--input-shape", metavar="C,H,W", help="shape of one example (required with --module; default: the architecture's)")
+    p.add_argument("--input-shape", metavar="C,H,W", help="shape of one example (required with --module, except for a transformers model: token ids "
+                        "and an attention mask, or pixel values, from its config; default: the architecture's)")
     p.add_argument("--out", type=Path, metavar="SPEC.json", help="write here instead of standard output")
     p.set_defaults(func=run_spec)
     return p
@@ -278,13 +279,39 @@ def export_spec(*, arch: str | None = None, module: str | None = None, options: 
         model = build_model(arch, **options)
         x = torch.randn(2, *shape) if shape else example_input(arch, model)
     else:
-        if shape is None:
-            raise MatchingError("--module needs --input-shape (the shape of one example, e.g. 3,224,224)")
         model = _load_factory(module)(**options)
         if not isinstance(model, torch.nn.Module):
             raise MatchingError(f"{module} returned a {type(model).__name__}, not a torch.nn.Module")
-        x = torch.randn(2, *shape)
+        if _is_transformers(model):
+            x = _transformers_inputs(model, shape)
+        elif shape is None:
+            raise MatchingError("--module needs --input-shape (the shape of one example, e.g. 3,224,224)")
+        else:
+            x = torch.randn(2, *shape)
     return spec_to_json(infer_spec(model.eval(), x))
+
+
+def _is_transformers(model) -> bool:
+    return isinstance(getattr(getattr(model, "config", None), "model_type", None), str) and hasattr(model, "main_input_name")
+
+
+def _transformers_inputs(model, shape: tuple[int, ...] | None) -> dict:
+    """A transformers model's keyword inputs, as the service builds them (matching.hf.example_inputs): token ids
+    with an attention mask, or pixel values; --input-shape, if given, is one example's ([T] or [C, H, W])."""
+    import torch
+
+    from matching import hf
+
+    inputs = hf.example_inputs(model)
+    if shape is None:
+        return inputs
+    hf.check_input_shape(model, shape)
+    if hf.is_vision(model):
+        return {hf.VISION_INPUT: torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))}
+    ids = torch.randint(getattr(model.config, "vocab_size", None) or 64, (2, shape[0]), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[-1, shape[0] // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _load_factory(target: str):

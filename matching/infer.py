@@ -8,6 +8,7 @@ comparing outputs; a spec that fails that check is an error and never used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -112,6 +113,18 @@ def activation_points(model: nn.Module, example_input: Example, spec: Permutatio
     return {p: post[p] or points[p] for p in points}, labels.gm
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Tensors a model creates without a dtype take ``dtype`` (XGLM fills its mask with ``torch.full((),
+    finfo(scores.dtype).min)``, which overflows the default float32 once the scores are float64)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 class _LowPrecision(TorchDispatchMode):
     """Notes whether any op computes a floating-point result in less than float64."""
 
@@ -150,7 +163,7 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: Example,
     for top_training in (False, True) if auxiliary else (False,):
         reference.training = permuted.training = top_training
         try:
-            with TRACE_LOCK, torch.no_grad():
+            with TRACE_LOCK, torch.no_grad(), _default_dtype(torch.float64):
                 with _LowPrecision() as seen:
                     expected_out = reference(*args, **kwargs)
                 outputs = list(zip(tree_leaves(expected_out), tree_leaves(permuted(*args, **kwargs))))

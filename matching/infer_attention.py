@@ -29,7 +29,8 @@ from matching.infer_rotary import RotaryRules
 _HEAD_PASS_FUNCTIONS = {F.softmax, torch.softmax, F.normalize, F.dropout, torch.exp, torch.clamp}
 _HEAD_PASS_METHODS = {"softmax", "contiguous", "clone", "float", "double", "to", "type_as", "exp", "detach"}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
-           "add", "sub", "mul", "div"}
+           operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.maximum, torch.minimum,
+           "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}  # in place: MPNet's `scores += position_bias`
 _MATMUL = {operator.matmul, torch.matmul, "matmul"}
 
 
@@ -387,7 +388,7 @@ class AttentionRules(RotaryRules):
             return "tuple", [("heads", Heads(roles, h.head, (w,))) for w in h.within]
         if op is operator.getitem:
             return self.head_index(h, args[1])
-        if op in ("view", "reshape", torch.reshape):
+        if op in ("view", "reshape", torch.reshape, "reshape_as", "view_as"):  # *_as: its shape
             return self.head_reshape(x, h, out_shape)
         return None
 
@@ -405,7 +406,7 @@ class AttentionRules(RotaryRules):
         in_shape = self.shape(x)
         hd, wd = h.axis("head"), h.axis("within")
         prefix = lambda shape, i: torch.Size(shape[:i]).numel()
-        if wd is not None and wd == hd + 1 and len(h.within) == 1 and "part" not in h.roles:
+        if wd is not None and hd is not None and wd == hd + 1 and len(h.within) == 1 and "part" not in h.roles:
             for i in range(len(out_shape)):
                 if prefix(out_shape, i) == prefix(in_shape, hd) and out_shape[i] == in_shape[hd] * in_shape[wd]:
                     within = self.set_groups(h.within[0], in_shape[hd], h.head)
@@ -417,13 +418,34 @@ class AttentionRules(RotaryRules):
                 continue
             match = [i for i in range(len(out_shape)) if prefix(out_shape, i) == prefix(in_shape, axis)
                      and out_shape[i] == in_shape[axis]]
-            if not match:
+            if match:
+                roles[match[0]] = role
+            elif not self._batch_heads(in_shape, out_shape, h.roles, axis, roles, prefix):
                 return None
-            roles[match[0]] = role
         return "heads", replace(h, roles=tuple(roles))
 
+    @staticmethod
+    def _batch_heads(in_shape, out_shape, in_roles, axis, roles, prefix) -> bool:
+        """The head axis merged into the batch axis before it (``view(B * H, T, d)``: XGLM, Bloom, DeBERTa
+        compute their scores with ``bmm``), or split back out of it: the merged axis holds role
+        ``batch_head:H``, whose head permutation moves the inner factor within each example."""
+        role = in_roles[axis]
+        if role == "head" and axis > 0 and in_roles[axis - 1] is None:
+            for i in range(len(out_shape)):
+                if prefix(out_shape, i) == prefix(in_shape, axis - 1) and out_shape[i] == in_shape[axis - 1] * in_shape[axis]:
+                    roles[i] = f"batch_head:{in_shape[axis]}"
+                    return True
+        elif role.startswith("batch_head:"):
+            heads = int(role.split(":")[1])
+            for i in range(len(out_shape) - 1):
+                if prefix(out_shape, i) == prefix(in_shape, axis) and out_shape[i + 1] == heads \
+                        and out_shape[i] * heads == in_shape[axis]:
+                    roles[i + 1] = "head"
+                    return True
+        return False
+
     def _role_label(self, h, role):
-        return h.head if role == "head" else h.within[0] if role == "within" else None
+        return h.head if role == "head" or role and role.startswith("batch_head:") else h.within[0] if role == "within" else None
 
     def _tie(self, labels):
         """Axes contracted or broadcast together: their labels must be the same permutation."""
@@ -447,6 +469,8 @@ class AttentionRules(RotaryRules):
                     return None
                 for axis, role in enumerate(th.roles):
                     roles[axis + nd - len(th.roles)] = roles[axis + nd - len(th.roles)] or role
+        for t in tensors:
+            self._fix_within_table(t, roles, nd)
         for t in tensors:
             shape = self.shape(t)
             for axis, size in enumerate(shape):
@@ -474,6 +498,19 @@ class AttentionRules(RotaryRules):
             if t.name not in self.heads and t.name not in self.params and self.find(self.info[t.name][0]) != FIXED:
                 return None
         return "heads", replace(base, roles=tuple(roles))
+
+    def _fix_within_table(self, t, roles, nd):
+        """A table along the heads' dimensions whose channel is a free label, broadcast over the heads (RoFormer's
+        sinusoidal positions: an embedding weight in the state dict): it stays in place (the rotary pins the
+        dimensions within a head anyway), so its label is fixed."""
+        if t.name in self.heads or t.name in self.params or t.name not in self.info:
+            return
+        label, cdim = self.info[t.name]
+        shape = self.shape(t)
+        if shape is None or self.find(label) == FIXED or roles[cdim + nd - len(shape)] != "within":
+            return
+        if all(size == 1 for axis, size in enumerate(shape) if roles[axis + nd - len(shape)] not in (None, "within")):
+            self.fix(label)
 
     def head_matmul(self, a, b):
         if not all(isinstance(t, torch.fx.Node) and t.name in self.heads for t in (a, b)):
@@ -519,6 +556,8 @@ class AttentionRules(RotaryRules):
             return None
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         roles = self.heads[q.name].roles
+        if "head" not in roles:
+            return None
         if isinstance(mask, torch.fx.Node) and (mask.name in self.info or mask.name in self.heads):
             shape, from_right = self.shape(mask), roles.index("head") - len(roles)
             if mask.name in self.heads:

@@ -42,10 +42,16 @@ _METHODS = {op: name for names, name in (
     (("permute.default",), "permute"), (("transpose.int",), "transpose"), (("unsqueeze.default",), "unsqueeze"),
     (("squeeze.dim", "squeeze.dims", "squeeze.default"), "squeeze"), (("flatten.using_ints",), "flatten"),
     (("contiguous.default",), "contiguous"), (("clone.default",), "clone"),
-    (("alias.default", "detach.default", "lift_fresh_copy.default"), "detach"),
+    (("alias.default", "detach.default", "detach_.default", "lift_fresh_copy.default"), "detach"),
     (("split.Tensor", "split_with_sizes.default"), "split"), (("chunk.default",), "chunk"),
     (("unbind.int",), "unbind"), (("mean.dim",), "mean"), (("sum.dim_IntList",), "sum"), (("amax.default",), "amax"),
     (("sym_size.int",), "size"), (("type_as.default",), "type_as"),
+    (("reshape_as.default",), "reshape_as"), (("view_as.default",), "view_as"),
+    # in place (HF ResNet's `hidden_state += residual`): the method keeps the mutation
+    (("add_.Tensor", "add_.Scalar"), "add_"), (("mul_.Tensor", "mul_.Scalar"), "mul_"),
+    (("sub_.Tensor", "sub_.Scalar"), "sub_"), (("div_.Tensor", "div_.Scalar"), "div_"),
+    (("relu_.default",), "relu_"), (("sigmoid_.default",), "sigmoid_"), (("tanh_.default",), "tanh_"),
+    (("clamp_.default",), "clamp_"),
 ) for op in _ops(*names)}
 # same arguments: the torch-level function
 _FUNCTIONS = {op: fn for names, fn in (
@@ -53,16 +59,24 @@ _FUNCTIONS = {op: fn for names, fn in (
     (("add.Tensor", "add.Scalar"), operator.add), (("sub.Tensor", "sub.Scalar"), operator.sub),
     (("mul.Tensor", "mul.Scalar"), operator.mul), (("div.Tensor", "div.Scalar"), operator.truediv),
     (("matmul.default", "bmm.default"), operator.matmul), (("einsum.default",), torch.einsum),
+    (("maximum.default", "max.other"), torch.maximum), (("minimum.default", "min.other"), torch.minimum),
     (("cat.default",), torch.cat), (("stack.default",), torch.stack), (("where.self",), torch.where), (("roll.default",), torch.roll), (("conv1d.default", "conv1d.padding"), F.conv1d),
     (("conv2d.default", "conv2d.padding"), F.conv2d), (("conv3d.default", "conv3d.padding"), F.conv3d),
-    (("dropout.default",), F.dropout), (("exp.default",), torch.exp), (("neg.default",), torch.neg),
+    (("dropout.default",), F.dropout), (("dropout_.default",), F.dropout), (("exp.default",), torch.exp), (("neg.default",), torch.neg),
     (("relu.default",), F.relu), (("gelu.default",), F.gelu), (("silu.default",), F.silu), (("tanh.default",), torch.tanh),
     (("sigmoid.default",), torch.sigmoid), (("hardswish.default",), F.hardswish), (("hardsigmoid.default",), F.hardsigmoid),
     (("mish.default",), F.mish), (("elu.default",), F.elu), (("leaky_relu.default",), F.leaky_relu),
-    (("hardtanh.default",), F.hardtanh), (("abs.default",), torch.abs), (("clamp.default",), torch.clamp),
+    (("hardtanh.default",), F.hardtanh), (("abs.default",), torch.abs), (("square.default",), torch.square),
+    (("clamp.default",), torch.clamp),
     (("max_pool2d.default",), F.max_pool2d), (("avg_pool2d.default",), F.avg_pool2d),
     (("adaptive_avg_pool2d.default",), F.adaptive_avg_pool2d), (("adaptive_avg_pool1d.default",), F.adaptive_avg_pool1d),
 ) for op in _ops(*names)}
+_BADDBMM = set(_ops("baddbmm.default"))
+_MASKED_FILL = set(_ops("masked_fill.Scalar", "masked_fill.Tensor"))
+_UPSAMPLE = {op: mode for names, mode in (
+    (("upsample_bilinear2d.vec",), "bilinear"), (("upsample_nearest2d.vec",), "nearest"),
+    (("upsample_bicubic2d.vec",), "bicubic"), (("upsample_nearest1d.vec",), "nearest"),
+    (("upsample_linear1d.vec",), "linear")) for op in _ops(*names)}
 _TRANSPOSED = set(_ops("numpy_T.default", "t.default"))
 _SOFTMAX = set(_ops("softmax.int", "_softmax.default", "_safe_softmax.default"))
 _TO = set(_ops("to.dtype", "to.device", "to.dtype_layout", "_to_copy.default", "to.other"))
@@ -148,6 +162,23 @@ def _rewrite(node):
         _function(node, F.pad, (args[0], args[1], "constant", args[2] if len(args) > 2 else 0.0))
     elif target in _TRANSPOSED and _rank(args[0]) is not None:  # weight.T
         _method(node, "permute", (args[0], list(range(_rank(args[0])))[::-1]))
+    elif target in _BADDBMM:  # beta * input + alpha * (b1 @ b2) (Bloom's ALiBi scores): the ops the rules know
+        x, b1, b2 = args[:3]
+        beta, alpha = kw.get("beta", 1), kw.get("alpha", 1)
+        with node.graph.inserting_before(node):
+            product = node.graph.call_function(operator.matmul, (b1, b2))
+            if alpha != 1:
+                product = node.graph.call_function(operator.mul, (product, alpha))
+            if beta != 1:
+                x = node.graph.call_function(operator.mul, (x, beta))
+        _function(node, operator.add, (x, product))
+    elif target in _MASKED_FILL:  # x.masked_fill(mask, value) = where(mask, value, x): the rules know where
+        _function(node, torch.where, (args[1], args[2], args[0]))
+    elif target in _UPSAMPLE:  # (x, output_size, [align_corners,] scale_factors): spatial only
+        mode, x, size, *rest = _UPSAMPLE[target], *args
+        align = rest[0] if len(rest) == 2 else None
+        _function(node, F.interpolate, (x,), {"size": size, "scale_factor": rest[-1] if rest else None, "mode": mode,
+                                              "align_corners": align})
     elif target in (aten.slice.Tensor, aten.select.int):
         _indexing(node)
 

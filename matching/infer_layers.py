@@ -42,7 +42,7 @@ _PASS_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone", "float", "double",
                                        "detach", "rsqrt", "sqrt", "softmax", "log_softmax"}
 _POWERS = {"pow", "pow_", torch.pow}  # elementwise when the exponent is a number
 _ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-                       torch.add, torch.sub, torch.mul, torch.div}
+                       torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
 _ELEMENTWISE_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax}
 _REDUCTION_METHODS = {"mean", "sum", "amax"}

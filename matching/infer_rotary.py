@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from matching.infer_labels import FIXED
 
@@ -33,6 +34,8 @@ LEFT_OUT = {
     "repeated": "dimensions within a key/value head repeated for grouped-query attention stay in place: every query "
                 "head of the group would have to share their permutation, which the spec format cannot express "
                 "(whole key/value heads, and query heads within their group, still move)",
+    "head norm": "dimensions within a query/key head stay in place: a layer norm over each head's dimensions "
+                 "(Persimmon's q/k norm) has one weight for all heads (whole heads still move)",
 }
 _NEG = {torch.neg, "neg", aten.neg.default}
 _ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, torch.pow, torch.rsqrt, "pow", "rsqrt", torch.tanh, "tanh"}
@@ -88,6 +91,10 @@ class RotaryRules:
         if h is None:
             return None
         x = args[0]
+        if op is F.layer_norm and isinstance(args[1], (list, tuple)) and len(args[1]) == 1 \
+                and h.axis("within") == len(h.roles) - 1:  # over each head's dimensions: the heads still move
+            pinned = self.pin_heads(h, args[1][0], "head norm")
+            return None if pinned is None else ("heads", pinned)
         if op in _NEG or op in _ELEMENTWISE and all(not isinstance(a, torch.fx.Node) for a in args[1:]):
             return "heads", h
         if op in ("mean", torch.mean) and len(args) > 1:  # a norm's statistics over the head's dimensions
@@ -104,7 +111,7 @@ class RotaryRules:
             if all(role is None or role == "repeat" or n == m for role, n, m in zip(h.roles, in_shape, out_shape)):
                 return "heads", h
             return None
-        if op in ("view", "reshape", torch.reshape, "flatten", torch.flatten):
+        if op in ("view", "reshape", torch.reshape, "flatten", torch.flatten, "reshape_as", "view_as"):
             return self.heads_merged(x, h, out_shape)
         if op is operator.getitem:
             return self.heads_sliced(x, h, args[1], out_shape)
@@ -157,7 +164,7 @@ class RotaryRules:
         in_shape = self.shape(x)
         hd, wd = h.axis("head"), h.axis("within")
         prefix = lambda shape, i: math.prod(shape[:i])
-        if "repeat" in h.roles and h.roles.index("repeat") == hd + 1 and len(out_shape) == len(in_shape) - 1 \
+        if hd is not None and "repeat" in h.roles and h.roles.index("repeat") == hd + 1 and len(out_shape) == len(in_shape) - 1 \
                 and tuple(out_shape[:hd]) == tuple(in_shape[:hd]) and out_shape[hd] == in_shape[hd] * in_shape[hd + 1] \
                 and tuple(out_shape[hd + 1:]) == tuple(in_shape[hd + 2:]):
             pinned = self.pin_heads(h, in_shape[wd], "repeated")
@@ -173,7 +180,7 @@ class RotaryRules:
                 and self.derived.get(self.find(h.within[0]), ("",))[0] == "expand":  # GPT-J's interleaved pairs merged
             return "heads", replace(h, roles=h.roles[:wd + 1] + h.roles[wd + 2:],
                                     within=(self.pinned_like(h, out_shape[wd]),))
-        if wd is not None and wd == hd + 1 and len(h.within) == 1 and self.derived.get(self.find(h.within[0]), ("",))[0] == "expand":
+        if wd is not None and hd is not None and wd == hd + 1 and len(h.within) == 1 and self.derived.get(self.find(h.within[0]), ("",))[0] == "expand":
             for i in range(len(out_shape)):
                 if prefix(out_shape, i) == prefix(in_shape, hd) and out_shape[i] == in_shape[hd] * in_shape[wd]:
                     return "info", (self.find(h.within[0]), i)

@@ -110,3 +110,35 @@ def test_model_neither_capture_handles_is_refused_without_sending_to_spec_module
     message = str(error.value)
     assert "torch.fx" in message and "torch.export" in message and "if x.sum() > 0" in message
     assert "write the spec by hand" in message and "fails the same way" in message
+
+
+def tiny_gpt2():
+    """A factory for ``rebasin spec --module tests.test_hf_specs:tiny_gpt2``."""
+    return tiny("gpt2")
+
+
+def test_spec_module_builds_token_inputs_for_a_language_model():
+    from matching.cli import export_spec
+
+    spec = spec_from_json(export_spec(module="tests.test_hf_specs:tiny_gpt2"))  # no --input-shape: ids + mask
+    assert spec.axes_to_perm["transformer.h.0.mlp.c_fc.weight"][1] is not None
+    spec = spec_from_json(export_spec(module="tests.test_hf_specs:tiny_gpt2", input_shape="5"))  # [T]
+    assert spec.axes_to_perm["transformer.h.0.mlp.c_fc.weight"][1] is not None
+    with pytest.raises(matching.MatchingError, match="token ids"):
+        export_spec(module="tests.test_hf_specs:tiny_gpt2", input_shape="3,8,8")
+
+
+@pytest.mark.parametrize("kind,least", [("bloom", 1.0), ("persimmon", 1.0), ("roformer", 1.0), ("deberta-v2", 1.0),
+                                        ("mpnet", 1.0), ("xglm", 0.69)])
+def test_attention_variants_keep_their_heads_movable(kind, least):
+    """Heads merged into the batch axis with baddbmm / bmm scores (Bloom, XGLM, DeBERTa-v2), a layer norm over
+    each head (Persimmon), rotary by sinusoidal tables reshaped like the heads (RoFormer), an in-place position
+    bias (MPNet). XGLM's residual stream stays in place: its sinusoidal positions are not in the state dict."""
+    from benchmarks.hf_models import build
+    from benchmarks.hf_models import example as bench_example
+    from benchmarks.hf_models import hidden_share as bench_share
+
+    model, kind_of_input = build(kind)
+    spec = matching.infer_spec(model, bench_example(model, kind_of_input))  # verified
+    permuted, hidden = bench_share(model, spec)
+    assert permuted / hidden >= least - 1e-3

@@ -1,0 +1,81 @@
+"""Ops that the torch.export capture rewrites for the rules (matching/infer_export.py), each in a tiny model that
+torch.fx cannot trace (it branches on a shape in Python), so that the export path is the one tested. Every spec is
+verified by matching.infer_spec itself (a random permutation keeps the outputs)."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import matching
+
+
+class _ShapeBranch(nn.Module):
+    def pad_odd(self, x):
+        if x.shape[-1] % 2:  # Python on a shape: torch.fx cannot trace this, torch.export can
+            x = F.pad(x, (0, 1))
+        return x
+
+
+class InPlaceResidual(_ShapeBranch):
+    """HF ResNet's ``hidden_state += residual`` and an in-place ReLU: aten.add_ / aten.relu_ in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.stem(self.pad_odd(x))
+        r = self.conv(h)
+        r += h
+        r = torch.relu_(r)
+        r = F.interpolate(self.up(r), scale_factor=2, mode="bilinear")  # aten.upsample_bilinear2d
+        return self.head(r.mean((2, 3)))
+
+
+class BatchMergedHeads(nn.Module):
+    """Scores by bmm over heads merged into the batch axis, masked with masked_fill and clamped with max
+    (XGLM, DeBERTa-v2), a position bias added in place (MPNet)."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(6, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(heads, 1, 1))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        if x.shape[1] > 64:  # Python on a shape
+            x = x[:, -64:]
+        x = self.embed(x)
+        b, t, c = x.shape
+        split = lambda y: y.view(b, t, self.heads, -1).transpose(1, 2)
+        q, k, v = (split(f(x)).reshape(b * self.heads, t, -1) for f in (self.q, self.k, self.v))
+        scores = torch.bmm(q, k.transpose(1, 2)).view(b, self.heads, t, t)
+        scores += self.bias
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).tril().logical_not(), -1e4)
+        scores = torch.max(scores, torch.full((), -1e9, dtype=scores.dtype))
+        probs = scores.softmax(-1).view(b * self.heads, t, t)
+        out = torch.bmm(probs, v).view(b, self.heads, t, -1).transpose(1, 2).reshape(b, t, c)
+        return self.head(x + self.o(out))
+
+
+def test_in_place_residual_and_upsampling_are_followed():
+    torch.manual_seed(0)
+    spec = matching.infer_spec(InPlaceResidual().eval(), torch.randn(2, 3, 7, 7))
+    for key in ("stem.weight", "conv.weight", "up.weight"):
+        assert spec.axes_to_perm[key][0] is not None, key
+    assert spec.axes_to_perm["stem.weight"][0] == spec.axes_to_perm["conv.weight"][0]  # one residual stream
+
+
+def test_heads_merged_into_the_batch_axis_move_whole():
+    torch.manual_seed(0)
+    spec = matching.infer_spec(BatchMergedHeads().eval(), torch.randn(2, 5, 6))
+    for key in ("q.weight", "k.weight", "v.weight", "o.weight", "embed.weight"):
+        assert spec.axes_to_perm[key][0] is not None, key
+    q = spec.perms[spec.axes_to_perm["q.weight"][0]]
+    assert q.get("groups") == 4  # heads move whole (with the per-head bias), dimensions within a head too
+    assert spec.axes_to_perm["bias"][0] is not None
