@@ -588,16 +588,24 @@ def _library_example(name: str, model: nn.Module, batch: int) -> torch.Tensor:
         if cfg.get(key):
             sides.append(int(cfg[key][-1]))
     sides += [224, 299]
+    # The first conv's in-channels are the image's, except where the stem reshapes the image first (TResNet's
+    # space-to-depth: 48 of 3; CSATv2's DCT stem): then the channels the model was built for (timm's in_chans,
+    # else its config's input_size), tried after the first conv's.
+    channels = [x.shape[1]] if x.dim() > 2 else [None]
+    if x.dim() > 2:
+        built = getattr(model, "in_chans", None)
+        channels += [c for c in (built, (cfg.get("input_size") or (None,))[0]) if isinstance(c, int)]
     runs = None
     meta = copy.deepcopy(model).to("meta")
-    for side in dict.fromkeys(sides):
-        shape = (batch, x.shape[1], *([side] * (x.dim() - 2))) if x.dim() > 2 else tuple(x.shape)
-        if _runs_on_meta(meta, shape):
-            if _runs_on_meta(meta, shape, top_training=True):
-                return torch.randn(shape)
-            runs = runs or shape
-    if runs is not None:
-        return torch.randn(runs)
+    for c in dict.fromkeys(channels):
+        for side in dict.fromkeys(sides):
+            shape = (batch, c, *([side] * (x.dim() - 2))) if x.dim() > 2 else tuple(x.shape)
+            if _runs_on_meta(meta, shape):
+                if _runs_on_meta(meta, shape, top_training=True):
+                    return torch.randn(shape)
+                runs = runs or shape
+        if runs is not None:
+            return torch.randn(runs)
     return torch.randn(batch, x.shape[1], 224, 224) if x.dim() > 2 else x
 
 

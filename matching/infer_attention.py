@@ -543,11 +543,17 @@ class AttentionRules(RotaryRules):
             if len({r for r, _, _ in labelled}) != 1 or (len(labelled) != len(seen) and any(size != 1 for _, _, size in seen)):
                 return None
             self._tie([lab for _, lab, _ in labelled])
+        kept = []
         for letter in output:
             role = next((r for r, _, _ in by_letter[letter] if r is not None), None)
             roles.append(role)
             if role == "within":
-                within = (next(lab for r, lab, _ in by_letter[letter] if r == "within"),)
+                kept.append(next(lab for r, lab, _ in by_letter[letter] if r == "within"))
+        # A value holds one within-head label. XCiT's cross-covariance scores (q^T k: the tokens contracted) keep
+        # q's and k's dimensions both: they then take one permutation (P A P^T, which softmax and A @ v follow).
+        if len(kept) > 1 and not self._tie(kept):
+            return None
+        within = tuple(kept[:1])
         return "heads", Heads(tuple(roles), head, within)
 
     def head_sdpa(self, node):

@@ -256,6 +256,38 @@ def test_heads_split_while_spatial_axes_merge():
     assert all(spec.perms[lab]["groups"] == 2 for lab, _ in qkv)
 
 
+class CrossCovarianceAttention(nn.Module):
+    """XCiT's attention: each head attends over its own dimensions (q and k normalised along the tokens, the
+    scores q k^T contract the tokens) with a learnable temperature per head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.temperature = nn.Parameter(torch.ones(2, 1, 1))
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 4, 1).unbind(0)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        x = x + self.proj((attn.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(b, n, c))
+        return self.fc(x)
+
+
+def test_cross_covariance_scores_share_one_permutation_within_heads():
+    # Both axes of these scores are dimensions within a head (q's rows, k's columns): the rows carry on to the
+    # output projection, so q, k and v take one permutation. Before, the output projection read k's and v's.
+    model = CrossCovarianceAttention()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    parts = spec.perms[spec.axes_to_perm["qkv.weight"][0]]["segments"]
+    assert len({lab for lab, _ in parts}) == 1 and spec.axes_to_perm["proj.weight"][1] == parts[0][0]
+    assert spec.axes_to_perm["temperature"][0] == spec.perms[parts[0][0]]["group_perm"]
+
+
 class EcaGate(nn.Module):
     """ECA: a 1-D convolution along the channel axis makes each channel's gate depend on its neighbours."""
 
