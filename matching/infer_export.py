@@ -71,6 +71,13 @@ _FUNCTIONS = {op: fn for names, fn in (
     (("max_pool2d.default",), F.max_pool2d), (("avg_pool2d.default",), F.avg_pool2d),
     (("adaptive_avg_pool2d.default",), F.adaptive_avg_pool2d), (("adaptive_avg_pool1d.default",), F.adaptive_avg_pool1d),
 ) for op in _ops(*names)}
+# in-place activations (timm's `act_layer(inplace=True)`: EfficientViT's Hardswish): the function in place, its
+# leading arguments (the scalars that F's signature takes positionally)
+_INPLACE = {op: (fn, n) for names, fn, n in (
+    (("hardswish_.default",), F.hardswish, 1), (("hardsigmoid_.default",), F.hardsigmoid, 1),
+    (("silu_.default",), F.silu, 1), (("mish_.default",), F.mish, 1),
+    (("leaky_relu_.default",), F.leaky_relu, 2), (("hardtanh_.default",), F.hardtanh, 3),
+) for op in _ops(*names)}
 _BADDBMM = set(_ops("baddbmm.default"))
 _MASKED_FILL = set(_ops("masked_fill.Scalar", "masked_fill.Tensor"))
 _UPSAMPLE = {op: mode for names, mode in (
@@ -144,6 +151,9 @@ def _rewrite(node):
         if _FUNCTIONS[target] in (operator.add, operator.sub) and kw.get("alpha", 1) != 1:
             return
         _function(node, _FUNCTIONS[target], args, {k: v for k, v in kw.items() if k != "alpha"})
+    elif target in _INPLACE:
+        fn, n = _INPLACE[target]
+        _function(node, fn, args[:n], {"inplace": True})
     elif target in _TO:
         keep = {k: v for k, v in kw.items() if k in ("dtype", "device")}
         _method(node, "to", args[:3] if target is aten.to.device else args[:2], keep)

@@ -35,6 +35,24 @@ class InPlaceResidual(_ShapeBranch):
         return self.head(r.mean((2, 3)))
 
 
+class InPlaceActivations(_ShapeBranch):
+    """timm's ``act_layer(inplace=True)`` (EfficientViT's Hardswish): aten.hardswish_ and its kin in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.acts = nn.ModuleList([nn.Hardswish(inplace=True), nn.Hardsigmoid(inplace=True), nn.SiLU(inplace=True),
+                                   nn.Mish(inplace=True), nn.LeakyReLU(0.2, inplace=True), nn.Hardtanh(-2, 2, inplace=True)])
+        self.convs = nn.ModuleList([nn.Conv2d(8, 8, 1) for _ in self.acts])
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.stem(self.pad_odd(x))
+        for act, conv in zip(self.acts, self.convs):
+            h = conv(act(h))
+        return self.head(h.mean((2, 3)))
+
+
 class BatchMergedHeads(nn.Module):
     """Scores by bmm over heads merged into the batch axis, masked with masked_fill and clamped with max
     (XGLM, DeBERTa-v2), a position bias added in place (MPNet)."""
@@ -79,3 +97,11 @@ def test_heads_merged_into_the_batch_axis_move_whole():
     q = spec.perms[spec.axes_to_perm["q.weight"][0]]
     assert q.get("groups") == 4  # heads move whole (with the per-head bias), dimensions within a head too
     assert spec.axes_to_perm["bias"][0] is not None
+
+
+def test_in_place_activations_are_followed():
+    torch.manual_seed(0)
+    model = InPlaceActivations().eval()
+    spec = matching.infer_spec(model, torch.randn(2, 3, 7, 7))
+    for key in ["stem.weight"] + [f"convs.{i}.weight" for i in range(len(model.convs))]:
+        assert spec.axes_to_perm[key][0] is not None, key  # before: each in-place activation fixed its channels
