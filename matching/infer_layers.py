@@ -376,7 +376,14 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
                 label, cdim = self.info[x.name]
                 from_end = len(out_shape) - 1 - cdim  # pad pairs go from the last axis backwards
                 if from_end < len(pad) // 2 and tuple(pad[2 * from_end:2 * from_end + 2]) != (0, 0):
-                    return None
+                    mode = args[2] if len(args) > 2 else kw.get("mode", "constant")
+                    before, after = pad[2 * from_end:2 * from_end + 2]
+                    if mode != "constant" or min(before, after) < 0:
+                        return None
+                    # a constant column added to the channels (EfficientViT's lite attention pads v with ones):
+                    # the channels keep their permutation, the added columns are fixed segments around them
+                    pieces = [(FIXED, before), (label, self.shape(x)[cdim]), (FIXED, after)]
+                    return self.new_derived(f"pad_{node.name}", ("segments", [p for p in pieces if p[1]])), cdim
                 return label, cdim
             return None
         if node.op == "call_method":

@@ -345,3 +345,23 @@ def test_ste_matching_keeps_block_structure():
     after.load_state_dict(aligned)
     with torch.no_grad():
         assert torch.allclose(before(inputs), after(inputs), atol=1e-4)
+
+
+class ConstantPaddedChannels(nn.Module):
+    """A constant column on each side of the channels (EfficientViT pads its values with ones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(F.pad(F.relu(self.fc1(x)), (1, 1), mode="constant", value=1.0))
+
+
+def test_constant_padded_channels_keep_their_permutation():
+    torch.manual_seed(0)
+    spec = matching.infer_spec(ConstantPaddedChannels().double().eval(), torch.randn(2, 5, 6, dtype=torch.float64))
+    hidden = spec.axes_to_perm["fc1.weight"][0]
+    assert hidden is not None  # before: the pad on the channel axis fixed them
+    padded = spec.perms[spec.axes_to_perm["fc2.weight"][1]]
+    assert padded == {"segments": [[None, 1], [hidden, 6], [None, 1]]}  # the added columns stay in place
