@@ -5,6 +5,18 @@ const SVG = "http://www.w3.org/2000/svg";
 const LABELS = { naive: "Naive", aligned: "Aligned", aligned_repair: "Aligned + REPAIR" };
 let SERIES = [];
 
+function legendOf(series) {
+  const legend = document.createElement("p");
+  legend.className = "legend";
+  for (const [key, label] of series) {
+    const item = document.createElement("span");
+    item.className = `key ${key}`;
+    item.textContent = label;
+    legend.appendChild(item);
+  }
+  return legend;
+}
+
 function el(name, attrs = {}, parent = null) {
   const node = document.createElementNS(SVG, name);
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
@@ -54,14 +66,7 @@ export function drawCurves(container, curves, caption) {
   const cursor = el("line", { y1: 20, y2: 2 * height + 64, class: "cursor", visibility: "hidden" }, svg);
   const dots = SERIES.flatMap(([key]) => [el("circle", { r: 4, class: `dot ${key}`, visibility: "hidden" }, svg),
                                           el("circle", { r: 4, class: `dot ${key}`, visibility: "hidden" }, svg)]);
-  const legend = document.createElement("p");
-  legend.className = "legend";
-  for (const [key, label] of SERIES) {
-    const item = document.createElement("span");
-    item.className = `key ${key}`;
-    item.textContent = label;
-    legend.appendChild(item);
-  }
+  const legend = legendOf(SERIES);
   const readout = document.createElement("p");
   readout.className = "readout";
   readout.setAttribute("aria-live", "polite");
@@ -130,14 +135,7 @@ export function drawSweep(container, partial, joint) {
     el("text", { x: i ? width - margin : margin + 4, y: y(joint[key]) - 4, class: "tick", "text-anchor": i ? "end" : "start" }, svg)
       .textContent = `${label} ${fmt(joint[key])}`;
   });
-  const legend = document.createElement("p");
-  legend.className = "legend";
-  for (const [key, label] of series) {
-    const item = document.createElement("span");
-    item.className = `key ${key}`;
-    item.textContent = label;
-    legend.appendChild(item);
-  }
+  const legend = legendOf(series);
   const figure = document.createElement("figure");
   const figcaption = document.createElement("figcaption");
   figcaption.textContent = "Partial merges: everything up to each cut merged, the rest kept as two heads (cut points in execution order)";
