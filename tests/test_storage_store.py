@@ -96,7 +96,8 @@ print(up.peak_bytes - up.start_bytes, down.peak_bytes - down.start_bytes)
 
 def test_s3_transfers_stream_in_parts_with_bounded_memory(s3_bucket, tmp_path):
     """A worker's artifact upload and input download: multipart from the file, ranged into the file, with
-    anonymous memory growing by a fraction of the file (measured 17 MiB for 64 MiB, 30 MiB for 256 MiB)."""
+    anonymous memory growing by a fraction of the file (measured +11 MiB each way for 64 MiB at load 6; boto3's
+    default download queue let it reach +42 MiB on a loaded machine)."""
     endpoint, bucket = s3_bucket
     source, back = tmp_path / "source", tmp_path / "back"
     size = 64 * 1024**2
