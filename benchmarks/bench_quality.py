@@ -69,9 +69,10 @@ def case_setup(case: str):
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
         return "gpt", GPT, data, fit_gpt
     title, width = CONV[case]
-    name, options, lr = conv_models({"vgg_width": 0.25, "resnet_width": width, "conv_lr": 0.05})[title]
+    name, options, lr, side = conv_models({"vgg_width": 0.25, "resnet_width": width, "conv_lr": 0.05,
+                                           "vgg_side": 8, "vgg_bn_lr": 0.05, "resnet_side": 8})[title]
     options = {**options, "num_classes": 10, "in_channels": 1}
-    data = digits(8)
+    data = digits(side)
     return name, options, data, lambda seed: train_conv(name, options, data, seed, CONV_EPOCHS, lr)
 
 

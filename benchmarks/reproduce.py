@@ -33,14 +33,15 @@ from matching.evaluate import barrier, interpolation_curves, reset_batchnorm  # 
 
 SETTINGS = {
     "quick": {"mlp_data": "digits", "pairs": 1, "mlp_width": 64, "mlp_epochs": 10, "widths": [8, 16, 32, 64],
-              "width_epochs": 10, "epoch_grid": [1, 3, 10], "ste_steps": 30, "conv_side": 8, "conv_epochs": 3,
-              "conv_lr": 0.05, "conv_lambdas": 3, "conv_methods": ["weight", "activation"], "vgg_width": 0.25,
-              "resnet_width": 1, "many": [3], "many_widths": [64], "lambdas": 3,
+              "width_epochs": 10, "epoch_grid": [1, 3, 10], "ste_steps": 30, "conv_epochs": 3, "conv_lr": 0.05,
+              "conv_lambdas": 3, "conv_methods": ["weight", "activation"], "vgg_width": 0.25, "resnet_width": 1,
+              "vgg_side": 8, "vgg_bn_lr": 0.05, "resnet_side": 8, "many": [3], "many_widths": [64], "lambdas": 3,
               "disjoint_width": 128, "disjoint_epochs": 20},
     "full": {"mlp_data": "mnist1d", "pairs": 2, "mlp_width": 128, "mlp_epochs": 20, "widths": [16, 32, 64, 128, 256],
-             "width_epochs": 20, "epoch_grid": [1, 3, 10, 30], "ste_steps": 100, "conv_side": 8,
+             "width_epochs": 20, "epoch_grid": [1, 3, 10, 30], "ste_steps": 100,
              "conv_epochs": 6, "conv_lr": 0.05, "conv_lambdas": 5, "conv_methods": ["weight", "activation"],
-             "vgg_width": 0.25, "resnet_width": 1, "many": [3, 5], "many_widths": [128, 256], "many_wide": [512],
+             "vgg_width": 0.25, "resnet_width": 1, "vgg_side": 32, "vgg_bn_lr": 0.01, "resnet_side": 8, "many": [3, 5],
+             "many_widths": [128, 256], "many_wide": [512],
              "lambdas": 11, "disjoint_width": 512, "disjoint_epochs": 5},
 }
 
@@ -173,12 +174,22 @@ def epochs_experiment(cfg, mlp_data, data_file, seeds):
 
 
 def conv_models(cfg) -> dict:
-    """{title: (architecture, options, learning rate)}. BN nets: SGD; GroupNorm ("LN") nets: Adam (see train_conv)."""
+    """{title: (architecture, options, learning rate, input side)}. BN nets: SGD; GroupNorm ("LN") nets: Adam (see
+    train_conv). Digits are upscaled to the side: VGG11 pools five times, so at 8x8 its last four convs see 1x1 maps
+    (the paper's VGG runs are on CIFAR-10, 32x32); ResNet20 pools twice and keeps the cheaper side. VGG11-BN's
+    learning rate: at 32x32, SGD 0.05 for 6 epochs leaves its endpoints at 0.34-0.68 training-split accuracy
+    (seeds 0-3), 0.02 at 0.70-1.00, 0.01 at 0.94-1.00 (chosen on the training split, not on any merge)."""
     vgg, resnet = {"config": "vgg11", "width": cfg["vgg_width"]}, {"width": cfg["resnet_width"]}
-    return {"VGG11-BN": ("vgg", {**vgg, "norm": "batch"}, cfg["conv_lr"]),
-            "VGG11-LN": ("vgg", {**vgg, "norm": "layer"}, 3e-4),
-            "ResNet20-BN": ("resnet20", {**resnet, "norm": "batch"}, cfg["conv_lr"]),
-            "ResNet20-LN": ("resnet20", {**resnet, "norm": "layer"}, 1e-3)}
+    return {"VGG11-BN": ("vgg", {**vgg, "norm": "batch"}, cfg["vgg_bn_lr"], cfg["vgg_side"]),
+            "VGG11-LN": ("vgg", {**vgg, "norm": "layer"}, 3e-4, cfg["vgg_side"]),
+            "ResNet20-BN": ("resnet20", {**resnet, "norm": "batch"}, cfg["conv_lr"], cfg["resnet_side"]),
+            "ResNet20-LN": ("resnet20", {**resnet, "norm": "layer"}, 1e-3, cfg["resnet_side"])}
+
+
+def conv_label(cfg, title: str) -> str:
+    """The model's title with its input side, e.g. 'VGG11-BN (32x32)': rows of different sides are not comparable."""
+    side = conv_models(cfg)[title][3]
+    return f"{title} ({side}x{side})"
 
 
 def conv_experiment(cfg, image_data, data_file, seeds, title):
@@ -186,7 +197,7 @@ def conv_experiment(cfg, image_data, data_file, seeds, title):
     correction the job applies (BN nets: BN reset; LN nets: REPAIR), with the corrected midpoint's accuracy (chance
     is 0.1: a midpoint at chance puts any barrier near ln 10 minus the endpoints' loss, whatever the model, which is
     what two BN nets both showing 1.96 meant in an earlier run)."""
-    name, options, lr = conv_models(cfg)[title]
+    name, options, lr, _ = conv_models(cfg)[title]  # image_data: digits at that side
     options = {**options, "num_classes": 10, "in_channels": 1}
     x, y, xe, ye = image_data
     lambdas = [i / (cfg["conv_lambdas"] - 1) for i in range(cfg["conv_lambdas"])]
@@ -328,7 +339,7 @@ def plot(out_dir: Path, results: dict) -> list[str]:
     for i, key in enumerate(keys):
         ax.bar([t + (i - (len(keys) - 1) / 2) * step for t in range(len(titles))],
                [mean_sd(results["conv"][t][key])[0] for t in titles], step, label=key.replace("_aligned", ": aligned").replace("_corrected", ": + reset/REPAIR"))
-    ax.set_xticks(range(len(titles)), titles)
+    ax.set_xticks(range(len(titles)), [conv_label(results["settings"], t) for t in titles])
     ax.set(ylabel="held-out loss barrier", title="Conv nets on digits (BN nets: reset; LN nets: REPAIR)")
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -385,7 +396,7 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
             cut = (base - fixed) / base if base > 0 else 0.0
             fix = "BN reset" if "BN" in title else "REPAIR"
             chance = "; the corrected midpoint is at chance (a ceiling, not a measurement of the fix)" if midpoint < 0.2 else ""
-            claims.append((f"{title}, {method} matching: {fix} cuts the aligned barrier by 60-100%",
+            claims.append((f"{conv_label(cfg, title)}, {method} matching: {fix} cuts the aligned barrier by 60-100%",
                            f"aligned {base:.3f} -> + {fix} {fixed:.3f} ({cut:.0%} lower); corrected midpoint accuracy "
                            f"{midpoint:.3f}{chance}", (cut >= 0.6 or fixed < 0.05) and midpoint >= 0.2))
     for width, rows in results["merge_many"].items():
@@ -431,10 +442,14 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
     lines += [f"| {e} | {fmt(r['naive'])} | {fmt(r['aligned'])} |"
               for e, r in sorted(results["epochs"].items(), key=lambda kv: int(kv[0]))]
     methods = cfg["conv_methods"]
-    lines += ["", "![epochs](epochs.png)", "", f"## VGG11 and ResNet20 on digits ({cfg['conv_side']}x{cfg['conv_side']})", "",
-              f"VGG11 width {cfg['vgg_width']}, ResNet20 width {cfg['resnet_width']}, {cfg['conv_epochs']} epochs, batch 64: "
+    lines += ["", "![epochs](epochs.png)", "", f"## VGG11 and ResNet20 on digits (VGG11 {cfg['vgg_side']}x{cfg['vgg_side']}, ResNet20 "
+              f"{cfg['resnet_side']}x{cfg['resnet_side']})", "",
+              f"VGG11 width {cfg['vgg_width']} on the 8x8 digits upscaled (bilinear) to {cfg['vgg_side']}x{cfg['vgg_side']}, "
+              f"ResNet20 width {cfg['resnet_width']} at {cfg['resnet_side']}x{cfg['resnet_side']} (VGG11 pools five times: at "
+              "8x8 its last four convs see 1x1 maps), "
+              f"{cfg['conv_epochs']} epochs, batch 64: "
               "BN nets SGD (momentum 0.9) and then exact BN statistics, LN nets Adam; learning rates "
-              + ", ".join(f"{t} {lr:g}" for t, (_, _, lr) in conv_models(cfg).items()) + "; "
+              + ", ".join(f"{t} {lr:g}" for t, (_, _, lr, _) in conv_models(cfg).items()) + "; "
               f"{cfg['conv_lambdas']} lambdas. 'aligned': "
               "without any statistics correction; '+ fix': what the job applies, BN reset at every lambda for BN nets "
               "(REPAIR is the reset there), REPAIR at every lambda for LN nets; held-out loss barrier unless named "
@@ -443,7 +458,7 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
                                                               f"{m}: mid acc" for m in methods) + " |",
               "| --- | --- | --- |" + " --- | --- | --- | --- |" * len(methods)]
     for title, r in results["conv"].items():
-        lines.append(f"| {title} | {fmt(r['endpoint_acc'])} | {fmt(r['naive'])} | " + " | ".join(
+        lines.append(f"| {conv_label(cfg, title)} | {fmt(r['endpoint_acc'])} | {fmt(r['naive'])} | " + " | ".join(
             f"{fmt(r[f'{m}_aligned'])} | {fmt(r[f'{m}_corrected'])} | {fmt(r[f'{m}_corrected_train'])} | "
             f"{fmt(r[f'{m}_midpoint_acc'])}" for m in methods) + " |")
     lines += ["", "![conv](conv.png)", "", "## MergeMany", "",
@@ -498,13 +513,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         mlp_data = mnist1d() if cfg["mlp_data"] == "mnist1d" else digits()
         mlp_file = write_dataset(Path(tmp) / "mlp.safetensors", mlp_data)
-        image_data = digits(cfg["conv_side"])
-        image_file = write_dataset(Path(tmp) / "images.safetensors", image_data)
+        sides = {side for *_, side in conv_models(cfg).values()}
+        image_data = {side: digits(side) for side in sides}
+        image_file = {side: write_dataset(Path(tmp) / f"images{side}.safetensors", image_data[side]) for side in sides}
         results = {"mode": mode, "mlp_data": cfg["mlp_data"], "seeds": seeds, "settings": cfg, "many_seeds": many_seeds,
                    "jobs": args.jobs, "load": [os.getloadavg()[0]]}
         # Independent experiments (each trains its own models from fixed seeds): the same numbers in any order.
-        tasks = {("conv", title, str(pair)): (conv_experiment, cfg, image_data, image_file, [pair], title)
-                 for title in conv_models(cfg) for pair in seeds}
+        tasks = {("conv", title, str(pair)): (conv_experiment, cfg, image_data[side], image_file[side], [pair], title)
+                 for title, (*_, side) in conv_models(cfg).items() for pair in seeds}
         tasks.update({("methods",): (methods_experiment, cfg, mlp_data, mlp_file, seeds),
                       **{("width", str(w)): (width_experiment, {**cfg, "widths": [w]}, mlp_data, mlp_file, seeds)
                          for w in cfg["widths"]},
