@@ -40,7 +40,7 @@ _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", 
 _PASS_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
                                        "clamp", "clamp_", "clamp_min", "clamp_max", "abs", "neg", "exp", "square",
                                        "detach", "rsqrt", "sqrt", "softmax", "log_softmax"}
-_POWERS = {"pow", "pow_", torch.pow}  # elementwise when the exponent is a number
+_POWERS = {"pow", "pow_", torch.pow, operator.pow}  # elementwise when the exponent is a number (x ** 2: StarReLU)
 _ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
                        torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
 _ELEMENTWISE_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
@@ -128,11 +128,30 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
 
     # --- ops ----------------------------------------------------------------------------------------------
     def linear(self, key_w, key_b, x, out_shape):
+        if self.across_channels(x):
+            return self.mixing_other_axis(key_w, key_b, x)
         out = self.new_label(key_w.rsplit(".", 1)[0])
         self.set_axes(key_w, [out, self.channel_in(x, -1)])
         if key_b is not None:
             self.set_axes(key_b, [out])
         return out, len(out_shape) - 1
+
+    def across_channels(self, x):
+        """Whether a linear layer reading ``x`` mixes another axis than its permuted channel (a token-mixing MLP
+        on ``x.transpose(1, 2)``: MLP-Mixer, gMLP's spatial gate). Every other axis of a labelled tensor is in
+        its own order, so the layer's weight touches no permutation."""
+        label, cdim = self.info[x.name]
+        shape = self.shape(x)
+        return x.name not in self.params and shape is not None and cdim != len(shape) - 1 \
+            and self.find(label) != FIXED and shape[cdim] > 1
+
+    def mixing_other_axis(self, key_w, key_b, x):
+        """A linear layer over an axis other than the channel's: the channel axis passes through with its label;
+        the layer's own units (tokens) stay in place, since a tensor carries one permuted axis."""
+        self.set_axes(key_w, [None, None])
+        if key_b is not None:
+            self.set_axes(key_b, [None])
+        return self.info[x.name]
 
     def conv(self, key_w, key_b, x, groups, weight_shape):
         out_channels, in_per_group = weight_shape[0], weight_shape[1]
@@ -230,6 +249,8 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
             return
         if self.attention_visit(node, out_shape):
             return
+        if node.op == "call_module" and self.recurrent(node):
+            return
         if node.op == "output":
             self.fix_all(node)
             return
@@ -244,6 +265,24 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
             self.fix_all(node)
             result = (FIXED, 0)
         self.info[node.name] = result
+
+    def recurrent(self, node) -> bool:
+        """An RNN / GRU / LSTM module (Sequencer's LSTMs over rows and columns): its input-to-hidden weights of
+        the first layer read the input's channel (their input axis takes its label); its hidden units, whose
+        recurrence and gates this does not follow, stay in place. The result is a tuple (output, state)."""
+        m = self.gm.get_submodule(node.target)
+        x = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(m, nn.RNNBase) or getattr(m, "proj_size", 0) or not isinstance(x, torch.fx.Node) \
+                or x.name not in self.info or x.name in self.params:
+            return False
+        inp = self.channel_in(x, -1)
+        for key, _ in m.named_parameters():
+            axes = [None] * getattr(m, key).dim()
+            if key in ("weight_ih_l0", "weight_ih_l0_reverse"):
+                axes[1] = inp
+            self.set_axes(f"{node.target}.{key}", axes)
+        self.tuples[node.name] = [("info", (FIXED, 0)), None]
+        return True
 
     def rule(self, node, out_shape):
         args = node.args
@@ -385,7 +424,7 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
                     pieces = [(FIXED, before), (label, self.shape(x)[cdim]), (FIXED, after)]
                     return self.new_derived(f"pad_{node.name}", ("segments", [p for p in pieces if p[1]])), cdim
                 return label, cdim
-            return None
+            return self.other_axis_rule(node, x, out_shape)
         if node.op == "call_method":
             target = node.target
             if x is None:
@@ -402,6 +441,52 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
                 return self.permuted(x, target, args[1:], kw)
             if target in _REDUCTION_METHODS:
                 return self.reduced(x, args[1:], kw, out_shape)
+            if target in ("repeat", "repeat_interleave", "expand"):
+                return self.repeated(node, x, out_shape)
+        return None
+
+    def repeated(self, node, x, out_shape):
+        """Copies along other axes than the channel's (GCViT's global query repeated for each window of its
+        image, ``repeat_interleave(n, dim=0)``; ``repeat`` / ``expand`` with the channel's size unchanged): the
+        channel keeps its label, its axis shifted by the leading axes added."""
+        label, cdim = self.info[x.name]
+        shape = self.shape(x)
+        if node.target == "repeat_interleave":
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+            if not isinstance(dim, int) or dim % len(shape) == cdim or len(out_shape) != len(shape):
+                return None
+            return label, cdim
+        if node.kwargs:
+            return None
+        sizes = node.args[1:]
+        sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
+        shift = len(out_shape) - len(shape)
+        # the other axes' sizes may be read from shapes (graph values): only the channel's must be a number
+        if len(sizes) != len(out_shape) or shift < 0 or not isinstance(sizes[cdim + shift], int) \
+                or out_shape[cdim + shift] != shape[cdim]:
+            return None
+        if node.target == "repeat" and sizes[cdim + shift] != 1:  # the channel tiled: not followed
+            return None
+        return label, cdim + shift
+
+    def other_axis_rule(self, node, x, out_shape):
+        """Ops that leave the channel axis alone: an exported slice of another axis whose bounds are read from
+        shapes (CPUBone's ``o[..., :H, :W]``, ``aten.slice`` with a symbolic stop), and single-head attention on
+        plain tensors (q, k and v with the channel last: q and k share their permutation, the output has v's)."""
+        target, args = node.target, node.args
+        if target is torch.ops.aten.slice.Tensor and x is not None and x.name not in self.params:
+            dim = args[1] if len(args) > 1 else 0
+            label, cdim = self.info[x.name]
+            return (label, cdim) if isinstance(dim, int) and dim % len(out_shape) != cdim else None
+        kw = node.kwargs
+        if target is F.scaled_dot_product_attention and len(args) == 3 and kw.get("attn_mask") is None \
+                and not kw.get("is_causal") and set(kw) <= {"attn_mask", "dropout_p", "is_causal", "scale"} \
+                and all(isinstance(a, torch.fx.Node) and a.name in self.info and a.name not in self.params for a in args):
+            q, k, v = (self.info[a.name] for a in args)
+            if any(cdim != len(self.shape(a)) - 1 for a, (_, cdim) in zip(args, (q, k, v))):
+                return None
+            self.union(q[0], k[0])
+            return self.find(v[0]), len(out_shape) - 1
         return None
 
     def _arg(self, node, index, name):
