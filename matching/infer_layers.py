@@ -77,8 +77,13 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
         self.tuples: dict = {}  # node -> per element: ("info", (label, axis)) | ("heads", Heads) | None
         self.joined: dict[str, list] = {}  # node -> module_pieces of a torch.cat of the module's 1-D tensors
         self.bias_pieces: list = []  # (output label, size, those pieces) of linear layers with such a bias
+        # node -> (label, axis): the units of a linear layer over another axis than the channel's (a token MLP's
+        # hidden units), followed to the linear layer that reads them; per piece for a chunk
+        self.second: dict[str, tuple[str, int]] = {}
+        self.second_pieces: dict[str, list[tuple[str, int]]] = {}
         for node in gm.graph.nodes:
             self.visit(node)
+            self.follow_second(node)
         for label, n, pieces in self.bias_pieces:
             start = 0
             for key, size in pieces:
@@ -128,7 +133,7 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
 
     # --- ops ----------------------------------------------------------------------------------------------
     def linear(self, key_w, key_b, x, out_shape):
-        if self.across_channels(x):
+        if self.across_channels(x) or x.name in self.second:
             return self.mixing_other_axis(key_w, key_b, x)
         out = self.new_label(key_w.rsplit(".", 1)[0])
         self.set_axes(key_w, [out, self.channel_in(x, -1)])
@@ -146,12 +151,65 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
             and self.find(label) != FIXED and shape[cdim] > 1
 
     def mixing_other_axis(self, key_w, key_b, x):
-        """A linear layer over an axis other than the channel's: the channel axis passes through with its label;
-        the layer's own units (tokens) stay in place, since a tensor carries one permuted axis."""
-        self.set_axes(key_w, [None, None])
+        """A linear layer over an axis other than the channel's: the channel axis passes through with its label.
+        Its output units (a token MLP's hidden units) get a second label, followed through activations, a chunk
+        and their product (GLU) to the linear layer over them (``follow_second``); its input axis (tokens, or
+        those hidden units) stays in place unless it carries one."""
+        second = self.second.get(x.name)
+        last = len(self.shape(x)) - 1
+        inp = second[0] if second is not None and second[1] == last else None
+        out = self.new_label(key_w.rsplit(".", 1)[0]) if inp is None else None
+        self.set_axes(key_w, [out, inp])
         if key_b is not None:
-            self.set_axes(key_b, [None])
+            self.set_axes(key_b, [out])
+        if out is not None:
+            self.second[self.current] = (out, last)
         return self.info[x.name]
+
+    def follow_second(self, node):
+        """Second labels (see ``mixing_other_axis``) pass through element-wise ops and chunks along other axes, are
+        cut by a chunk along theirs, and are tied by a product of two of them; anything else fixes them."""
+        carried = [a for a in node.all_input_nodes if a.name in self.second or a.name in self.second_pieces]
+        if not carried or node.name in self.second:
+            return
+        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        # element-wise only (pooling, also in the pass-through sets, would mix these units' neighbours)
+        passing = isinstance(module, _ACTIVATIONS + (nn.Dropout, nn.Identity)) \
+            or node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS | {F.dropout} \
+            or node.op == "call_method" and node.target in _PASS_METHODS
+        if node.op == "call_function" and node.target is operator.getitem and x is not None and x.name in self.second_pieces \
+                and isinstance(node.args[1], int):
+            self.second[node.name] = self.second_pieces[x.name][node.args[1]]
+            return
+        if passing and len(carried) == 1 and x is carried[0] and self.shape(node) == self.shape(x):
+            self.second[node.name] = self.second[x.name]
+            return
+        if node.name in self.pieces and x is carried[0] and len(carried) == 1 and x.name in self.second:
+            label, axis = self.second[x.name]
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            metas = node.meta.get("tensor_meta")
+            if isinstance(dim, int) and dim % len(self.shape(x)) == axis:
+                bounds = [0]
+                for meta in metas:
+                    bounds.append(bounds[-1] + meta.shape[axis])
+                n = self.shape(x)[axis]
+                self.second_pieces[node.name] = [(self.sliced(label, n, a, b), axis) for a, b in zip(bounds, bounds[1:])]
+            else:
+                self.second_pieces[node.name] = [(label, axis)] * len(metas)
+            return
+        if node.op in ("call_function", "call_method") and node.target in (operator.mul, torch.mul, "mul") \
+                and all(a.name in self.second for a in carried) and len(carried) == 2 \
+                and all(isinstance(a, torch.fx.Node) for a in node.args) and self.shape(node) == self.shape(carried[0]) \
+                and self.shape(carried[0]) == self.shape(carried[1]) and self.second[carried[0].name][1] == self.second[carried[1].name][1]:
+            self.second[node.name] = (self.union(self.second[carried[0].name][0], self.second[carried[1].name][0]),
+                                      self.second[carried[0].name][1])
+            return
+        if node.op == "call_module" and isinstance(module, nn.Linear) and all(a is x for a in carried):
+            return  # read by the layer over its axis (mixing_other_axis), or fixed there with the channel
+        for a in carried:
+            for label, _ in [self.second[a.name]] if a.name in self.second else self.second_pieces[a.name]:
+                self.fix(label)
 
     def conv(self, key_w, key_b, x, groups, weight_shape):
         out_channels, in_per_group = weight_shape[0], weight_shape[1]

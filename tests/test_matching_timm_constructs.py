@@ -451,12 +451,13 @@ def test_rotary_after_prefix_tokens_keeps_the_heads():
 
 
 class TokenMixingMlp(nn.Module):
-    """MLP-Mixer's token mixing: a linear layer over the tokens of ``x.transpose(1, 2)``."""
+    """gMixer's token mixing: a gated MLP (GLU: ``a * silu(b)`` of the chunked hidden units) over the tokens of
+    ``x.transpose(1, 2)``."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(3, 8)
-        self.tokens = nn.Linear(5, 6)
+        self.tokens = nn.Linear(5, 12)
         self.tokens_out = nn.Linear(6, 5)
         self.fc1 = nn.Linear(8, 16)
         self.fc2 = nn.Linear(16, 8)
@@ -464,16 +465,21 @@ class TokenMixingMlp(nn.Module):
 
     def forward(self, x):
         x = self.embed(x)
-        x = x + self.tokens_out(F.gelu(self.tokens(x.transpose(1, 2)))).transpose(1, 2)
+        a, b = self.tokens(x.transpose(1, 2)).chunk(2, dim=-1)
+        x = x + self.tokens_out(a * F.silu(b)).transpose(1, 2)
         x = x + self.fc2(F.gelu(self.fc1(x)))
         return self.head(x.mean(1))
 
 
 def test_a_linear_layer_over_the_tokens_keeps_the_channels():
+    # the channels pass through the token MLP; its hidden units (the tokens layer's outputs) are a second label
+    # on another axis of the same tensors, read by the layer over them
     model = TokenMixingMlp()
     spec = _check(model, torch.randn(2, 5, 3))
     assert spec.axes_to_perm["embed.weight"][0] is not None and spec.axes_to_perm["fc1.weight"][0] is not None
-    assert spec.axes_to_perm["tokens.weight"] == (None, None)  # the tokens stay in order
+    hidden = spec.axes_to_perm["tokens.weight"]
+    assert hidden[0] is not None and hidden[1] is None  # the tokens themselves stay in order
+    assert spec.axes_to_perm["tokens_out.weight"] == (None, spec.perms[hidden[0]]["segments"][0][0])
 
 
 class LstmTokenMixer(nn.Module):
