@@ -533,7 +533,10 @@ class AttentionRules(RotaryRules):
                     if role != "head":
                         return None
                     self.follow_heads(t, axis, base.head)  # a per-head bias (or a mask that fixes the heads)
-            if t.name not in self.heads and t.name not in self.params and self.find(self.info[t.name][0]) != FIXED:
+            # a labelled tensor may only be a per-head one whose label became the head permutation (MPNet's position
+            # bias, an embedding expanded over the batch: its columns move with the heads)
+            if t.name not in self.heads and t.name not in self.params \
+                    and self.find(self.info[t.name][0]) not in (FIXED, self.find(base.head)):
                 return None
         return "heads", replace(base, roles=tuple(roles))
 
