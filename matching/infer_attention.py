@@ -297,8 +297,10 @@ class AttentionRules(RotaryRules):
         label, cdim = self.info[x.name]
         in_shape = self.shape(x)
         root = self.find(label)
-        if root == FIXED or root in self.derived or tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]):
+        if root == FIXED or root in self.derived:
             return None
+        if tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]):
+            return self.split_heads_merging_before(root, cdim, in_shape, out_shape)
         same_rest = [e for e in (1, 2) if tuple(out_shape[cdim + e + 1:]) == tuple(in_shape[cdim + 1:])
                      and len(out_shape) == len(in_shape) + e]
         merged_rest = [e for e in (1, 2) if cdim + e + 1 < len(out_shape) and
@@ -321,6 +323,40 @@ class AttentionRules(RotaryRules):
         within = tuple(self.set_groups(self.new_label(f"{_base(root)}.{part}"), heads, head) for part in "qkv"[-parts:])
         self.derived[root] = ("segments", [(lab, in_shape[cdim] // parts) for lab in within])
         roles[cdim] = "part"
+        return "heads", Heads(tuple(roles), head, within)
+
+    def split_heads_merging_before(self, root, cdim, in_shape, out_shape):
+        """[B, h, w, C] -> [B, h * w, H, d] or [B, h * w, m, H, d]: the axes before the channel merged while it
+        splits into heads (GCViT's global query, the stage's stream itself: ``q_global.reshape(B, N, heads, d)``;
+        SAM2-Hiera's ``qkv(x).reshape(B, H * W, 3, heads, d)`` on [B, H, W, C]). The axes after the channel stay
+        as they are."""
+        prefix = lambda shape, i: torch.Size(shape[:i]).numel()
+        rest = len(in_shape) - cdim - 1
+        for extra in (1, 2):
+            start = len(out_shape) - rest - extra - 1
+            if start >= 1 and tuple(out_shape[start + extra + 1:]) == tuple(in_shape[cdim + 1:]) \
+                    and prefix(out_shape, start) == prefix(in_shape, cdim) \
+                    and torch.Size(out_shape[start:start + extra + 1]).numel() == in_shape[cdim]:
+                break
+        else:
+            return None
+        split = out_shape[start:start + extra + 1]
+        heads, parts = split[-2], (split[0] if extra == 2 else 1)
+        if heads == 1 or split[-1] == 1 or (extra == 2 and parts not in (2, 3)):
+            return None
+        roles = [None] * len(out_shape)
+        roles[start + extra - 1], roles[start + extra] = "head", "within"
+        if extra == 1:
+            root = self.set_groups(root, heads, self.new_label(_base(root), "S_"))
+            if root == FIXED:
+                return None
+            return "heads", Heads(tuple(roles), self.groups[root][1], (root,))
+        if root in self.groups:  # a packed projection's output is grouped only through its parts
+            return None
+        head = self.new_label(_base(root), "S_")
+        within = tuple(self.set_groups(self.new_label(f"{_base(root)}.{part}"), heads, head) for part in "qkv"[-parts:])
+        self.derived[root] = ("segments", [(lab, in_shape[cdim] // parts) for lab in within])
+        roles[start] = "part"
         return "heads", Heads(tuple(roles), head, within)
 
     def chunked(self, x, chunks, dim):
@@ -347,6 +383,8 @@ class AttentionRules(RotaryRules):
             return ("heads", h) if h is not None and isinstance(m, (nn.Identity, nn.Dropout, nn.Softmax)) else None
         if op is None:
             return None
+        if op is getattr and out_shape is None:  # x.shape, x.dtype: metadata, harmless
+            return "none", None
         rotary = self.rotary_rule(node, op, h, out_shape)  # rotary embeddings, grouped-query attention
         if rotary is not None:
             return rotary
@@ -495,7 +533,10 @@ class AttentionRules(RotaryRules):
                     if role != "head":
                         return None
                     self.follow_heads(t, axis, base.head)  # a per-head bias (or a mask that fixes the heads)
-            if t.name not in self.heads and t.name not in self.params and self.find(self.info[t.name][0]) != FIXED:
+            # a labelled tensor may only be a per-head one whose label became the head permutation (MPNet's position
+            # bias, an embedding expanded over the batch: its columns move with the heads)
+            if t.name not in self.heads and t.name not in self.params \
+                    and self.find(self.info[t.name][0]) not in (FIXED, self.find(base.head)):
                 return None
         return "heads", replace(base, roles=tuple(roles))
 

@@ -168,6 +168,8 @@ def _rewrite(node):
         _function(node, F.batch_norm, (x, mean, var, w, b) + tuple(args[5:8]))
     elif target is aten.embedding.default:
         _function(node, F.embedding, (args[1], args[0]))
+    elif target is getattr(aten.pad, "default", None) and (len(args) < 3 or args[2] == "constant"):  # nn.ConstantPad2d
+        _function(node, F.pad, (args[0], args[1], "constant", (args[3] if len(args) > 3 else None) or 0.0))
     elif target is getattr(aten.constant_pad_nd, "default", None):
         _function(node, F.pad, (args[0], args[1], "constant", args[2] if len(args) > 2 else 0.0))
     elif target in _TRANSPOSED and _rank(args[0]) is not None:  # weight.T

@@ -40,7 +40,7 @@ _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", 
 _PASS_METHODS = _ACTIVATION_METHODS | {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
                                        "clamp", "clamp_", "clamp_min", "clamp_max", "abs", "neg", "exp", "square",
                                        "detach", "rsqrt", "sqrt", "softmax", "log_softmax"}
-_POWERS = {"pow", "pow_", torch.pow}  # elementwise when the exponent is a number
+_POWERS = {"pow", "pow_", torch.pow, operator.pow}  # elementwise when the exponent is a number (x ** 2: StarReLU)
 _ELEMENTWISE_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
                        torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
 _ELEMENTWISE_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"}
@@ -77,8 +77,13 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
         self.tuples: dict = {}  # node -> per element: ("info", (label, axis)) | ("heads", Heads) | None
         self.joined: dict[str, list] = {}  # node -> module_pieces of a torch.cat of the module's 1-D tensors
         self.bias_pieces: list = []  # (output label, size, those pieces) of linear layers with such a bias
+        # node -> (label, axis): the units of a linear layer over another axis than the channel's (a token MLP's
+        # hidden units), followed to the linear layer that reads them; per piece for a chunk
+        self.second: dict[str, tuple[str, int]] = {}
+        self.second_pieces: dict[str, list[tuple[str, int]]] = {}
         for node in gm.graph.nodes:
             self.visit(node)
+            self.follow_second(node)
         for label, n, pieces in self.bias_pieces:
             start = 0
             for key, size in pieces:
@@ -128,11 +133,83 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
 
     # --- ops ----------------------------------------------------------------------------------------------
     def linear(self, key_w, key_b, x, out_shape):
+        if self.across_channels(x) or x.name in self.second:
+            return self.mixing_other_axis(key_w, key_b, x)
         out = self.new_label(key_w.rsplit(".", 1)[0])
         self.set_axes(key_w, [out, self.channel_in(x, -1)])
         if key_b is not None:
             self.set_axes(key_b, [out])
         return out, len(out_shape) - 1
+
+    def across_channels(self, x):
+        """Whether a linear layer reading ``x`` mixes another axis than its permuted channel (a token-mixing MLP
+        on ``x.transpose(1, 2)``: MLP-Mixer, gMLP's spatial gate). Every other axis of a labelled tensor is in
+        its own order, so the layer's weight touches no permutation."""
+        label, cdim = self.info[x.name]
+        shape = self.shape(x)
+        return x.name not in self.params and shape is not None and cdim != len(shape) - 1 \
+            and self.find(label) != FIXED and shape[cdim] > 1
+
+    def mixing_other_axis(self, key_w, key_b, x):
+        """A linear layer over an axis other than the channel's: the channel axis passes through with its label.
+        Its output units (a token MLP's hidden units) get a second label, followed through activations, a chunk
+        and their product (GLU) to the linear layer over them (``follow_second``); its input axis (tokens, or
+        those hidden units) stays in place unless it carries one."""
+        second = self.second.get(x.name)
+        last = len(self.shape(x)) - 1
+        inp = second[0] if second is not None and second[1] == last else None
+        out = self.new_label(key_w.rsplit(".", 1)[0]) if inp is None else None
+        self.set_axes(key_w, [out, inp])
+        if key_b is not None:
+            self.set_axes(key_b, [out])
+        if out is not None:
+            self.second[self.current] = (out, last)
+        return self.info[x.name]
+
+    def follow_second(self, node):
+        """Second labels (see ``mixing_other_axis``) pass through element-wise ops and chunks along other axes, are
+        cut by a chunk along theirs, and are tied by a product of two of them; anything else fixes them."""
+        carried = [a for a in node.all_input_nodes if a.name in self.second or a.name in self.second_pieces]
+        if not carried or node.name in self.second:
+            return
+        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        # element-wise only (pooling, also in the pass-through sets, would mix these units' neighbours)
+        passing = isinstance(module, _ACTIVATIONS + (nn.Dropout, nn.Identity)) \
+            or node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS | {F.dropout} \
+            or node.op == "call_method" and node.target in _PASS_METHODS
+        if node.op == "call_function" and node.target is operator.getitem and x is not None and x.name in self.second_pieces \
+                and isinstance(node.args[1], int):
+            self.second[node.name] = self.second_pieces[x.name][node.args[1]]
+            return
+        if passing and len(carried) == 1 and x is carried[0] and self.shape(node) == self.shape(x):
+            self.second[node.name] = self.second[x.name]
+            return
+        if node.name in self.pieces and x is carried[0] and len(carried) == 1 and x.name in self.second:
+            label, axis = self.second[x.name]
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            metas = node.meta.get("tensor_meta")
+            if isinstance(dim, int) and dim % len(self.shape(x)) == axis:
+                bounds = [0]
+                for meta in metas:
+                    bounds.append(bounds[-1] + meta.shape[axis])
+                n = self.shape(x)[axis]
+                self.second_pieces[node.name] = [(self.sliced(label, n, a, b), axis) for a, b in zip(bounds, bounds[1:])]
+            else:
+                self.second_pieces[node.name] = [(label, axis)] * len(metas)
+            return
+        if node.op in ("call_function", "call_method") and node.target in (operator.mul, torch.mul, "mul") \
+                and all(a.name in self.second for a in carried) and len(carried) == 2 \
+                and all(isinstance(a, torch.fx.Node) for a in node.args) and self.shape(node) == self.shape(carried[0]) \
+                and self.shape(carried[0]) == self.shape(carried[1]) and self.second[carried[0].name][1] == self.second[carried[1].name][1]:
+            self.second[node.name] = (self.union(self.second[carried[0].name][0], self.second[carried[1].name][0]),
+                                      self.second[carried[0].name][1])
+            return
+        if node.op == "call_module" and isinstance(module, nn.Linear) and all(a is x for a in carried):
+            return  # read by the layer over its axis (mixing_other_axis), or fixed there with the channel
+        for a in carried:
+            for label, _ in [self.second[a.name]] if a.name in self.second else self.second_pieces[a.name]:
+                self.fix(label)
 
     def conv(self, key_w, key_b, x, groups, weight_shape):
         out_channels, in_per_group = weight_shape[0], weight_shape[1]
@@ -230,6 +307,8 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
             return
         if self.attention_visit(node, out_shape):
             return
+        if node.op == "call_module" and self.recurrent(node):
+            return
         if node.op == "output":
             self.fix_all(node)
             return
@@ -244,6 +323,24 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
             self.fix_all(node)
             result = (FIXED, 0)
         self.info[node.name] = result
+
+    def recurrent(self, node) -> bool:
+        """An RNN / GRU / LSTM module (Sequencer's LSTMs over rows and columns): its input-to-hidden weights of
+        the first layer read the input's channel (their input axis takes its label); its hidden units, whose
+        recurrence and gates this does not follow, stay in place. The result is a tuple (output, state)."""
+        m = self.gm.get_submodule(node.target)
+        x = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(m, nn.RNNBase) or getattr(m, "proj_size", 0) or not isinstance(x, torch.fx.Node) \
+                or x.name not in self.info or x.name in self.params:
+            return False
+        inp = self.channel_in(x, -1)
+        for key, _ in m.named_parameters():
+            axes = [None] * getattr(m, key).dim()
+            if key in ("weight_ih_l0", "weight_ih_l0_reverse"):
+                axes[1] = inp
+            self.set_axes(f"{node.target}.{key}", axes)
+        self.tuples[node.name] = [("info", (FIXED, 0)), None]
+        return True
 
     def rule(self, node, out_shape):
         args = node.args
@@ -385,7 +482,7 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
                     pieces = [(FIXED, before), (label, self.shape(x)[cdim]), (FIXED, after)]
                     return self.new_derived(f"pad_{node.name}", ("segments", [p for p in pieces if p[1]])), cdim
                 return label, cdim
-            return None
+            return self.other_axis_rule(node, x, out_shape)
         if node.op == "call_method":
             target = node.target
             if x is None:
@@ -402,6 +499,52 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
                 return self.permuted(x, target, args[1:], kw)
             if target in _REDUCTION_METHODS:
                 return self.reduced(x, args[1:], kw, out_shape)
+            if target in ("repeat", "repeat_interleave", "expand"):
+                return self.repeated(node, x, out_shape)
+        return None
+
+    def repeated(self, node, x, out_shape):
+        """Copies along other axes than the channel's (GCViT's global query repeated for each window of its
+        image, ``repeat_interleave(n, dim=0)``; ``repeat`` / ``expand`` with the channel's size unchanged): the
+        channel keeps its label, its axis shifted by the leading axes added."""
+        label, cdim = self.info[x.name]
+        shape = self.shape(x)
+        if node.target == "repeat_interleave":
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+            if not isinstance(dim, int) or dim % len(shape) == cdim or len(out_shape) != len(shape):
+                return None
+            return label, cdim
+        if node.kwargs:
+            return None
+        sizes = node.args[1:]
+        sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
+        shift = len(out_shape) - len(shape)
+        # the other axes' sizes may be read from shapes (graph values): only the channel's must be a number
+        if len(sizes) != len(out_shape) or shift < 0 or not isinstance(sizes[cdim + shift], int) \
+                or out_shape[cdim + shift] != shape[cdim]:
+            return None
+        if node.target == "repeat" and sizes[cdim + shift] != 1:  # the channel tiled: not followed
+            return None
+        return label, cdim + shift
+
+    def other_axis_rule(self, node, x, out_shape):
+        """Ops that leave the channel axis alone: an exported slice of another axis whose bounds are read from
+        shapes (CPUBone's ``o[..., :H, :W]``, ``aten.slice`` with a symbolic stop), and single-head attention on
+        plain tensors (q, k and v with the channel last: q and k share their permutation, the output has v's)."""
+        target, args = node.target, node.args
+        if target is torch.ops.aten.slice.Tensor and x is not None and x.name not in self.params:
+            dim = args[1] if len(args) > 1 else 0
+            label, cdim = self.info[x.name]
+            return (label, cdim) if isinstance(dim, int) and dim % len(out_shape) != cdim else None
+        kw = node.kwargs
+        if target is F.scaled_dot_product_attention and len(args) == 3 and kw.get("attn_mask") is None \
+                and not kw.get("is_causal") and set(kw) <= {"attn_mask", "dropout_p", "is_causal", "scale"} \
+                and all(isinstance(a, torch.fx.Node) and a.name in self.info and a.name not in self.params for a in args):
+            q, k, v = (self.info[a.name] for a in args)
+            if any(cdim != len(self.shape(a)) - 1 for a, (_, cdim) in zip(args, (q, k, v))):
+                return None
+            self.union(q[0], k[0])
+            return self.find(v[0]), len(out_shape) - 1
         return None
 
     def _arg(self, node, index, name):

@@ -37,7 +37,7 @@ LEFT_OUT = {
     "head norm": "dimensions within a query/key head stay in place: a layer norm over each head's dimensions "
                  "(Persimmon's q/k norm) has one weight for all heads (whole heads still move)",
 }
-_NEG = {torch.neg, "neg", aten.neg.default}
+_NEG = {torch.neg, "neg", aten.neg.default, operator.neg}  # operator.neg: `-x` traced by torch.fx
 _ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, torch.pow, torch.rsqrt, "pow", "rsqrt", torch.tanh, "tanh"}
 
 
@@ -83,7 +83,8 @@ class RotaryRules:
         """Rules for Heads values in rotary embeddings and repeat_kv; None where they do not apply."""
         args = node.args
         if op in (torch.cat, aten.cat.default) and isinstance(args[0], (list, tuple)):
-            return self.heads_cat(args[0], args[1] if len(args) > 1 else node.kwargs.get("dim", 0))
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            return self.heads_cat_other_axis(args[0], dim) or self.heads_cat(args[0], dim)
         if op is torch.where:  # masking the scores: where(mask, scores, -inf)
             return self.head_binary(node, out_shape) if any(a.name in self.heads for a in self._node_args(node)) else None
         if op is torch.stack and isinstance(args[0], (list, tuple)):
@@ -114,7 +115,8 @@ class RotaryRules:
         if op in ("view", "reshape", torch.reshape, "flatten", torch.flatten, "reshape_as", "view_as"):
             return self.heads_merged(x, h, out_shape)
         if op is operator.getitem:
-            return self.heads_sliced(x, h, args[1], out_shape)
+            index = self.full_index(args[1], len(h.roles))
+            return self.heads_sliced_other_axes(h, index) or self.heads_sliced(x, h, index, out_shape)
         if op in ("chunk", torch.chunk, "split", torch.split):
             return self.heads_chunked(node, x, h)
         return None
@@ -185,6 +187,39 @@ class RotaryRules:
                 if prefix(out_shape, i) == prefix(in_shape, hd) and out_shape[i] == in_shape[hd] * in_shape[wd]:
                     return "info", (self.find(h.within[0]), i)
         return None
+
+    @staticmethod
+    def full_index(index, ndim):
+        """``index`` as a tuple with an Ellipsis spelled out as full slices (``x[..., ::2]``)."""
+        index = index if isinstance(index, tuple) else (index,)
+        if sum(i is Ellipsis for i in index) == 1:
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1:]
+        return index
+
+    def heads_sliced_other_axes(self, h, index):
+        """Slices of axes that hold no role (EVA's ``q[:, :, :npt, :]``: the prefix tokens kept out of the
+        rotary): the roles stay."""
+        if len(index) > len(h.roles) or not all(isinstance(i, slice) for i in index) \
+                or any(i != slice(None) for i, role in zip(index, h.roles) if role is not None) \
+                or all(i == slice(None) for i in index):
+            return None
+        return "heads", h
+
+    def heads_cat_other_axis(self, tensors, dim):
+        """Heads values joined along an axis that holds no role (EVA's prefix tokens and rotated tokens of one q):
+        their head and within-head labels are one."""
+        if not all(isinstance(t, torch.fx.Node) and t.name in self.heads for t in tensors) or not isinstance(dim, int):
+            return None
+        hs = [self.heads[t.name] for t in tensors]
+        dim %= len(hs[0].roles)
+        if hs[0].roles[dim] is not None or any(h.roles != hs[0].roles or len(h.within) != 1 for h in hs):
+            return None
+        for h in hs[1:]:
+            if not self.same_within(hs[0].within[0], h.within[0]):
+                return None
+            self.union(hs[0].head, h.head)
+        return "heads", replace(hs[0], head=self.find(hs[0].head), within=(self.find(hs[0].within[0]),))
 
     def heads_sliced(self, x, h, index, out_shape):
         """A slice of the within-head axis (rotate_half's halves, a partial rotary's part): pinned."""

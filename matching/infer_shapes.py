@@ -30,6 +30,8 @@ class ShapeRules:
         lead = math.prod(in_shape[:cdim])
         if x.name in self.spread:
             return self.merged(x, out_shape)
+        if self.find(label) == FIXED:  # nothing permuted: not a spread channel either (a linear layer after it
+            return FIXED, 0  # labels its output as usual)
         for i in range(len(out_shape)):
             if math.prod(out_shape[:i]) != lead:
                 continue

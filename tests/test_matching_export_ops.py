@@ -105,3 +105,38 @@ def test_in_place_activations_are_followed():
     spec = matching.infer_spec(model, torch.randn(2, 3, 7, 7))
     for key in ["stem.weight"] + [f"convs.{i}.weight" for i in range(len(model.convs))]:
         assert spec.axes_to_perm[key][0] is not None, key  # before: each in-place activation fixed its channels
+
+
+class CroppedUpsampledAttention(_ShapeBranch):
+    """CPUBone's attention branch: a ``nn.ConstantPad2d`` (aten.pad in the graph), single-head attention on the
+    channels last (q, k, v chunked from one conv), an upsampling cropped to the input's size with bounds read
+    from its shape (``o[..., :H, :W]``: aten.slice with a symbolic stop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pad = nn.ConstantPad2d((0, 1, 0, 1), 0.0)
+        self.qkv = nn.Conv2d(8, 12, 2, stride=2)
+        self.o = nn.Conv2d(4, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.stem(self.pad_odd(x))
+        height, width = h.shape[-2:]
+        b = h.shape[0]
+        qkv = self.qkv(self.pad(h))
+        n, c, hh, ww = qkv.shape
+        q, k, v = qkv.reshape(n, 1, c, hh * ww).permute(0, 1, 3, 2).chunk(3, dim=3)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0).permute(0, 1, 3, 2).reshape(b, 4, hh, ww)
+        out = F.interpolate(self.o(out), scale_factor=2)[..., :height, :width]
+        return self.head((h + out).mean((2, 3)))
+
+
+def test_cropped_padded_single_head_attention_is_followed():
+    torch.manual_seed(0)
+    spec = matching.infer_spec(CroppedUpsampledAttention().eval(), torch.randn(2, 3, 7, 7))
+    for key in ("stem.weight", "qkv.weight", "o.weight"):
+        assert spec.axes_to_perm[key][0] is not None, key
+    assert spec.axes_to_perm["stem.weight"][0] == spec.axes_to_perm["o.weight"][0]  # the stream, through the crop
+    q, k, v = spec.perms[spec.axes_to_perm["qkv.weight"][0]]["segments"]
+    assert q[0] == k[0] != v[0] and spec.axes_to_perm["o.weight"][1] == v[0]

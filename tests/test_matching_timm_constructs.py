@@ -327,3 +327,187 @@ def test_torchvision_mnasnet_as_constructed():
     model = torchvision.models.mnasnet0_5(num_classes=11).eval()  # its own class: no version-2 loading patch
     spec = matching.infer_spec(model, torch.randn(2, 3, 32, 32))
     assert _share(model, spec, ("classifier.1",)) == 1.0
+
+
+class StarReluMlp(nn.Module):
+    """MetaFormer's (CAFormer's) StarReLU, ``scale * relu(x) ** 2 + bias``: the power written with ``**``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.fc1 = nn.Linear(8, 16)
+        self.scale, self.bias = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.fc2(self.scale * F.relu(self.fc1(x)) ** 2 + self.bias)
+        return self.head(x)
+
+
+def test_a_power_written_with_stars_keeps_the_channels():
+    model = StarReluMlp()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("head",)) == 1.0
+
+
+class GlobalQueryAttention(nn.Module):
+    """GCViT's global attention: the query is the stage's stream itself (a feature map [B, h, w, C]), repeated
+    for each window of its image (``repeat_interleave`` over the batch axis) and split into heads while the
+    spatial axes merge (``reshape(B, h * w, heads, d)``); keys and values come from a projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.kv = nn.Linear(8, 16)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [B, 4, 4, 3]: two 2x2 windows per row of windows
+        x = self.embed(x)
+        b = x.shape[0]
+        q_global = x[:, :2, :2]  # [B, 2, 2, 8] stands for the pooled global tokens
+        windows = x.view(b, 2, 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, 4, 8)
+        k, v = self.kv(windows).reshape(b * 4, 4, 2, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q_global.repeat_interleave(4, dim=0).reshape(b * 4, 4, 2, 4).permute(0, 2, 1, 3)
+        out = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b * 4, 4, 8)
+        out = self.proj(out).view(b, 2, 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(b, 4, 4, 8)
+        return self.head((x + out).mean((1, 2)))
+
+
+def test_a_query_from_the_stream_takes_the_heads_of_its_keys():
+    model = GlobalQueryAttention()
+    spec = _check(model, torch.randn(2, 4, 4, 3))
+    assert _share(model, spec, ("head",)) == 1.0
+    stream = spec.axes_to_perm["embed.weight"][0]
+    assert spec.perms[stream]["groups"] == 2  # the stream's units move within the heads the query splits it into
+
+
+class PackedHeadsOnAMap(nn.Module):
+    """SAM2-Hiera's attention on a feature map: ``qkv(x).reshape(B, H * W, 3, heads, d)`` on [B, H, W, C] (the
+    spatial axes merged while the channel splits), ``torch.unbind(qkv, 2)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, h, w, _ = x.shape
+        q, k, v = torch.unbind(self.qkv(x).reshape(b, h * w, 3, 2, -1), 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+        return self.head(x.mean((1, 2)))
+
+
+def test_heads_split_while_the_spatial_axes_before_merge():
+    model = PackedHeadsOnAMap()
+    spec = _check(model, torch.randn(2, 3, 3, 3))
+    assert _share(model, spec, ("head",)) == 1.0
+    parts = spec.perms[spec.axes_to_perm["qkv.weight"][0]]["segments"]
+    assert len({lab for lab, _ in parts}) == 2 and all(spec.perms[lab]["groups"] == 2 for lab, _ in parts)
+
+
+class RotaryAfterPrefixTokens(nn.Module):
+    """EVA-02's attention: the rotary embedding (pairs interleaved, ``stack([-x[..., 1::2], x[..., ::2]], -1)``)
+    is applied to the tokens after the class token, cut with ``q[:, :, :1, :]`` / ``q[:, :, 1:, :]`` and joined
+    back with ``cat(..., dim=2).type_as(v)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        angles = torch.arange(4).float()[:, None] * torch.tensor([1.0, 0.1]).repeat_interleave(2)[None]
+        self.register_buffer("sin", angles.sin(), persistent=False)  # [tokens after the first, d]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+
+    def rotate(self, t):
+        pairs = torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+        return t * self.cos + pairs * self.sin
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        q = torch.cat([q[:, :, :1, :], self.rotate(q[:, :, 1:, :])], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :1, :], self.rotate(k[:, :, 1:, :])], dim=2).type_as(v)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.head(x + self.proj(out))
+
+
+def test_rotary_after_prefix_tokens_keeps_the_heads():
+    model = RotaryAfterPrefixTokens()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("head",)) == 1.0
+    q, k, v = spec.perms[spec.axes_to_perm["qkv.weight"][0]]["segments"]
+    assert q[0] == k[0] and "expand" in spec.perms[q[0]]  # q/k dimensions pinned by the rotary, heads move
+    assert spec.perms[v[0]]["groups"] == 2  # v's dimensions move within their heads
+
+
+class TokenMixingMlp(nn.Module):
+    """gMixer's token mixing: a gated MLP (GLU: ``a * silu(b)`` of the chunked hidden units) over the tokens of
+    ``x.transpose(1, 2)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.tokens = nn.Linear(5, 12)
+        self.tokens_out = nn.Linear(6, 5)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        a, b = self.tokens(x.transpose(1, 2)).chunk(2, dim=-1)
+        x = x + self.tokens_out(a * F.silu(b)).transpose(1, 2)
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_a_linear_layer_over_the_tokens_keeps_the_channels():
+    # the channels pass through the token MLP; its hidden units (the tokens layer's outputs) are a second label
+    # on another axis of the same tensors, read by the layer over them
+    model = TokenMixingMlp()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert spec.axes_to_perm["embed.weight"][0] is not None and spec.axes_to_perm["fc1.weight"][0] is not None
+    hidden = spec.axes_to_perm["tokens.weight"]
+    assert hidden[0] is not None and hidden[1] is None  # the tokens themselves stay in order
+    assert spec.axes_to_perm["tokens_out.weight"] == (None, spec.perms[hidden[0]]["segments"][0][0])
+
+
+class LstmTokenMixer(nn.Module):
+    """Sequencer's token mixing: a bidirectional LSTM over each row of a [B, H, W, C] map, then a linear layer;
+    and XCiT's position encoding, a map computed once and ``repeat``-ed over the batch (its size read from x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.rnn = nn.LSTM(8, 4, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(8, 8)
+        self.pos = nn.Conv2d(2, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, h, w, c = x.shape
+        grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).to(x.dtype)[None]
+        x = x + self.pos(grid).repeat(b, 1, 1, 1).permute(0, 2, 3, 1)
+        rows, _ = self.rnn(x.reshape(-1, w, c))
+        x = x + self.fc(rows.reshape(b, h, w, -1))
+        return self.head(x.mean((1, 2)))
+
+
+def test_an_lstm_reads_the_channels_and_keeps_its_hidden_units():
+    model = LstmTokenMixer()
+    spec = _check(model, torch.randn(2, 3, 4, 3))
+    stream = spec.axes_to_perm["embed.weight"][0]
+    assert stream is not None and spec.axes_to_perm["fc.weight"] == (stream, None)
+    assert spec.axes_to_perm["rnn.weight_ih_l0"] == (None, stream) == spec.axes_to_perm["rnn.weight_ih_l0_reverse"]
+    assert spec.axes_to_perm["pos.weight"][0] == stream  # repeated over the batch: the channel kept
