@@ -288,6 +288,37 @@ def test_cross_covariance_scores_share_one_permutation_within_heads():
     assert spec.axes_to_perm["temperature"][0] == spec.perms[parts[0][0]]["group_perm"]
 
 
+class UnequalSplitAttention(nn.Module):
+    """LeViT's attention: each head's q, k and v side by side in one projection, split with unequal sizes
+    (``view(B, N, heads, -1).split([d, d, 2d], dim=3)``), and a bias per head added to the scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qkv = nn.Linear(8, 2 * (2 + 2 + 4))
+        self.bias = nn.Parameter(torch.randn(2, 5, 5))
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 2, -1).split([2, 2, 4], dim=3)
+        attn = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) + self.bias).softmax(dim=-1)
+        x = x + self.proj((attn @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(b, n, 8))
+        return self.fc(x)
+
+
+def test_unequal_split_within_heads_keeps_the_heads():
+    # Before, an unequal split of each head's units fixed the q/k/v projection (LeViT 0.64).
+    model = UnequalSplitAttention()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    q, k, v = (lab for lab, _ in spec.perms[spec.perms[spec.axes_to_perm["qkv.weight"][0]]["reindex"]]["segments"])
+    assert q == k != v and spec.axes_to_perm["proj.weight"][1] == v
+    assert spec.axes_to_perm["bias"][0] == spec.perms[v]["group_perm"] is not None
+
+
 class EcaGate(nn.Module):
     """ECA: a 1-D convolution along the channel axis makes each channel's gate depend on its neighbours."""
 
