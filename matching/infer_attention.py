@@ -150,6 +150,8 @@ class AttentionRules(RotaryRules):
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
             if isinstance(parts, (tuple, list)) and isinstance(dim, int) and len({p.shape[dim] for p in parts}) == 1:
                 return self.chunked(x, len(parts), dim)
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            return self.single_head_sdpa(node, out_shape)
         if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.MultiheadAttention):
             return self.multihead_attention(node, self.gm.get_submodule(node.target))
         if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.Embedding):
@@ -169,6 +171,22 @@ class AttentionRules(RotaryRules):
                 return "info", self.linear(f"{node.target}.weight", bias, node.args[0], out_shape)
             return self.param_view(node, node.args[0], out_shape)
         return None
+
+    def single_head_sdpa(self, node, out_shape):
+        """Attention of one head on plain channels (MaxViT's first stage: 1 head of 32 dimensions): the scores
+        contract q's and k's channels (one permutation), the output carries v's; a mask must not move."""
+        q, k, v = (list(node.args) + [node.kwargs.get(n) for n in ("query", "key", "value")[len(node.args):]])[:3]
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        tensors = (q, k, v)
+        if not all(isinstance(t, torch.fx.Node) and t.name in self.info and t.name not in self.params
+                   and self.info[t.name][1] == len(self.shape(t)) - 1 for t in tensors) \
+                or node.kwargs.get("enable_gqa") or len(node.args) > 6:
+            return None
+        if isinstance(mask, torch.fx.Node) and mask.name not in self.params \
+                and (mask.name not in self.info or self.find(self.info[mask.name][0]) != FIXED):
+            return None
+        self.union(self.info[q.name][0], self.info[k.name][0])
+        return "info", (self.info[v.name][0], len(out_shape) - 1)
 
     @staticmethod
     def _over_paths(node, axis):
@@ -293,25 +311,33 @@ class AttentionRules(RotaryRules):
     # --- splitting a channel axis into heads, and merging them back ---------------------------------------
     def split_heads(self, x, out_shape):
         """[..., C, ...] -> [..., H, d, ...] or [..., m, H, d, ...] (m = 2 or 3 stacked projections); the axes after
-        the channel may be merged at once (Visformer's conv attention: [B, C, H, W] -> [B, 3, heads, d, H * W])."""
+        the channel may be merged at once (Visformer's conv attention: [B, C, H, W] -> [B, 3, heads, d, H * W]),
+        and so may those before a last channel axis (MaxViT's windows: [B', h, w, C] -> [B', h * w, H, 3d])."""
         label, cdim = self.info[x.name]
         in_shape = self.shape(x)
         root = self.find(label)
-        if root == FIXED or root in self.derived or tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]):
+        if root == FIXED or root in self.derived:
             return None
-        same_rest = [e for e in (1, 2) if tuple(out_shape[cdim + e + 1:]) == tuple(in_shape[cdim + 1:])
-                     and len(out_shape) == len(in_shape) + e]
-        merged_rest = [e for e in (1, 2) if cdim + e + 1 < len(out_shape) and
-                       torch.Size(out_shape[cdim + e + 1:]).numel() == torch.Size(in_shape[cdim + 1:]).numel()]
+        at = cdim  # the output axis where the channel's split begins
+        if tuple(out_shape[:cdim]) != tuple(in_shape[:cdim]):
+            merged_before = [e for e in (1, 2) if cdim == len(in_shape) - 1 and len(out_shape) > e + 1
+                             and torch.Size(out_shape[:len(out_shape) - e - 1]).numel() == torch.Size(in_shape[:cdim]).numel()]
+            if not merged_before:
+                return None
+            at = len(out_shape) - merged_before[0] - 1
+        same_rest = [e for e in (1, 2) if tuple(out_shape[at + e + 1:]) == tuple(in_shape[cdim + 1:])
+                     and len(out_shape) == at + e + len(in_shape) - cdim]
+        merged_rest = [e for e in (1, 2) if at + e + 1 < len(out_shape) and
+                       torch.Size(out_shape[at + e + 1:]).numel() == torch.Size(in_shape[cdim + 1:]).numel()]
         extra = next(iter(same_rest or merged_rest), None)
-        if extra is None or torch.Size(out_shape[cdim:cdim + extra + 1]).numel() != in_shape[cdim]:
+        if extra is None or torch.Size(out_shape[at:at + extra + 1]).numel() != in_shape[cdim]:
             return None
-        split = out_shape[cdim:cdim + extra + 1]
+        split = out_shape[at:at + extra + 1]
         heads, parts = split[-2], (split[0] if extra == 2 else 1)
         if heads == 1 or split[-1] == 1 or (extra == 2 and parts not in (2, 3)):
             return None
         roles = [None] * len(out_shape)
-        roles[cdim + extra - 1], roles[cdim + extra] = "head", "within"
+        roles[at + extra - 1], roles[at + extra] = "head", "within"
         if extra == 1:
             root = self.set_groups(root, heads, self.new_label(_base(root), "S_"))
             if root == FIXED:
@@ -320,7 +346,7 @@ class AttentionRules(RotaryRules):
         head = self.new_label(_base(root), "S_")
         within = tuple(self.set_groups(self.new_label(f"{_base(root)}.{part}"), heads, head) for part in "qkv"[-parts:])
         self.derived[root] = ("segments", [(lab, in_shape[cdim] // parts) for lab in within])
-        roles[cdim] = "part"
+        roles[at] = "part"
         return "heads", Heads(tuple(roles), head, within)
 
     def chunked(self, x, chunks, dim):
