@@ -367,8 +367,13 @@ class AttentionRules(RotaryRules):
         x = args[0] if args and isinstance(args[0], torch.fx.Node) else None
         h = self.heads.get(x.name) if x is not None else None
         op = target if node.op in ("call_function", "call_method") else None
+        if out_shape is None and (op is getattr or op in ("size", "dim", "numel")):
+            return "none", None  # its shape read (CoaT's factorised attention): the labels stay
         if node.op == "call_module":
             m = self.gm.get_submodule(target)
+            if h is not None and isinstance(m, nn.Conv2d):
+                bias = f"{target}.bias" if m.bias is not None else None
+                return self.talking_heads(h, f"{target}.weight", bias, m.weight.shape, m.groups)
             # softmax commutes with a permutation of any axis (timm's unfused attention has an nn.Softmax)
             return ("heads", h) if h is not None and isinstance(m, (nn.Identity, nn.Dropout, nn.Softmax)) else None
         if op is None:
@@ -417,6 +422,18 @@ class AttentionRules(RotaryRules):
         if op in ("view", "reshape", torch.reshape, "reshape_as", "view_as"):  # *_as: its shape
             return self.head_reshape(x, h, out_shape)
         return None
+
+    def talking_heads(self, h, key_w, key_b, weight_shape, groups):
+        """A 1x1 conv across the heads of the scores [B, H, N, N] (EfficientFormerV2's talking heads): its input
+        axis takes the scores' head permutation, its output heads are a new one, which the scores then carry
+        (``attn @ v`` ties it to v's heads)."""
+        if h.roles[1:2] != ("head",) or "within" in h.roles or groups != 1 or tuple(weight_shape[2:]) != (1, 1):
+            return None
+        head = self.new_label(key_w.rsplit(".", 1)[0], "S_")
+        self.set_axes(key_w, [head, h.head, None, None])
+        if key_b is not None:
+            self.set_axes(key_b, [head])
+        return "heads", Heads(h.roles, head, ())
 
     def head_index(self, h, index):
         """qkv[0]: an integer index on the part axis picks that projection; full slices elsewhere."""

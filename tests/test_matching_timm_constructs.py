@@ -392,6 +392,38 @@ def test_heads_split_while_window_tokens_merge_and_one_head():
     assert q == k != v and spec.axes_to_perm["proj1.weight"][1] == v
 
 
+class TalkingHeads(nn.Module):
+    """EfficientFormerV2's attention: 1x1 convs across the heads of the scores (talking heads) before and after
+    the softmax; the second one's output heads meet v's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 1)
+        self.q, self.k, self.v = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.talk1, self.talk2 = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        q = self.q(x).reshape(b, 2, -1, h * w).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(b, 2, -1, h * w)
+        v = self.v(x).reshape(b, 2, -1, h * w).permute(0, 1, 3, 2)
+        attn = self.talk2(self.talk1(q @ k).softmax(dim=-1))
+        x = x + self.proj((attn @ v).transpose(2, 3).reshape(b, c, h, w))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_talking_heads_take_the_head_permutations():
+    # Before, the convs across the heads fixed v and its heads (EfficientFormerV2 0.67).
+    model = TalkingHeads()
+    spec = _check(model, torch.randn(2, 3, 3, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["talk1.weight"][1] == spec.perms[spec.axes_to_perm["q.weight"][0]]["group_perm"]
+    assert spec.axes_to_perm["talk2.weight"][0] == spec.perms[spec.axes_to_perm["v.weight"][0]]["group_perm"]
+
+
 class EcaGate(nn.Module):
     """ECA: a 1-D convolution along the channel axis makes each channel's gate depend on its neighbours."""
 
