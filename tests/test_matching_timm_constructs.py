@@ -424,6 +424,31 @@ def test_talking_heads_take_the_head_permutations():
     assert spec.axes_to_perm["talk2.weight"][0] == spec.perms[spec.axes_to_perm["v.weight"][0]]["group_perm"]
 
 
+class StackedAggregate(nn.Module):
+    """CoaT's head: the stages' outputs stacked and mixed by a 1x1 Conv1d over the stack, the channels as its
+    length."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.aggregate = nn.Conv1d(2, 1, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        x1 = h + F.relu(self.a(h))
+        x2 = x1 + F.relu(self.b(x1))
+        return self.fc(self.aggregate(torch.stack([x1, x2], dim=1)).squeeze(1))
+
+
+def test_pointwise_conv_over_another_axis_keeps_the_channels():
+    # Before, the conv read its length axis as fixed: CoaT's residual streams stayed in place (0.33).
+    model = StackedAggregate()
+    spec = _check(model, torch.randn(2, 3))
+    assert _share(model, spec, ("fc", "aggregate")) == 1.0
+    assert spec.axes_to_perm["aggregate.weight"] == (None, None, None)
+
+
 class EcaGate(nn.Module):
     """ECA: a 1-D convolution along the channel axis makes each channel's gate depend on its neighbours."""
 
