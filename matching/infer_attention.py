@@ -150,6 +150,8 @@ class AttentionRules(RotaryRules):
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
             if isinstance(parts, (tuple, list)) and isinstance(dim, int) and len({p.shape[dim] for p in parts}) == 1:
                 return self.chunked(x, len(parts), dim)
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            return self.single_head_sdpa(node, out_shape)
         if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.MultiheadAttention):
             return self.multihead_attention(node, self.gm.get_submodule(node.target))
         if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.Embedding):
@@ -169,6 +171,22 @@ class AttentionRules(RotaryRules):
                 return "info", self.linear(f"{node.target}.weight", bias, node.args[0], out_shape)
             return self.param_view(node, node.args[0], out_shape)
         return None
+
+    def single_head_sdpa(self, node, out_shape):
+        """Attention of one head on plain channels (MaxViT's first stage: 1 head of 32 dimensions): the scores
+        contract q's and k's channels (one permutation), the output carries v's; a mask must not move."""
+        q, k, v = (list(node.args) + [node.kwargs.get(n) for n in ("query", "key", "value")[len(node.args):]])[:3]
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        tensors = (q, k, v)
+        if not all(isinstance(t, torch.fx.Node) and t.name in self.info and t.name not in self.params
+                   and self.info[t.name][1] == len(self.shape(t)) - 1 for t in tensors) \
+                or node.kwargs.get("enable_gqa") or len(node.args) > 6:
+            return None
+        if isinstance(mask, torch.fx.Node) and mask.name not in self.params \
+                and (mask.name not in self.info or self.find(self.info[mask.name][0]) != FIXED):
+            return None
+        self.union(self.info[q.name][0], self.info[k.name][0])
+        return "info", (self.info[v.name][0], len(out_shape) - 1)
 
     @staticmethod
     def _over_paths(node, axis):
@@ -293,7 +311,8 @@ class AttentionRules(RotaryRules):
     # --- splitting a channel axis into heads, and merging them back ---------------------------------------
     def split_heads(self, x, out_shape):
         """[..., C, ...] -> [..., H, d, ...] or [..., m, H, d, ...] (m = 2 or 3 stacked projections); the axes after
-        the channel may be merged at once (Visformer's conv attention: [B, C, H, W] -> [B, 3, heads, d, H * W])."""
+        the channel may be merged at once (Visformer's conv attention: [B, C, H, W] -> [B, 3, heads, d, H * W]),
+        and so may those before a last channel axis (MaxViT's windows: [B', h, w, C] -> [B', h * w, H, 3d])."""
         label, cdim = self.info[x.name]
         in_shape = self.shape(x)
         root = self.find(label)
@@ -377,8 +396,13 @@ class AttentionRules(RotaryRules):
         x = args[0] if args and isinstance(args[0], torch.fx.Node) else None
         h = self.heads.get(x.name) if x is not None else None
         op = target if node.op in ("call_function", "call_method") else None
+        if out_shape is None and (op is getattr or op in ("size", "dim", "numel")):
+            return "none", None  # its shape read (CoaT's factorised attention): the labels stay
         if node.op == "call_module":
             m = self.gm.get_submodule(target)
+            if h is not None and isinstance(m, nn.Conv2d):
+                bias = f"{target}.bias" if m.bias is not None else None
+                return self.talking_heads(h, f"{target}.weight", bias, m.weight.shape, m.groups)
             # softmax commutes with a permutation of any axis (timm's unfused attention has an nn.Softmax)
             return ("heads", h) if h is not None and isinstance(m, (nn.Identity, nn.Dropout, nn.Softmax)) else None
         if op is None:
@@ -429,6 +453,18 @@ class AttentionRules(RotaryRules):
         if op in ("view", "reshape", torch.reshape, "reshape_as", "view_as"):  # *_as: its shape
             return self.head_reshape(x, h, out_shape)
         return None
+
+    def talking_heads(self, h, key_w, key_b, weight_shape, groups):
+        """A 1x1 conv across the heads of the scores [B, H, N, N] (EfficientFormerV2's talking heads): its input
+        axis takes the scores' head permutation, its output heads are a new one, which the scores then carry
+        (``attn @ v`` ties it to v's heads)."""
+        if h.roles[1:2] != ("head",) or "within" in h.roles or groups != 1 or tuple(weight_shape[2:]) != (1, 1):
+            return None
+        head = self.new_label(key_w.rsplit(".", 1)[0], "S_")
+        self.set_axes(key_w, [head, h.head, None, None])
+        if key_b is not None:
+            self.set_axes(key_b, [head])
+        return "heads", Heads(h.roles, head, ())
 
     def head_index(self, h, index):
         """qkv[0]: an integer index on the part axis picks that projection; full slices elsewhere."""

@@ -172,6 +172,9 @@ def _rewrite(node):
         _function(node, F.pad, (args[0], args[1], "constant", (args[3] if len(args) > 3 else None) or 0.0))
     elif target is getattr(aten.constant_pad_nd, "default", None):
         _function(node, F.pad, (args[0], args[1], "constant", args[2] if len(args) > 2 else 0.0))
+    elif target is getattr(aten.pad, "default", None):  # F.pad kept whole (EfficientViT's window padding)
+        _function(node, F.pad, (args[0], args[1], args[2] if len(args) > 2 else kw.get("mode", "constant"),
+                                args[3] if len(args) > 3 else kw.get("value")))
     elif target in _TRANSPOSED and _rank(args[0]) is not None:  # weight.T
         _method(node, "permute", (args[0], list(range(_rank(args[0])))[::-1]))
     elif target in _BADDBMM:  # beta * input + alpha * (b1 @ b2) (Bloom's ALiBi scores): the ops the rules know
@@ -196,17 +199,19 @@ def _rewrite(node):
 
 
 def _indexing(node):
-    """aten.slice / aten.select with constant bounds -> x[:, ..., a:b] / x[:, ..., i] (what the rules read)."""
+    """aten.slice / aten.select -> x[:, ..., a:b] / x[:, ..., i] (what the rules read). Bounds read from the
+    input's shape (``x[:, :H, :W]`` after a window padding) stay graph values: the rules follow such a slice
+    along an axis other than the channel's."""
     rank = _rank(node.args[0])
     args = list(node.args) + [None] * 4
     dim = args[1] if args[1] is not None else 0
-    if rank is None or not isinstance(dim, int) or any(isinstance(a, torch.fx.Node) for a in args[2:5]):
+    if rank is None or not isinstance(dim, int) or node.target is aten.select.int and isinstance(args[2], torch.fx.Node):
         return
     dim %= rank
     if node.target is aten.select.int:
         index = args[2]
     else:
         start, stop, step = args[2], args[3], args[4] if args[4] is not None else 1
-        index = slice(None if start in (None, 0) else start, None if stop is None or stop >= 2 ** 62 else stop,
+        index = slice(None if start in (None, 0) else start, None if stop is None or isinstance(stop, int) and stop >= 2 ** 62 else stop,
                       None if step == 1 else step)
     _function(node, operator.getitem, (node.args[0], (slice(None),) * dim + (index,)))

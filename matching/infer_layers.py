@@ -377,6 +377,14 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
                 return None
             if isinstance(m, nn.Linear):
                 return self.linear(f"{key}.weight", f"{key}.bias" if m.bias is not None else None, x, out_shape)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and self.info[x.name][1] > 1 \
+                    and self.find(self.info[x.name][0]) != FIXED and set(m.kernel_size) == set(m.stride) == {1} \
+                    and not any(m.padding if isinstance(m.padding, tuple) else [m.padding != "valid"]) \
+                    and m.padding_mode == "zeros":
+                # a 1x1 conv over another axis (CoaT's aggregate: Conv1d over the stacked stages, the channels as
+                # its length): it acts on each position alone, so the channels there keep their permutation;
+                # its own weights stay in place
+                return self.info[x.name]
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 return self.conv(f"{key}.weight", f"{key}.bias" if m.bias is not None else None, x, m.groups,
                                  tuple(m.weight.shape))

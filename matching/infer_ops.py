@@ -81,6 +81,10 @@ class OpRules:
                     and args[0].name not in self.params:  # x @ weight.T (Falcon's linear layers)
                 return self.linear(key, None, args[0], out_shape)
             return self.transposed_linear(args[0], args[1], None, out_shape)
+        if target in (aten.mm.default, aten.bmm.default, operator.matmul, torch.matmul) and len(args) == 2 \
+                and all(isinstance(a, torch.fx.Node) and a.name in self.info and a.name not in self.params
+                        and a.name not in self.spread for a in args):
+            return self.activation_matmul(args[0], args[1], len(out_shape))
         if target in _RMS_NORM and plain:
             shape = args[1] if len(args) > 1 else node.kwargs["normalized_shape"]
             weight = args[2] if len(args) > 2 else node.kwargs.get("weight")
@@ -88,6 +92,27 @@ class OpRules:
             if weight is not None and key is None:
                 return None
             return self.layer_norm(x, out_shape, len(shape), [key])
+        return None
+
+    def activation_matmul(self, a, b, out_rank):
+        """a @ b of two activations, each with at most one permuted axis (single-head attention written on
+        channels, EfficientViT-M0's cascaded heads: ``q^T @ k``, then ``v @ attn^T``): the channel contracted on
+        both sides (a's columns, b's rows) ties the two and leaves the product unpermuted; a's rows or b's
+        columns times an unpermuted matrix keep their permutation. Anything else: None (fixed)."""
+        (la, ca), (lb, cb) = self.info[a.name], self.info[b.name]
+        ra, rb = len(self.shape(a)), len(self.shape(b))
+        if ra < 2 or rb < 2:
+            return None
+        fixed_a, fixed_b = self.find(la) == FIXED, self.find(lb) == FIXED
+        if fixed_a and fixed_b:
+            return None
+        if ca == ra - 1 and cb == rb - 2 and not fixed_a and not fixed_b:
+            self.union(la, lb)
+            return FIXED, 0
+        if ca == ra - 2 and fixed_b:
+            return la, out_rank - 2
+        if cb == rb - 1 and fixed_a:
+            return lb, out_rank - 1
         return None
 
     def channel_reduction(self, x, rest, kw):

@@ -135,29 +135,32 @@ class RotaryRules:
         if m not in (2, 3) or heads == 1 or d == 1:
             return None
         head = self.new_label(root.removeprefix("P_"), "S_")
-        self.derived[root] = self.interleaved(root, heads, head, m, d)
+        self.derived[root] = self.interleaved(root, heads, head, [d] * m)
         roles = [None] * len(out_shape)
         roles[cdim:cdim + 3] = "head", "part", "within"
         return "heads", Heads(tuple(roles), head, tuple(lab for lab, _ in self.derived[self.derived[root][1]][1]))
 
-    def interleaved(self, root, heads, head, m, d):
-        """("reindex", [part 0; ...; part m-1], index) for units laid out head by head, parts side by side."""
-        labels = [self.set_groups(self.new_label(f"{root.removeprefix('P_')}.{i}"), heads, head) for i in range(m)]
-        stacked = self.new_derived(f"{root.removeprefix('P_')}.parts", ("segments", [(lab, heads * d) for lab in labels]))
-        return "reindex", stacked, [j * heads * d + g * d + t for g in range(heads) for j in range(m) for t in range(d)]
+    def interleaved(self, root, heads, head, sizes):
+        """("reindex", [part 0; ...; part m-1], index) for units laid out head by head, parts side by side, part j
+        holding ``sizes[j]`` dimensions of each head (LeViT splits each head into q, k, v of d, d and 2d)."""
+        labels = [self.set_groups(self.new_label(f"{root.removeprefix('P_')}.{i}"), heads, head) for i in range(len(sizes))]
+        stacked = self.new_derived(f"{root.removeprefix('P_')}.parts", ("segments", [(lab, heads * d) for lab, d in zip(labels, sizes)]))
+        starts = [heads * sum(sizes[:j]) for j in range(len(sizes))]
+        return "reindex", stacked, [starts[j] + g * d + t for g in range(heads) for j, d in enumerate(sizes) for t in range(d)]
 
     def heads_chunked(self, node, x, h):
         """GPT-NeoX's fused projection viewed as [.., H, 3 * d] and chunked into q, k, v along the head's axis:
         its units are interleaved per head (q_0 k_0 v_0 q_1 ...), the reindexed segments [q; k; v] of three
-        within-head labels that share the head permutation (q and k's are tied by the scores later)."""
+        within-head labels that share the head permutation (q and k's are tied by the scores later). The parts
+        may differ in size (LeViT: ``view(B, N, H, -1).split([d, d, 2d], dim=3)``)."""
         wd, parts = h.axis("within"), node.meta.get("tensor_meta")
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         root = self.find(h.within[0]) if len(h.within) == 1 else FIXED
         if wd is None or not isinstance(dim, int) or dim % len(h.roles) != wd or not isinstance(parts, (tuple, list)) \
-                or len({p.shape[wd] for p in parts}) != 1 or root == FIXED or root not in self.groups:
+                or root == FIXED or root not in self.groups:
             return None
         heads, head = self.groups.pop(root)
-        self.derived[root] = self.interleaved(root, heads, head, len(parts), parts[0].shape[wd])
+        self.derived[root] = self.interleaved(root, heads, head, [p.shape[wd] for p in parts])
         labels = [lab for lab, _ in self.derived[self.derived[root][1]][1]]
         return "tuple", [("heads", replace(h, within=(lab,))) for lab in labels]
 

@@ -81,6 +81,34 @@ class BatchMergedHeads(nn.Module):
         return self.head(x + self.o(out))
 
 
+class WindowPadded(nn.Module):
+    """Twins' and TinyViT's window padding, channels last: ``F.pad`` of the spatial axes (aten.pad in the graph),
+    a per-token layer, then ``x[:, :H, :W]`` with bounds read from the (dynamic) input shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.fc1 = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.embed(x)
+        _, height, width, _ = h.shape
+        pad_r, pad_b = (4 - width % 4) % 4, (4 - height % 4) % 4
+        y = self.fc1(F.pad(h, (0, 0, 0, pad_r, 0, pad_b)))
+        if pad_r > 0 or pad_b > 0:  # Python on a shape
+            y = y[:, :height, :width].contiguous()
+        return self.head((h + y).mean((1, 2)))
+
+
+def test_window_padding_and_its_crop_keep_the_channels():
+    # Before, aten.pad and a slice bounded by a graph value fixed the channels (TinyViT 0.71, EfficientViT-M0 0.47).
+    torch.manual_seed(0)
+    spec = matching.infer_spec(WindowPadded().eval(), torch.randn(2, 6, 6, 3))
+    assert spec.axes_to_perm["fc1.weight"][0] is not None
+    assert spec.axes_to_perm["embed.weight"][0] is not None
+
+
 def test_in_place_residual_and_upsampling_are_followed():
     torch.manual_seed(0)
     spec = matching.infer_spec(InPlaceResidual().eval(), torch.randn(2, 3, 7, 7))

@@ -288,6 +288,167 @@ def test_cross_covariance_scores_share_one_permutation_within_heads():
     assert spec.axes_to_perm["temperature"][0] == spec.perms[parts[0][0]]["group_perm"]
 
 
+class UnequalSplitAttention(nn.Module):
+    """LeViT's attention: each head's q, k and v side by side in one projection, split with unequal sizes
+    (``view(B, N, heads, -1).split([d, d, 2d], dim=3)``), and a bias per head added to the scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qkv = nn.Linear(8, 2 * (2 + 2 + 4))
+        self.bias = nn.Parameter(torch.randn(2, 5, 5))
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 2, -1).split([2, 2, 4], dim=3)
+        attn = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) + self.bias).softmax(dim=-1)
+        x = x + self.proj((attn @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(b, n, 8))
+        return self.fc(x)
+
+
+def test_unequal_split_within_heads_keeps_the_heads():
+    # Before, an unequal split of each head's units fixed the q/k/v projection (LeViT 0.64).
+    model = UnequalSplitAttention()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    q, k, v = (lab for lab, _ in spec.perms[spec.perms[spec.axes_to_perm["qkv.weight"][0]]["reindex"]]["segments"])
+    assert q == k != v and spec.axes_to_perm["proj.weight"][1] == v
+    assert spec.axes_to_perm["bias"][0] == spec.perms[v]["group_perm"] is not None
+
+
+def _flat_segments(spec, label):
+    """A label's segments, nested ones expanded: [(label, size), ...]."""
+    parts = spec.perms.get(label, {}).get("segments")
+    return [(label, None)] if parts is None else [p for lab, _ in parts for p in _flat_segments(spec, lab)]
+
+
+class CascadedHeads(nn.Module):
+    """EfficientViT-M0's cascaded group attention: each head is its own 1x1 conv over a chunk of the channels
+    (plus the previous head's output), single-head attention written on channels (``q^T @ k``, ``v @ attn^T``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.qkvs = nn.ModuleList([nn.Conv2d(4, 2 + 2 + 4, 1) for _ in range(2)])
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        feats, outs = x.chunk(2, dim=1), []
+        feat = feats[0]
+        for i, qkv in enumerate(self.qkvs):
+            feat = feat + feats[i] if i else feat
+            q, k, v = (t.flatten(2) for t in qkv(feat).split([2, 2, 4], dim=1))
+            attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+            feat = (v @ attn.transpose(-2, -1)).view(b, 4, h, w)
+            outs.append(feat)
+        x = x + self.proj(torch.cat(outs, dim=1))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_single_head_attention_on_channels_ties_q_and_k():
+    # Before, the matmul of two activations fixed both (EfficientViT-M0 0.47: its residual stream with them).
+    model = CascadedHeads()
+    spec = _check(model, torch.randn(2, 3, 3, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    q, k, v = (lab for lab, _ in _flat_segments(spec, spec.axes_to_perm["qkvs.0.weight"][0]))
+    assert q == k != v
+
+
+class WindowHeads(nn.Module):
+    """MaxViT's window attention, channels last: the window's tokens merged while the channel splits into heads
+    (``view(B, h * w, heads, 3d)``), q, k, v chunked per head, then one head on plain channels (its first stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qkv, self.qkv1 = nn.Linear(8, 24), nn.Linear(8, 24)
+        self.proj, self.proj1 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(x).view(b, h * w, 2, 12).transpose(1, 2).chunk(3, dim=3)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h, w, c))
+        q, k, v = self.qkv1(x).view(b, h * w, 24).chunk(3, dim=-1)
+        x = x + self.proj1(F.scaled_dot_product_attention(q, k, v).view(b, h, w, c))
+        return self.fc(x.mean((1, 2)))
+
+
+def test_heads_split_while_window_tokens_merge_and_one_head():
+    # Before, both fixed their q/k/v projection (MaxViT-rw 0.80).
+    model = WindowHeads()
+    spec = _check(model, torch.randn(2, 2, 3, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    qkv = spec.perms[spec.axes_to_perm["qkv.weight"][0]]
+    assert all(spec.perms[lab]["groups"] == 2 for lab, _ in spec.perms[qkv["reindex"]]["segments"])
+    q, k, v = (lab for lab, _ in _flat_segments(spec, spec.axes_to_perm["qkv1.weight"][0]))
+    assert q == k != v and spec.axes_to_perm["proj1.weight"][1] == v
+
+
+class TalkingHeads(nn.Module):
+    """EfficientFormerV2's attention: 1x1 convs across the heads of the scores (talking heads) before and after
+    the softmax; the second one's output heads meet v's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 1)
+        self.q, self.k, self.v = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.talk1, self.talk2 = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        q = self.q(x).reshape(b, 2, -1, h * w).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(b, 2, -1, h * w)
+        v = self.v(x).reshape(b, 2, -1, h * w).permute(0, 1, 3, 2)
+        attn = self.talk2(self.talk1(q @ k).softmax(dim=-1))
+        x = x + self.proj((attn @ v).transpose(2, 3).reshape(b, c, h, w))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_talking_heads_take_the_head_permutations():
+    # Before, the convs across the heads fixed v and its heads (EfficientFormerV2 0.67).
+    model = TalkingHeads()
+    spec = _check(model, torch.randn(2, 3, 3, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["talk1.weight"][1] == spec.perms[spec.axes_to_perm["q.weight"][0]]["group_perm"]
+    assert spec.axes_to_perm["talk2.weight"][0] == spec.perms[spec.axes_to_perm["v.weight"][0]]["group_perm"]
+
+
+class StackedAggregate(nn.Module):
+    """CoaT's head: the stages' outputs stacked and mixed by a 1x1 Conv1d over the stack, the channels as its
+    length."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.aggregate = nn.Conv1d(2, 1, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        x1 = h + F.relu(self.a(h))
+        x2 = x1 + F.relu(self.b(x1))
+        return self.fc(self.aggregate(torch.stack([x1, x2], dim=1)).squeeze(1))
+
+
+def test_pointwise_conv_over_another_axis_keeps_the_channels():
+    # Before, the conv read its length axis as fixed: CoaT's residual streams stayed in place (0.33).
+    model = StackedAggregate()
+    spec = _check(model, torch.randn(2, 3))
+    assert _share(model, spec, ("fc", "aggregate")) == 1.0
+    assert spec.axes_to_perm["aggregate.weight"] == (None, None, None)
+
+
 class EcaGate(nn.Module):
     """ECA: a 1-D convolution along the channel axis makes each channel's gate depend on its neighbours."""
 
