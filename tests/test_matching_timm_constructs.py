@@ -327,3 +327,116 @@ def test_torchvision_mnasnet_as_constructed():
     model = torchvision.models.mnasnet0_5(num_classes=11).eval()  # its own class: no version-2 loading patch
     spec = matching.infer_spec(model, torch.randn(2, 3, 32, 32))
     assert _share(model, spec, ("classifier.1",)) == 1.0
+
+
+class UnfoldedPatches(nn.Module):
+    """MobileViT's block: the feature map unfolded into patches with the channel axis merged into the batch
+    axis (``reshape(B * C * n_h, p_h, n_w, p_w)``), a transformer over the patches' tokens, folded back the
+    same way and fused with the block's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv_1x1 = nn.Conv2d(6, 8, 1)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.norm = nn.LayerNorm(8)
+        self.conv_proj = nn.Conv2d(8, 6, 1)
+        self.fusion = nn.Conv2d(12, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        shortcut = x = F.silu(self.stem(x))
+        x = self.conv_1x1(x)
+        b, c, h, w = x.shape
+        p, n_h, n_w = 2, h // 2, w // 2
+        x = x.reshape(b * c * n_h, p, n_w, p).transpose(1, 2)
+        x = x.reshape(b, c, n_h * n_w, p * p).transpose(1, 3).reshape(b * p * p, n_h * n_w, -1)
+        q, k, v = self.qkv(x).reshape(b * p * p, n_h * n_w, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * p * p, n_h * n_w, c))
+        x = self.norm(x + self.fc2(F.silu(self.fc1(x))))
+        x = x.contiguous().view(b, p * p, n_h * n_w, -1).transpose(1, 3).reshape(b * c * n_h, n_w, p, p)
+        x = x.transpose(1, 2).reshape(b, c, h, w)
+        x = self.fusion(torch.cat((shortcut, self.conv_proj(x)), dim=1))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_channels_merged_into_the_batch_axis_are_followed(batch):
+    # Between the unfold and the fold the channel is a factor of the batch axis: moved there by reshapes and
+    # transposes only, it keeps its permutation (before, conv_1x1, the transformer's stream and fc2 stayed).
+    model = UnfoldedPatches()
+    spec = _check(model, torch.randn(batch, 3, 8, 8))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["conv_1x1.weight"][0] == spec.axes_to_perm["qkv.weight"][1] == spec.axes_to_perm["proj.weight"][0]
+    assert spec.axes_to_perm["conv_proj.weight"][1] == spec.axes_to_perm["conv_1x1.weight"][0]
+
+
+class StateSpaceMixer(nn.Module):
+    """EfficientViM's HSM-SSD block: states B, C and dt from the tokens, ``h = x @ (softmax(dt + A) * B)^T``
+    (x's channels on the rows), a gated projection of h, ``y = h @ C`` (the states contracted), and a layer
+    scale ``sigmoid(alpha).view(2, -1, 1, 1)[i]`` per branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bcdt = nn.Conv1d(8, 3 * 5, 1)
+        self.A = nn.Parameter(torch.randn(5))
+        self.hz = nn.Conv1d(8, 2 * 6, 1)
+        self.out = nn.Conv1d(6, 8, 1)
+        self.ffn = nn.Conv2d(8, 8, 1)
+        self.alpha = nn.Parameter(torch.randn(2, 8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b_, c_, height, width = x.shape
+        alpha = torch.sigmoid(self.alpha).view(2, -1, 1, 1)
+        t = x.flatten(2)
+        b, c, dt = torch.split(self.bcdt(t), [5, 5, 5], dim=1)
+        h = t @ ((dt + self.A.view(1, -1, 1)).softmax(-1) * b).transpose(-2, -1)
+        h, z = torch.split(self.hz(h), [6, 6], dim=1)
+        y = (self.out(h * F.silu(z)) @ c).reshape(b_, -1, height, width)
+        x = x + alpha[0] * (y - x)
+        x = x + alpha[1] * (self.ffn(x) - x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_channels_multiplied_by_a_spatial_matrix_keep_their_permutation():
+    # x @ m with x's channels on the rows permutes the rows of the product; the layer scale read through
+    # sigmoid and an index moves with the stream (before, both fixed the stream, out and ffn).
+    model = StateSpaceMixer()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    stream = spec.axes_to_perm["stem.weight"][0]
+    assert stream is not None and spec.axes_to_perm["alpha"] == (None, stream)
+    assert spec.axes_to_perm["hz.weight"][1] == stream and spec.axes_to_perm["out.weight"][0] == stream
+    assert spec.axes_to_perm["hz.weight"][0] is not None
+    assert spec.axes_to_perm["bcdt.weight"][0] is None  # the states: a second channel axis, kept in place
+
+
+class TransposedConvUpsampling(nn.Module):
+    """LowFormer's attention branch: downsampled by a strided depthwise conv, projected, upsampled back by a
+    depthwise ``nn.ConvTranspose2d`` (and a plain one) before joining the residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 2, stride=2, groups=8)
+        self.proj = nn.Conv2d(8, 6, 1)
+        self.up = nn.ConvTranspose2d(6, 8, 2, stride=2)
+        self.up_dw = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.up_dw(self.up(F.relu(self.proj(self.down(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_transposed_convolutions_are_followed():
+    model = TransposedConvUpsampling()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["up.weight"][:2] == (spec.axes_to_perm["proj.weight"][0], spec.axes_to_perm["stem.weight"][0])
+    assert spec.axes_to_perm["up_dw.weight"][:2] == (spec.axes_to_perm["stem.weight"][0], None)
