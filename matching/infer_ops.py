@@ -89,6 +89,8 @@ class OpRules:
             if weight is not None and key is None:
                 return None
             return self.layer_norm(x, out_shape, len(shape), [key])
+        if target is F.normalize and plain:  # a p-norm over the channels (or per channel) is order-free
+            return self.info[x.name]
         if target in _MATMULS and len(args) == 2 and not node.kwargs:
             return self.activation_matmul(args[0], args[1], out_shape)
         return None

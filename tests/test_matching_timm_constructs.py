@@ -440,3 +440,103 @@ def test_transposed_convolutions_are_followed():
     assert _share(model, spec, ("fc",)) == 1.0
     assert spec.axes_to_perm["up.weight"][:2] == (spec.axes_to_perm["proj.weight"][0], spec.axes_to_perm["stem.weight"][0])
     assert spec.axes_to_perm["up_dw.weight"][:2] == (spec.axes_to_perm["stem.weight"][0], None)
+
+
+class MaskUnitAttention(nn.Module):
+    """Hiera's mask unit attention: ``qkv(x).reshape(B, -1, windows, 3, heads, d)`` cuts the tokens into
+    windows while it splits the heads; q max-pooled over a stride within each window (``view(...).amax``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, -1, 2, 3, 2, 4).permute(3, 0, 4, 2, 1, 5).unbind(0)
+        q = q.view(b, 2, 2, 2, -1, 4).amax(dim=3)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 3).reshape(b, -1, c)
+        return self.fc(self.proj(out) + x[:, ::2])
+
+
+def test_heads_split_while_the_tokens_are_cut_into_windows():
+    model = MaskUnitAttention()
+    spec = _check(model, torch.randn(2, 8, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    qkv = spec.perms[spec.axes_to_perm["qkv.weight"][0]]["segments"]
+    assert all(spec.perms[lab]["groups"] == 2 for lab, _ in qkv)
+
+
+class AdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention: q and k L2-normalised over the channels, a learned query
+    vector ``q @ w_g`` normalised over the tokens, ``proj(sum(attn * q) * k) + q``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.to_query, self.to_key = nn.Linear(8, 6), nn.Linear(8, 6)
+        self.w_g = nn.Parameter(torch.randn(6, 1))
+        self.proj, self.final = nn.Linear(6, 6), nn.Linear(6, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        query = F.normalize(self.to_query(x), dim=-1)
+        key = F.normalize(self.to_key(x), dim=-1)
+        attn = torch.sum(F.normalize(query @ self.w_g * 0.5, dim=1) * query, dim=1, keepdim=True)
+        x = x + self.final(self.proj(attn * key) + query)
+        return self.fc(x)
+
+
+def test_normalised_channels_keep_their_permutation():
+    model = AdditiveAttention()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["w_g"][0] == spec.axes_to_perm["to_query.weight"][0] == spec.axes_to_perm["proj.weight"][0]
+
+
+class GatedPositionalAttention(nn.Module):
+    """ConViT's gated positional self-attention: positional scores from a Linear over fixed relative positions,
+    one output per head, mixed with the content scores by a per-head gate ``sigmoid(g)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qk, self.v = nn.Linear(8, 16), nn.Linear(8, 8)
+        self.pos_proj = nn.Linear(3, 2)
+        self.gating_param = nn.Parameter(torch.randn(2))
+        self.proj, self.fc = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("rel_indices", torch.randn(1, 5, 5, 3), persistent=False)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k = self.qk(x).reshape(b, n, 2, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        pos_score = self.pos_proj(self.rel_indices.expand(b, -1, -1, -1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        gating = self.gating_param.view(1, -1, 1, 1)
+        attn = (1.0 - torch.sigmoid(gating)) * (q @ k.transpose(-2, -1)).softmax(dim=-1) + torch.sigmoid(gating) * pos_score
+        attn = attn / attn.sum(dim=-1).unsqueeze(-1)
+        v = self.v(x).reshape(b, n, 2, 4).permute(0, 2, 1, 3)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        return self.fc(x)
+
+
+class GatedPositionalAttentionExported(GatedPositionalAttention):
+    """The same with ConViT's check on a shape in Python: torch.fx cannot trace it, torch.export captures it and
+    writes ``1 - sigmoid(g)`` as ``aten.rsub``."""
+
+    def forward(self, x):
+        if x.shape[1] != self.rel_indices.shape[1]:
+            raise ValueError("relative positions for another number of tokens")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [GatedPositionalAttention, GatedPositionalAttentionExported])
+def test_positional_scores_per_head_follow_the_heads(cls):
+    model = cls()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["pos_proj.weight"][0] == spec.axes_to_perm["gating_param"][0] is not None
