@@ -14,6 +14,7 @@ Anything else done to a ``Heads`` tensor fixes its labels, as unknown ops do els
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 import sys
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from matching.infer_labels import FIXED
 from matching.infer_rotary import RotaryRules
 
 _HEAD_PASS_FUNCTIONS = {F.softmax, torch.softmax, F.normalize, F.dropout, torch.exp, torch.clamp}
+_HEAD_REDUCTIONS = {"amax", "mean", "sum", torch.amax, torch.mean, torch.sum}
 _HEAD_PASS_METHODS = {"softmax", "contiguous", "clone", "float", "double", "to", "type_as", "exp", "detach"}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
            operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.maximum, torch.minimum,
@@ -141,7 +143,8 @@ class AttentionRules(RotaryRules):
                               or node.op == "call_function" and node.target is torch.reshape):
             if any(self._over_paths(user, self.info[x.name][1]) for user in node.users):
                 return None  # attention over branches (selective kernel, split attention): not heads
-            return self.split_heads(x, out_shape) or self.split_heads_per_head(x, out_shape)
+            return self.split_heads(x, out_shape) or self.split_heads_per_head(x, out_shape) or \
+                self.split_heads_regrouped(x, out_shape)
         if x is not None and (node.op == "call_method" and node.target == "chunk" or node.target is torch.chunk):
             return self.chunked(x, node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks"),
                                 node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
@@ -378,6 +381,22 @@ class AttentionRules(RotaryRules):
         roles[start] = "part"
         return "heads", Heads(tuple(roles), head, within)
 
+    def split_heads_regrouped(self, x, out_shape):
+        """The heads split while the axes before the channel are regrouped in the same reshape (Hiera's mask unit
+        attention: ``qkv(x).reshape(B, -1, num_windows, 3, heads, d)`` cuts the tokens into windows): the
+        channel's split as ``split_heads`` reads it, those axes plain (no role)."""
+        label, cdim = self.info[x.name]
+        in_shape = self.shape(x)
+        lead = math.prod(in_shape[:cdim])
+        start = next((k for k in range(len(out_shape) + 1) if math.prod(out_shape[:k]) == lead), None)
+        if start is None or tuple(out_shape[:start]) == tuple(in_shape[:cdim]):
+            return None
+        found = self.split_heads(x, tuple(in_shape[:cdim]) + tuple(out_shape[start:]))
+        if found is None:
+            return None
+        heads = found[1]
+        return "heads", Heads((None,) * start + heads.roles[cdim:], heads.head, heads.within)
+
     def chunked(self, x, chunks, dim):
         """q, k, v = qkv.chunk(3, dim=-1): the channel label becomes segments, one per chunk."""
         label, cdim = self.info[x.name]
@@ -452,6 +471,8 @@ class AttentionRules(RotaryRules):
             return self.head_index(h, args[1])
         if op in ("view", "reshape", torch.reshape, "reshape_as", "view_as"):  # *_as: its shape
             return self.head_reshape(x, h, out_shape)
+        if op in _HEAD_REDUCTIONS:
+            return self.head_reduced(h, args[1:], kw)
         return None
 
     def talking_heads(self, h, key_w, key_b, weight_shape, groups):
@@ -465,6 +486,20 @@ class AttentionRules(RotaryRules):
         if key_b is not None:
             self.set_axes(key_b, [head])
         return "heads", Heads(h.roles, head, ())
+
+    @staticmethod
+    def head_reduced(h, rest, kw):
+        """A max, mean or sum over axes that hold no role (Hiera pools q over a token stride:
+        ``q.view(B, heads, windows, stride, -1, d).amax(dim=3)``): the roles of the other axes stay."""
+        dims = rest[0] if rest else kw.get("dim")
+        keepdim = rest[1] if len(rest) > 1 else kw.get("keepdim", False)
+        dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else None
+        if not dims or not isinstance(keepdim, bool) or not all(isinstance(d, int) for d in dims):
+            return None
+        dims = {d % len(h.roles) for d in dims}
+        if any(h.roles[d] is not None for d in dims):
+            return None
+        return "heads", replace(h, roles=tuple(r for d, r in enumerate(h.roles) if keepdim or d not in dims))
 
     def head_index(self, h, index):
         """qkv[0]: an integer index on the part axis picks that projection; full slices elsewhere."""
@@ -542,6 +577,8 @@ class AttentionRules(RotaryRules):
                 if len(th.within) > 1 or th.within and base.within and not self.same_within(th.within[0], base.within[0]):
                     return None
                 for axis, role in enumerate(th.roles):
+                    if role == "repeat" and self.shape(t)[axis] == 1:
+                        continue  # broadcast (ConViT's attn / attn.sum(-1).unsqueeze(-1)): the other's role
                     roles[axis + nd - len(th.roles)] = roles[axis + nd - len(th.roles)] or role
         for t in tensors:
             self._fix_within_table(t, roles, nd)
@@ -569,8 +606,9 @@ class AttentionRules(RotaryRules):
                     if role != "head":
                         return None
                     self.follow_heads(t, axis, base.head)  # a per-head bias (or a mask that fixes the heads)
-            # a labelled tensor may only be a per-head one whose label became the head permutation (MPNet's position
-            # bias, an embedding expanded over the batch: its columns move with the heads)
+            # a labelled tensor may only be a per-head one whose label became the head permutation: MPNet's position
+            # bias (an embedding expanded over the batch: its columns move with the heads), ConViT's positional scores
+            # (a Linear's output per head, mixed into the attention)
             if t.name not in self.heads and t.name not in self.params \
                     and self.find(self.info[t.name][0]) not in (FIXED, self.find(base.head)):
                 return None

@@ -79,6 +79,7 @@ _INPLACE = {op: (fn, n) for names, fn, n in (
     (("leaky_relu_.default",), F.leaky_relu, 2), (("hardtanh_.default",), F.hardtanh, 3),
 ) for op in _ops(*names)}
 _BADDBMM = set(_ops("baddbmm.default"))
+_RSUB = set(_ops("rsub.Scalar"))
 _MASKED_FILL = set(_ops("masked_fill.Scalar", "masked_fill.Tensor"))
 _UPSAMPLE = {op: mode for names, mode in (
     (("upsample_bilinear2d.vec",), "bilinear"), (("upsample_nearest2d.vec",), "nearest"),
@@ -187,6 +188,8 @@ def _rewrite(node):
             if beta != 1:
                 x = node.graph.call_function(operator.mul, (x, beta))
         _function(node, operator.add, (x, product))
+    elif target in _RSUB and kw.get("alpha", 1) == 1 and len(args) == 2:  # number - x (ConViT's 1 - sigmoid(g))
+        _function(node, operator.sub, (args[1], args[0]))
     elif target in _MASKED_FILL:  # x.masked_fill(mask, value) = where(mask, value, x): the rules know where
         _function(node, torch.where, (args[1], args[2], args[0]))
     elif target in _UPSAMPLE:  # (x, output_size, [align_corners,] scale_factors): spatial only

@@ -72,6 +72,9 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
         self.params: dict[str, tuple[str, list[int | None]]] = {}  # node -> (state key, node dim -> param dim)
         self.pieces: dict[str, list[tuple[str, int]]] = {}  # node returning tensors (chunk, split) -> their info
         self.spread: dict[str, tuple[int, torch.Tensor]] = {}  # node -> (first axis, unit at each position)
+        # node -> (label, axis, outer, channels, inner, general): a channel merged into an axis as a factor
+        # (see ShapeRules.merged_into); general: only moved until restored (a flattened map or tile: not)
+        self.embedded: dict[str, tuple] = {}
         self.activation_nodes: list[str] = []
         self.heads: dict = {}  # node -> Heads (a tensor inside an attention layer, see matching.infer_attention)
         self.tuples: dict = {}  # node -> per element: ("info", (label, axis)) | ("heads", Heads) | None
@@ -305,6 +308,8 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
                 if node.target in self.state_keys:
                     self.params[node.name] = (node.target, list(range(len(out_shape))))
             return
+        if self.embedded and self.embedded_visit(node, out_shape):
+            return
         if self.attention_visit(node, out_shape):
             return
         if node.op == "call_module" and self.recurrent(node):
@@ -388,6 +393,8 @@ class GraphLabels(OpRules, AttentionRules, ShapeRules, ParamRules, LabelSet):
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 return self.conv(f"{key}.weight", f"{key}.bias" if m.bias is not None else None, x, m.groups,
                                  tuple(m.weight.shape))
+            if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                return self.conv_transposed(key, m, x)
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 label = self.channel_in(x, 1)
                 self.norm_params(label, [f"{key}.{n}" for n in ("weight", "bias", "running_mean", "running_var")

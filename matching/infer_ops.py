@@ -42,10 +42,11 @@ _CHANNEL_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.var,
 _CHANNEL_REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "var", "std", "norm"}
 _SCALAR_MATHS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.neg}
 _RMS_NORM = _overloads("rms_norm.default") | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm} | _overloads("bmm.default", "mm.default")
 
 
 class OpRules:
-    """Needs from the host: info, params, spread, shape, new_label, set_axes, channel_in, param_key,
+    """Needs from the host: info, params, spread, embedded, shape, new_label, set_axes, channel_in, param_key,
     param_shape, layer_norm and the LabelSet operations."""
 
     def op_rule(self, node, x, out_shape):
@@ -81,10 +82,6 @@ class OpRules:
                     and args[0].name not in self.params:  # x @ weight.T (Falcon's linear layers)
                 return self.linear(key, None, args[0], out_shape)
             return self.transposed_linear(args[0], args[1], None, out_shape)
-        if target in (aten.mm.default, aten.bmm.default, operator.matmul, torch.matmul) and len(args) == 2 \
-                and all(isinstance(a, torch.fx.Node) and a.name in self.info and a.name not in self.params
-                        and a.name not in self.spread for a in args):
-            return self.activation_matmul(args[0], args[1], len(out_shape))
         if target in _RMS_NORM and plain:
             shape = args[1] if len(args) > 1 else node.kwargs["normalized_shape"]
             weight = args[2] if len(args) > 2 else node.kwargs.get("weight")
@@ -92,28 +89,62 @@ class OpRules:
             if weight is not None and key is None:
                 return None
             return self.layer_norm(x, out_shape, len(shape), [key])
+        if target is F.normalize and plain:  # a p-norm over the channels (or per channel) is order-free
+            return self.info[x.name]
+        if target in _MATMULS and len(args) == 2 and not node.kwargs:
+            return self.activation_matmul(args[0], args[1], out_shape)
         return None
 
-    def activation_matmul(self, a, b, out_rank):
-        """a @ b of two activations, each with at most one permuted axis (single-head attention written on
-        channels, EfficientViT-M0's cascaded heads: ``q^T @ k``, then ``v @ attn^T``): the channel contracted on
-        both sides (a's columns, b's rows) ties the two and leaves the product unpermuted; a's rows or b's
-        columns times an unpermuted matrix keep their permutation. Anything else: None (fixed)."""
+    def activation_matmul(self, a, b, out_shape):
+        """``a @ b`` of two activations (single-head attention written on channels: ``q^T @ k``, then
+        ``v @ attn^T``, EfficientViT-M0's cascaded heads; EfficientViM's state-space mixer: ``x @ ab^T`` with x's
+        channels on its rows, then ``h @ c`` contracting the states). Rows keep a's channel, columns b's; a channel on the
+        contracted axis must be the other operand's there too (one permutation for both: it cancels). A value
+        holds one channel label: where both the rows and the columns carry one, the columns' stays in place.
+        A channel on a batch axis is not followed (None)."""
+        if not all(isinstance(t, torch.fx.Node) and t.name in self.info and t.name not in self.params
+                   and t.name not in self.spread and t.name not in self.embedded for t in (a, b)):
+            return None
+        sa, sb = self.shape(a), self.shape(b)
+        if sa is None or sb is None or len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2] \
+                or tuple(out_shape) != (*sa[:-1], sb[-1]):
+            return None
         (la, ca), (lb, cb) = self.info[a.name], self.info[b.name]
-        ra, rb = len(self.shape(a)), len(self.shape(b))
-        if ra < 2 or rb < 2:
+        nd = len(sa)
+        free_a, free_b = self.find(la) != FIXED, self.find(lb) != FIXED
+        if free_a and ca % nd < nd - 2 or free_b and cb % nd < nd - 2:
             return None
-        fixed_a, fixed_b = self.find(la) == FIXED, self.find(lb) == FIXED
-        if fixed_a and fixed_b:
+        inner_a = la if free_a and ca % nd == nd - 1 else None  # on the contracted axis
+        inner_b = lb if free_b and cb % nd == nd - 2 else None
+        if inner_a is not None and inner_b is not None:
+            self.union(inner_a, inner_b)
+        elif inner_a is not None or inner_b is not None:
+            self.fix(inner_a if inner_a is not None else inner_b)
+        rows = la if free_a and ca % nd == nd - 2 else None
+        cols = lb if free_b and cb % nd == nd - 1 else None
+        if rows is not None:
+            if cols is not None:
+                self.fix(cols)
+            return self.find(rows), nd - 2
+        return (self.find(cols), nd - 1) if cols is not None else (FIXED, 0)
+
+    def conv_transposed(self, key, m, x):
+        """nn.ConvTranspose (LowFormer's attention upsamples its output with one): the weight is laid out
+        ``[in, out / groups, *kernel]``. Plain: a new output label; depthwise (each input channel spreads
+        over its own output channel): the input's label. Other groupings are not followed (None)."""
+        inp = self.channel_in(x, 1)
+        in_channels, per_group = m.weight.shape[:2]
+        if m.groups == 1:
+            out = self.new_label(key)
+            axes = [inp, out]
+        elif m.groups == in_channels and per_group == 1:
+            out, axes = inp, [inp, None]
+        else:
             return None
-        if ca == ra - 1 and cb == rb - 2 and not fixed_a and not fixed_b:
-            self.union(la, lb)
-            return FIXED, 0
-        if ca == ra - 2 and fixed_b:
-            return la, out_rank - 2
-        if cb == rb - 1 and fixed_a:
-            return lb, out_rank - 1
-        return None
+        self.set_axes(f"{key}.weight", axes + [None] * (m.weight.dim() - 2))
+        if m.bias is not None:
+            self.set_axes(f"{key}.bias", [out])
+        return out, 1
 
     def channel_reduction(self, x, rest, kw):
         """mean/sum/max... over axes that include the channel axis: the result does not depend on its order."""

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
+from matching.infer_labels import FIXED
+
 _SCALAR_ARITHMETIC = {"mul", "add", "sub", "truediv", "div"}
+_ENTRYWISE = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.exp, torch.abs, torch.neg, F.softplus, torch.sqrt,
+              torch.rsqrt}
 
 
 class ParamRules:
@@ -28,9 +33,34 @@ class ParamRules:
 
     def param_rule(self, node, x, out_shape):
         """A rule for an op whose first argument is a tracked parameter: True if it keeps tracking it."""
-        if self.param_scaled(node, x):
+        if self.param_scaled(node, x) or self.param_elementwise(node, x) or self.param_indexed(node, x):
             return True
         return self.weight_standardised(node, x, out_shape)
+
+    def param_elementwise(self, node, x):
+        """``torch.sigmoid(param)`` and other functions of each entry alone keep the axes (EfficientViM's layer
+        scale ``sigmoid(alpha)``)."""
+        if node.op != "call_function" or node.target not in _ENTRYWISE or len(node.args) != 1 or node.kwargs:
+            return False
+        self.params[node.name] = self.params[x.name]
+        return True
+
+    def param_indexed(self, node, x):
+        """``param[i]`` (and full slices): the indexed axes are gone, and a parameter axis read at one index
+        stays in place (EfficientViM's ``alpha.view(4, -1, 1, 1)[0]``, one row per branch)."""
+        if not (node.op == "call_function" and node.target is operator.getitem):
+            return False
+        key, dims = self.params[x.name]
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if len(index) > len(dims) or not all(isinstance(i, int) or i == slice(None) for i in index):
+            return False
+        for i, d in zip(index, dims):
+            if isinstance(i, int) and d is not None:
+                axes = [None] * len(self.param_shape(key))
+                axes[d] = FIXED
+                self.set_axes(key, axes)
+        self.params[node.name] = (key, [d for i, d in zip(index + (slice(None),) * len(dims), dims) if not isinstance(i, int)])
+        return True
 
     def param_scaled(self, node, x):
         """``param * 0.28`` (or +, -, /): a number applied to every entry keeps the axes."""

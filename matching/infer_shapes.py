@@ -32,6 +32,10 @@ class ShapeRules:
             return self.merged(x, out_shape)
         if self.find(label) == FIXED:  # nothing permuted: not a spread channel either (a linear layer after it
             return FIXED, 0  # labels its output as usual)
+        if x.name in self.embedded:
+            found = self.unmerged(x, out_shape)
+            if found is not None:
+                return found
         for i in range(len(out_shape)):
             if math.prod(out_shape[:i]) != lead:
                 continue
@@ -42,6 +46,7 @@ class ShapeRules:
                         return label, i
                     if self.find(label) == FIXED:
                         return FIXED, 0
+                    self.embedded[self.current] = (label, i, 1, in_shape[cdim], per_unit, False)
                     return self.new_derived(f"flat_{x.name}", ("expand", label, per_unit)), i
         for i in range(len(out_shape)):  # the innermost factor of a merged axis (timm's Swin patch merging:
             for k in range(cdim):  # [.., 2, 2, C] -> [.., 4C]): a segment per copy, each permuted by the channel's
@@ -51,13 +56,14 @@ class ShapeRules:
                     copies = math.prod(in_shape[k:cdim])
                     if copies == 1:
                         return label, i
+                    self.embedded[self.current] = (label, i, copies, in_shape[cdim], 1, False)
                     return self.new_derived(f"tile_{x.name}", ("segments", [(label, in_shape[cdim])] * copies)), i
         for i in range(len(out_shape)):  # the channel split over several axes (a channel shuffle's view)
             for j in range(i + 2, len(out_shape) + 1):
                 if math.prod(out_shape[:i]) == lead and math.prod(out_shape[i:j]) == in_shape[cdim] and out_shape[i] > 1:
                     self.spread[self.current] = (i, torch.arange(in_shape[cdim]).reshape(out_shape[i:j]))
                     return label, i
-        return self.fix(label), 0
+        return self.merged_into(label, in_shape, cdim, out_shape) or (self.fix(label), 0)
 
     def merged(self, x, out_shape):
         """A channel spread over axes (``spread``) merged back into one axis: its units in their new order."""
@@ -68,6 +74,90 @@ class ShapeRules:
             if math.prod(out_shape[:i]) == lead and out_shape[i] == units.numel():
                 return self.reindexed(label, units.reshape(-1).tolist()), i
         return self.fix(label), 0
+
+    @staticmethod
+    def located(in_shape, axis, outer, channels, inner, out_shape):
+        """Where a channel that is ``outer`` x C x ``inner`` of ``in_shape[axis]`` (C its own axis when both are 1)
+        lands in a reshape to ``out_shape``, read off the entries in row-major order: (axis, outer, inner) when
+        the channel's C units stay one factor of one axis, else None (the channel is cut)."""
+        before = math.prod(in_shape[:axis]) * outer  # entries of the axes and factors before the channel
+        lead = 1
+        for i, size in enumerate(out_shape):
+            if before % lead:
+                return None
+            span = lead * size
+            if span % (before * channels) == 0:
+                return i, before // lead, span // (before * channels)
+            lead = span
+        return None
+
+    def merged_into(self, label, in_shape, cdim, out_shape):
+        """The channel becomes a middle factor of an axis that merges it with others (MobileViT unfolds patches
+        with ``[B, C, H, W] -> [B * C * n_h, p_h, n_w, p_w]``: the channels merged into the batch axis). That
+        axis is no channel axis: only ops that move entries (reshape, permute, contiguous) may follow, until a
+        reshape makes the channel its own axis again (``unmerged``; the fold back to ``[B, C, H, W]``)."""
+        channels = in_shape[cdim]
+        where = self.located(in_shape, cdim, 1, 1, 1, out_shape) if channels > 1 else None
+        if where is None:
+            return None
+        if self.find(label) == FIXED:
+            return FIXED, 0
+        axis, outer, inner = where
+        self.embedded[self.current] = (label, axis, outer, channels, inner, True)
+        return label, axis
+
+    def unmerged(self, x, out_shape):
+        """A reshape of a value whose channel is a factor of a merged axis (``embedded``): the channel's own
+        label where it is its own axis again; still merged, it stays tracked. A flattened map or a tile
+        (recorded too, not ``general``) that is not restored returns None: the other rules read its label."""
+        label, axis, outer, channels, inner, general = self.embedded[x.name]
+        where = self.located(self.shape(x), axis, outer, channels, inner, out_shape)
+        if where is not None and where[1:] == (1, 1):
+            return self.find(label), where[0]
+        if not general:
+            return None
+        if where is None or self.find(label) == FIXED:
+            return self.fix(label), 0
+        self.embedded[self.current] = (label, where[0], where[1], channels, where[2], True)
+        return label, where[0]
+
+    def embedded_visit(self, node, out_shape):
+        """Ops on a value whose channel is merged into another axis (``embedded``): reshapes, permutes and copies
+        move it along; anything else fixes it (its axis is not a channel axis). A flattened map or a tile is
+        handed to the other rules unless a reshape restores its channel. True if handled."""
+        inside = [a for a in self.tensor_args(node) if a.name in self.embedded]
+        if not inside or node.op == "output":
+            return False
+        general = any(self.embedded[a.name][5] for a in inside)
+        if out_shape is None:  # metadata reads are harmless; anything else (a split) is not followed
+            if general and not (node.op == "call_function" and node.target in (getattr, torch._assert)
+                                or node.op == "call_method" and node.target in ("size", "dim", "numel")):
+                self.fix_all(node)
+                return True
+            return False
+        x = node.args[0] if node.args else None
+        method, function = node.op == "call_method", node.op == "call_function"
+        result = None
+        if len(inside) == 1 and x is inside[0] and len(self.tensor_args(node)) == 1:
+            record = self.embedded[x.name]
+            if method and node.target in ("contiguous", "clone", "detach"):
+                self.embedded[node.name] = record
+                result = self.info[x.name]
+            elif method and node.target in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "reshape_as", "view_as") \
+                    or function and node.target in (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze):
+                result = self.reshaped(x, out_shape) if general else self.unmerged(x, out_shape)
+            elif method and node.target in ("permute", "transpose", "swapaxes", "swapdims") or \
+                    function and node.target in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims):
+                result = self.permuted(x, node.target if method else node.target.__name__, node.args[1:], node.kwargs)
+                if result is not None:
+                    self.embedded[node.name] = (record[0], result[1], *record[2:])
+        if result is None:
+            if not general:
+                return False
+            self.fix_all(node)
+            result = (FIXED, 0)
+        self.info[node.name] = result
+        return True
 
     def over_copies(self, node, spread):
         """Selective kernel and split attention: ``attn.view(B, paths, C, 1, 1)``, then a softmax or a sum over the

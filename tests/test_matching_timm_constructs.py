@@ -672,3 +672,216 @@ def test_an_lstm_reads_the_channels_and_keeps_its_hidden_units():
     assert stream is not None and spec.axes_to_perm["fc.weight"] == (stream, None)
     assert spec.axes_to_perm["rnn.weight_ih_l0"] == (None, stream) == spec.axes_to_perm["rnn.weight_ih_l0_reverse"]
     assert spec.axes_to_perm["pos.weight"][0] == stream  # repeated over the batch: the channel kept
+
+
+class UnfoldedPatches(nn.Module):
+    """MobileViT's block: the feature map unfolded into patches with the channel axis merged into the batch
+    axis (``reshape(B * C * n_h, p_h, n_w, p_w)``), a transformer over the patches' tokens, folded back the
+    same way and fused with the block's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv_1x1 = nn.Conv2d(6, 8, 1)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.norm = nn.LayerNorm(8)
+        self.conv_proj = nn.Conv2d(8, 6, 1)
+        self.fusion = nn.Conv2d(12, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        shortcut = x = F.silu(self.stem(x))
+        x = self.conv_1x1(x)
+        b, c, h, w = x.shape
+        p, n_h, n_w = 2, h // 2, w // 2
+        x = x.reshape(b * c * n_h, p, n_w, p).transpose(1, 2)
+        x = x.reshape(b, c, n_h * n_w, p * p).transpose(1, 3).reshape(b * p * p, n_h * n_w, -1)
+        q, k, v = self.qkv(x).reshape(b * p * p, n_h * n_w, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * p * p, n_h * n_w, c))
+        x = self.norm(x + self.fc2(F.silu(self.fc1(x))))
+        x = x.contiguous().view(b, p * p, n_h * n_w, -1).transpose(1, 3).reshape(b * c * n_h, n_w, p, p)
+        x = x.transpose(1, 2).reshape(b, c, h, w)
+        x = self.fusion(torch.cat((shortcut, self.conv_proj(x)), dim=1))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_channels_merged_into_the_batch_axis_are_followed(batch):
+    # Between the unfold and the fold the channel is a factor of the batch axis: moved there by reshapes and
+    # transposes only, it keeps its permutation (before, conv_1x1, the transformer's stream and fc2 stayed).
+    model = UnfoldedPatches()
+    spec = _check(model, torch.randn(batch, 3, 8, 8))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["conv_1x1.weight"][0] == spec.axes_to_perm["qkv.weight"][1] == spec.axes_to_perm["proj.weight"][0]
+    assert spec.axes_to_perm["conv_proj.weight"][1] == spec.axes_to_perm["conv_1x1.weight"][0]
+
+
+class StateSpaceMixer(nn.Module):
+    """EfficientViM's HSM-SSD block: states B, C and dt from the tokens, ``h = x @ (softmax(dt + A) * B)^T``
+    (x's channels on the rows), a gated projection of h, ``y = h @ C`` (the states contracted), and a layer
+    scale ``sigmoid(alpha).view(2, -1, 1, 1)[i]`` per branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bcdt = nn.Conv1d(8, 3 * 5, 1)
+        self.A = nn.Parameter(torch.randn(5))
+        self.hz = nn.Conv1d(8, 2 * 6, 1)
+        self.out = nn.Conv1d(6, 8, 1)
+        self.ffn = nn.Conv2d(8, 8, 1)
+        self.alpha = nn.Parameter(torch.randn(2, 8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b_, c_, height, width = x.shape
+        alpha = torch.sigmoid(self.alpha).view(2, -1, 1, 1)
+        t = x.flatten(2)
+        b, c, dt = torch.split(self.bcdt(t), [5, 5, 5], dim=1)
+        h = t @ ((dt + self.A.view(1, -1, 1)).softmax(-1) * b).transpose(-2, -1)
+        h, z = torch.split(self.hz(h), [6, 6], dim=1)
+        y = (self.out(h * F.silu(z)) @ c).reshape(b_, -1, height, width)
+        x = x + alpha[0] * (y - x)
+        x = x + alpha[1] * (self.ffn(x) - x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_channels_multiplied_by_a_spatial_matrix_keep_their_permutation():
+    # x @ m with x's channels on the rows permutes the rows of the product; the layer scale read through
+    # sigmoid and an index moves with the stream (before, both fixed the stream, out and ffn).
+    model = StateSpaceMixer()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    stream = spec.axes_to_perm["stem.weight"][0]
+    assert stream is not None and spec.axes_to_perm["alpha"] == (None, stream)
+    assert spec.axes_to_perm["hz.weight"][1] == stream and spec.axes_to_perm["out.weight"][0] == stream
+    assert spec.axes_to_perm["hz.weight"][0] is not None
+    assert spec.axes_to_perm["bcdt.weight"][0] is None  # the states: a second channel axis, kept in place
+
+
+class TransposedConvUpsampling(nn.Module):
+    """LowFormer's attention branch: downsampled by a strided depthwise conv, projected, upsampled back by a
+    depthwise ``nn.ConvTranspose2d`` (and a plain one) before joining the residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 2, stride=2, groups=8)
+        self.proj = nn.Conv2d(8, 6, 1)
+        self.up = nn.ConvTranspose2d(6, 8, 2, stride=2)
+        self.up_dw = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.up_dw(self.up(F.relu(self.proj(self.down(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_transposed_convolutions_are_followed():
+    model = TransposedConvUpsampling()
+    spec = _check(model, torch.randn(2, 3, 6, 6))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["up.weight"][:2] == (spec.axes_to_perm["proj.weight"][0], spec.axes_to_perm["stem.weight"][0])
+    assert spec.axes_to_perm["up_dw.weight"][:2] == (spec.axes_to_perm["stem.weight"][0], None)
+
+
+class MaskUnitAttention(nn.Module):
+    """Hiera's mask unit attention: ``qkv(x).reshape(B, -1, windows, 3, heads, d)`` cuts the tokens into
+    windows while it splits the heads; q max-pooled over a stride within each window (``view(...).amax``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, -1, 2, 3, 2, 4).permute(3, 0, 4, 2, 1, 5).unbind(0)
+        q = q.view(b, 2, 2, 2, -1, 4).amax(dim=3)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 3).reshape(b, -1, c)
+        return self.fc(self.proj(out) + x[:, ::2])
+
+
+def test_heads_split_while_the_tokens_are_cut_into_windows():
+    model = MaskUnitAttention()
+    spec = _check(model, torch.randn(2, 8, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    qkv = spec.perms[spec.axes_to_perm["qkv.weight"][0]]["segments"]
+    assert all(spec.perms[lab]["groups"] == 2 for lab, _ in qkv)
+
+
+class AdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention: q and k L2-normalised over the channels, a learned query
+    vector ``q @ w_g`` normalised over the tokens, ``proj(sum(attn * q) * k) + q``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.to_query, self.to_key = nn.Linear(8, 6), nn.Linear(8, 6)
+        self.w_g = nn.Parameter(torch.randn(6, 1))
+        self.proj, self.final = nn.Linear(6, 6), nn.Linear(6, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        query = F.normalize(self.to_query(x), dim=-1)
+        key = F.normalize(self.to_key(x), dim=-1)
+        attn = torch.sum(F.normalize(query @ self.w_g * 0.5, dim=1) * query, dim=1, keepdim=True)
+        x = x + self.final(self.proj(attn * key) + query)
+        return self.fc(x)
+
+
+def test_normalised_channels_keep_their_permutation():
+    model = AdditiveAttention()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["w_g"][0] == spec.axes_to_perm["to_query.weight"][0] == spec.axes_to_perm["proj.weight"][0]
+
+
+class GatedPositionalAttention(nn.Module):
+    """ConViT's gated positional self-attention: positional scores from a Linear over fixed relative positions,
+    one output per head, mixed with the content scores by a per-head gate ``sigmoid(g)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.qk, self.v = nn.Linear(8, 16), nn.Linear(8, 8)
+        self.pos_proj = nn.Linear(3, 2)
+        self.gating_param = nn.Parameter(torch.randn(2))
+        self.proj, self.fc = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("rel_indices", torch.randn(1, 5, 5, 3), persistent=False)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        q, k = self.qk(x).reshape(b, n, 2, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        pos_score = self.pos_proj(self.rel_indices.expand(b, -1, -1, -1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        gating = self.gating_param.view(1, -1, 1, 1)
+        attn = (1.0 - torch.sigmoid(gating)) * (q @ k.transpose(-2, -1)).softmax(dim=-1) + torch.sigmoid(gating) * pos_score
+        attn = attn / attn.sum(dim=-1).unsqueeze(-1)
+        v = self.v(x).reshape(b, n, 2, 4).permute(0, 2, 1, 3)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        return self.fc(x)
+
+
+class GatedPositionalAttentionExported(GatedPositionalAttention):
+    """The same with ConViT's check on a shape in Python: torch.fx cannot trace it, torch.export captures it and
+    writes ``1 - sigmoid(g)`` as ``aten.rsub``."""
+
+    def forward(self, x):
+        if x.shape[1] != self.rel_indices.shape[1]:
+            raise ValueError("relative positions for another number of tokens")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [GatedPositionalAttention, GatedPositionalAttentionExported])
+def test_positional_scores_per_head_follow_the_heads(cls):
+    model = cls()
+    spec = _check(model, torch.randn(2, 5, 3))
+    assert _share(model, spec, ("fc",)) == 1.0
+    assert spec.axes_to_perm["pos_proj.weight"][0] == spec.axes_to_perm["gating_param"][0] is not None
