@@ -330,21 +330,28 @@ class AttentionRules(RotaryRules):
         extra = next(iter(same_rest or merged_rest), None)
         if extra is None or torch.Size(out_shape[cdim:cdim + extra + 1]).numel() != in_shape[cdim]:
             return None
-        split = out_shape[cdim:cdim + extra + 1]
+        return self.heads_at(root, in_shape[cdim], out_shape, cdim, extra)
+
+    def heads_at(self, root, channels, out_shape, start, extra, packed_if_grouped=True):
+        """The channel's label split at ``out_shape[start:start + extra + 1]``: [H, d] (extra 1) or [m, H, d]
+        (extra 2, m = 2 or 3 stacked projections)."""
+        split = out_shape[start:start + extra + 1]
         heads, parts = split[-2], (split[0] if extra == 2 else 1)
         if heads == 1 or split[-1] == 1 or (extra == 2 and parts not in (2, 3)):
             return None
         roles = [None] * len(out_shape)
-        roles[cdim + extra - 1], roles[cdim + extra] = "head", "within"
+        roles[start + extra - 1], roles[start + extra] = "head", "within"
         if extra == 1:
             root = self.set_groups(root, heads, self.new_label(_base(root), "S_"))
             if root == FIXED:
                 return None
             return "heads", Heads(tuple(roles), self.groups[root][1], (root,))
+        if not packed_if_grouped and root in self.groups:  # grouped only through its parts, if packed
+            return None
         head = self.new_label(_base(root), "S_")
         within = tuple(self.set_groups(self.new_label(f"{_base(root)}.{part}"), heads, head) for part in "qkv"[-parts:])
-        self.derived[root] = ("segments", [(lab, in_shape[cdim] // parts) for lab in within])
-        roles[cdim] = "part"
+        self.derived[root] = ("segments", [(lab, channels // parts) for lab in within])
+        roles[start] = "part"
         return "heads", Heads(tuple(roles), head, within)
 
     def split_heads_merging_before(self, root, cdim, in_shape, out_shape):
@@ -362,30 +369,13 @@ class AttentionRules(RotaryRules):
                 break
         else:
             return None
-        split = out_shape[start:start + extra + 1]
-        heads, parts = split[-2], (split[0] if extra == 2 else 1)
-        if heads == 1 or split[-1] == 1 or (extra == 2 and parts not in (2, 3)):
-            return None
-        roles = [None] * len(out_shape)
-        roles[start + extra - 1], roles[start + extra] = "head", "within"
-        if extra == 1:
-            root = self.set_groups(root, heads, self.new_label(_base(root), "S_"))
-            if root == FIXED:
-                return None
-            return "heads", Heads(tuple(roles), self.groups[root][1], (root,))
-        if root in self.groups:  # a packed projection's output is grouped only through its parts
-            return None
-        head = self.new_label(_base(root), "S_")
-        within = tuple(self.set_groups(self.new_label(f"{_base(root)}.{part}"), heads, head) for part in "qkv"[-parts:])
-        self.derived[root] = ("segments", [(lab, in_shape[cdim] // parts) for lab in within])
-        roles[start] = "part"
-        return "heads", Heads(tuple(roles), head, within)
+        return self.heads_at(root, in_shape[cdim], out_shape, start, extra, packed_if_grouped=False)
 
     def split_heads_regrouped(self, x, out_shape):
         """The heads split while the axes before the channel are regrouped in the same reshape (Hiera's mask unit
         attention: ``qkv(x).reshape(B, -1, num_windows, 3, heads, d)`` cuts the tokens into windows): the
         channel's split as ``split_heads`` reads it, those axes plain (no role)."""
-        label, cdim = self.info[x.name]
+        _, cdim = self.info[x.name]
         in_shape = self.shape(x)
         lead = math.prod(in_shape[:cdim])
         start = next((k for k in range(len(out_shape) + 1) if math.prod(out_shape[:k]) == lead), None)
