@@ -1,6 +1,6 @@
 """Peak anonymous memory and wall time of ``rebasin merge`` (weight matching, no data) per model size.
 
-    python -m benchmarks.bench_memory [--baseline /tmp/base36] [--skip-1b] [--with-7b] [--scratch DIR]
+    python -m benchmarks.bench_memory [--baseline /tmp/base36] [--skip-1b] [--with-7b] [--via-server] [--scratch DIR]
 
 Pairs (random initialisation, generated under --scratch and deleted afterwards):
 - torchvision ViT-L/16 (304 M parameters, float32 safetensors, 1.22 GB each);
@@ -13,6 +13,13 @@ sampled from /proc every 50 ms (file-backed pages, which memory-mapped checkpoin
 kernel can drop them). --baseline runs the same merge of the ViT-L pair with the code in that directory too (a
 checkout of another commit, e.g. ``git worktree add /tmp/base36 36a900d``), in the same run, and checks that
 the permutations and the objective are identical.
+
+--via-server also runs each pair as a job on the embedded server, started as the README does (``rebasin serve``:
+SQLite, local artifacts and filesystem queue under --scratch, a free port, its worker a child process): both
+checkpoints are uploaded with the project's client, a weight-matching job without data (the streaming path) is
+submitted and followed to its end. The peak is the serve process tree's RssAnon from just before the submit to
+the end of the job (the idle server's figure is reported as its baseline), the wall time that of the job; the
+job's own ``result.memory`` (estimate and the worker's measured peak) is printed next to it.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ import json
 import math
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,10 +43,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024**3
 LLAMA = {  # TinyLlama-1.1B's and LLaMA-2-7B's shapes
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+           "num_key_value_heads": 4, "vocab_size": 32000},
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000},
 }
 SHARD_BYTES = 2 * 10**9
 
@@ -83,6 +93,77 @@ def merge(code: Path, a: Path, b: Path, arch: str, out: Path) -> dict:
     return {"wall_s": wall, "peak_anon": peak, "sweeps": report["matching"]["iterations"],
             "objective": report["matching"]["objective_final"], "seconds_matching": report["matching"]["seconds"],
             "permutations": json.loads((out / "permutation.json").read_text())["permutations"]}
+
+
+def via_server(a: Path, b: Path, arch: str, scratch: Path) -> dict:
+    """The same merge as a job on a fresh embedded server; the server is stopped and its data removed at the end."""
+    import httpx
+
+    from api.client import Client
+
+    with socket.socket() as sock:  # a free port (the server binds it a moment later)
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    data_dir = scratch / "server"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("REBASIN_")}  # the embedded defaults
+    env |= {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "REBASIN_DATA_DIR": str(data_dir)}
+    server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", url.rsplit(":", 1)[1],
+                               "--log-level", "error"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    stop, peak = threading.Event(), [0]
+
+    def sample_tree() -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], _tree_anon_bytes(server.pid))
+
+    try:
+        deadline = time.monotonic() + 300  # start-up imports torch: a loaded machine takes a while
+        while not _ready(httpx, url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"rebasin serve did not become ready (exit status {server.poll()})")
+            time.sleep(0.5)
+        with Client(url, None, timeout_s=600) as client:
+            ids = [client.upload_checkpoint(path)["id"] for path in (a, b)]
+            time.sleep(2)  # the idle baseline after the uploads have settled
+            idle = peak[0] = _tree_anon_bytes(server.pid)
+            sampler = threading.Thread(target=sample_tree, daemon=True)
+            started = time.perf_counter()
+            sampler.start()
+            try:
+                job = client.submit({"method": "weight_matching", "checkpoints": ids, "device": "cpu",
+                                     "architecture": {"name": arch, "options": {}}, "options": {}})
+                job = client.wait(job["id"])
+            finally:
+                stop.set()
+                sampler.join()
+            wall = time.perf_counter() - started
+    finally:
+        server.send_signal(signal.SIGTERM)  # serve stops its worker first
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()  # the worker follows (--exit-with-parent)
+            server.wait()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    if job["status"] != "succeeded":
+        raise SystemExit(f"server job {job['id']} {job['status']}: {job.get('error')}")
+    result = job["result"]
+    return {"wall_s": wall, "peak_anon": peak[0], "idle_anon": idle, "sweeps": result["matching"]["iterations"],
+            "objective": result["matching"]["objective_final"], "seconds_matching": result["matching"]["seconds"],
+            "memory": result["memory"]}
+
+
+def _ready(httpx, url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def server_row(name, params, ckpt_bytes, r) -> str:
+    m = r["memory"]
+    return (row(name, "server job", params, ckpt_bytes, r) + f" idle server {r['idle_anon'] / GIB:.2f} GiB; job's "
+            f"result.memory: estimated {m['estimated_peak_bytes'] / GIB:.2f} GiB, measured "
+            f"{m['measured_peak_bytes'] / GIB:.2f} GiB (worker baseline {m['baseline_bytes'] / GIB:.2f} GiB)")
 
 
 def vit_pair(scratch: Path) -> tuple[Path, Path]:
@@ -160,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-vit", action="store_true")
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--with-7b", action="store_true", help="also the 7 B pair (~27 GB of disk under --scratch)")
+    parser.add_argument("--via-server", action="store_true",
+                        help="also run each pair as a job on the embedded server (rebasin serve)")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args(argv)
     rows = ["| pair | code | parameters | one checkpoint | peak anon (x checkpoint) | wall | matching | sweeps |",
@@ -173,6 +256,10 @@ def main(argv=None) -> int:
             for code, path in ([("baseline", args.baseline)] if args.baseline else []) + [("this", ROOT)]:
                 results[code] = merge(path, a, b, "torchvision/vit_l_16", scratch / f"out_vit_{code}")
                 rows.append(row("ViT-L/16 fp32", f"{code}", params, ckpt, results[code]))
+                print(rows[-1], flush=True)
+            if args.via_server:
+                results["server"] = via_server(a, b, "torchvision/vit_l_16", scratch)
+                rows.append(server_row("ViT-L/16 fp32", params, ckpt, results["server"]))
                 print(rows[-1], flush=True)
             if args.baseline:
                 same = results["baseline"]["permutations"] == results["this"]["permutations"]
@@ -193,6 +280,9 @@ def main(argv=None) -> int:
             rows.append(row(f"LLaMA-{size.upper()} bf16", "this", ckpt / 2, ckpt, result)
                         + f" merged loads, mean |logit| {logit_scale:.3g}")
             print(rows[-1], flush=True)
+            if args.via_server:
+                rows.append(server_row(f"LLaMA-{size.upper()} bf16", ckpt / 2, ckpt, via_server(a, b, "hf", scratch)))
+                print(rows[-1], flush=True)
             for path in (a, b, out):
                 shutil.rmtree(path)
     finally:

@@ -230,8 +230,11 @@ def check_inputs(shapes: list[dict[str, tuple[int, ...]]], *, method: str, archi
     """Cheap validation from checkpoint shapes (and the per-example input shapes of the datasets) only;
     raises MatchingError with an actionable message. ``configs``: the checkpoints' config.json (model folders;
     None for a plain checkpoint), which architecture ``hf`` builds the model from."""
+    # A job that will stream builds its model on the meta device when it is large (as the worker will): the API
+    # process that validates the request must not hold the model in float32 and its spec's verification.
+    meta = streams(method, len(shapes), has_dataset or has_eval_dataset, options)
     model, _, _, arch_options = _check(shapes, method, architecture, permutation_spec, options, has_dataset,
-                                       has_eval_dataset, configs)
+                                       has_eval_dataset, configs, meta)
     for example_shape in example_shapes if model is not None else ():
         check_example_shape(architecture["name"], arch_options, tuple(example_shape))
 
