@@ -93,16 +93,17 @@ def plugin_path(tmp_path):
 # random first pass weight matching stopped in a local optimum there, e.g. objective 28685 against the planted
 # permutation's 48678 on mobilenet_v3_large, 33 of 40 permutations wrong on efficientnet_b0; the propagating
 # first pass recovers them)
+# Every wrapper x dtype and both libraries over HTTP. Left out for CI's 30 minutes: torchvision's VGG16-BN (138 M
+# parameters; the built-in vgg's BN layout is in test_matching_architectures) and timm's EfficientNet-B0 (the
+# torchvision one's structure, the timm path is timm/resnet50's). The whole zoo: benchmarks/bench_coverage.py.
 HTTP_CASES = [("torchvision/resnet50", "plain", torch.float32), ("timm/resnet50", "model_optimizer", torch.bfloat16),
-              ("torchvision/vgg16_bn", "state_dict", torch.float16),
               ("torchvision/mobilenet_v3_large", "plain", torch.float32),
               ("torchvision/efficientnet_b0", "model_optimizer", torch.bfloat16),
               ("torchvision/regnet_y_400mf", "state_dict", torch.float16),
               ("torchvision/resnext50_32x4d", "plain", torch.float32),
               ("torchvision/densenet121", "state_dict", torch.bfloat16),
               ("torchvision/googlenet", "model_optimizer", torch.float16),
-              ("torchvision/convnext_tiny", "plain", torch.float32),
-              ("timm/efficientnet_b0", "model_optimizer", torch.bfloat16)]
+              ("torchvision/convnext_tiny", "plain", torch.float32)]
 
 
 def test_library_models_plugins_and_refusals_over_http(make_embedded_service, plugin_path):
