@@ -56,7 +56,7 @@ class RotaryRules:
             return root if kind[0] == "expand" else None
         if root not in self.groups:
             return None
-        heads, head = self.groups.pop(root)
+        _, head = self.groups.pop(root)
         self.derived[root] = ("expand", head, per_unit)
         self.left_out[why] = LEFT_OUT[why]
         return root

@@ -736,7 +736,7 @@ class StateSpaceMixer(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
-        b_, c_, height, width = x.shape
+        b_, _, height, width = x.shape
         alpha = torch.sigmoid(self.alpha).view(2, -1, 1, 1)
         t = x.flatten(2)
         b, c, dt = torch.split(self.bcdt(t), [5, 5, 5], dim=1)
@@ -800,7 +800,7 @@ class MaskUnitAttention(nn.Module):
 
     def forward(self, x):
         x = self.embed(x)
-        b, n, c = x.shape
+        b, _, c = x.shape
         q, k, v = self.qkv(x).reshape(b, -1, 2, 3, 2, 4).permute(3, 0, 4, 2, 1, 5).unbind(0)
         q = q.view(b, 2, 2, 2, -1, 4).amax(dim=3)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 3).reshape(b, -1, c)
