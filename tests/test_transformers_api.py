@@ -1,4 +1,4 @@
-"""Transformers through the HTTP API from their libraries' state dicts: timm DeiT and ViT, torchvision Swin and
+"""Transformers through the HTTP API from their libraries' state dicts: timm DeiT, torchvision ViT, Swin and
 MaxViT, and the built-in ``gpt`` decoder with a token dataset. A planted permutation (heads included) is
 recovered exactly, the aligned B computes B's function, every attention layer's heads are permuted and every
 hidden channel is. Every model at its full size (ViT-B/16: two uploads of 344 MB)."""
@@ -18,8 +18,9 @@ from matching.spec import invert, spec_from_json
 from tests.service_helpers import artifact, wait_for
 from tests.test_library_models import _planted_pair
 
-# (architecture, options the library builds it with, number of attention layers)
-CASES = [("timm/deit_tiny_patch16_224", {}, 12), ("timm/vit_small_patch16_224", {}, 12),
+# (architecture, options the library builds it with, number of attention layers). timm's ViT-S/16 is left out for
+# CI's 30 minutes: DeiT-Tiny is the same timm class (VisionTransformer) at a quarter of the parameters.
+CASES = [("timm/deit_tiny_patch16_224", {}, 12),
          ("torchvision/vit_b_16", {}, 12), ("torchvision/swin_t", {}, 12), ("torchvision/maxvit_t", {}, 22)]
 
 
