@@ -28,15 +28,17 @@ def merge_many(method, spec: PermutationSpec, model, states, train, opts, device
     there: each model, in a random order, aligned to the mean of the others as aligned, until no permutation
     changes. Activation/STE matching are defined for pairs: the star alone, with that method.
 
-    Why the star start (issue 23; 3 MLPs 40-512x3-10 on MNIST-1D, Adam 20 epochs, seeds 100-102 / 200-202;
-    objective as the pairwise sum of <pi_i(W_i), pi_j(W_j)>): Algorithm 3 from the identity first aligns a model
-    to an average of unaligned ones and lands in sweep-seed-dependent optima, objective 1628-1642 / 1608-1663
-    over sweep seeds 0-3 (merged training-split loss 0.46-0.53 / 0.43-0.64; held-out 1.14-1.22 / 1.09-1.20
-    against the inputs' mean 1.286 / 1.425). From the star: 1641.3 / 1664.7, training loss 0.51 / 0.47, held-out
-    1.207 / 1.127 (REPAIR 1.471 / 1.471: lower training loss, higher held-out loss on these overfit inputs).
-    Not kept, as they gain nothing on the objective for n times the work: a start from every model's star
-    keeping the best (1641.0-1641.4 / 1662.1-1664.7), five random restarts of Algorithm 3 (1641.9 / 1662.9).
-    Aligning to the mean including the model itself never leaves the identity (a model is its own best match)."""
+    Why the star start (issue 23; 3 MLPs 40-512x3-10 on MNIST-1D, Adam 20 epochs; seeds 100-102, 200-202, and
+    100-102 trained on 2 threads; objective: the pairwise sum of <pi_i(W_i), pi_j(W_j)>; 3-4 sweep seeds each): from
+    the identity, Algorithm 3 first aligns a model to an average of unaligned ones, objective 1628-1642 /
+    1608-1663 / 1614 (training-split loss of the merged model 0.46-0.53 / 0.43-0.64 / 0.47-0.49); from the
+    star 1638-1641 / 1662-1665 / 1612-1617 (0.50-0.51 / 0.46-0.51 / 0.48-0.53): the low outliers are gone.
+    Held-out loss (repair none), sweep seed 0: 1.206 -> 1.207, 1.178 -> 1.127, 1.114 -> 1.167 against the
+    inputs' mean 1.286 / 1.425 / 1.245 (REPAIR 1.471 / 1.471 / 1.410: lower training loss, higher held-out
+    loss on these overfit inputs); at width 1024 0.832 / 0.834 against 1.460 / 1.311. Not kept: one start per
+    reference model, best objective (1641.4 / 1664.7 / 1617.9; held-out 1.186 / 1.127 / 1.188), n times the work
+    for at most 0.4% more objective. Aligning to the mean including the model itself never leaves the identity
+    (a model is its own best match)."""
     start = time.perf_counter()
     sizes = perm_sizes(spec, {k: tuple(v.shape) for k, v in states[0].items()})
     n = len(states)
