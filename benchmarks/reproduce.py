@@ -12,6 +12,7 @@ and more seeds, widths and epochs.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import statistics
@@ -21,6 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -42,7 +44,7 @@ SETTINGS = {
              "conv_epochs": 6, "conv_lr": 0.05, "conv_lambdas": 5, "conv_methods": ["weight", "activation"],
              "vgg_width": 0.25, "resnet_width": 1, "resnet_wide": 4, "vgg_side": 32, "vgg_bn_lr": 0.01, "resnet_side": 8,
              "many": [3, 5],
-             "many_widths": [128, 256], "many_wide": [512],
+             "many_widths": [128, 256], "many_wide": [512, 1024],
              "lambdas": 11, "disjoint_width": 512, "disjoint_epochs": 5},
 }
 
@@ -361,7 +363,8 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
              f"`python benchmarks/reproduce.py{' --quick' if mode == 'quick' else ''}`: {seconds / 60:.1f} min, "
              f"{results['jobs']} process(es) of {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPU(s), load "
              f"average {results['load'][0]:.1f} at the start and {results['load'][1]:.1f} at the end; torch "
-             f"{torch.__version__}. Every merge is "
+             f"{torch.__version__}, mnist1d {importlib.metadata.version('mnist1d')}, numpy {numpy.__version__}. "
+             "Every merge is "
              "`matching.merge_checkpoints` (what a job runs). Barrier = Definition 2.2 on the loss, "
              "max over lambda of L(lambda) - ((1-lambda) L(0) + lambda L(1)), on the held-out split unless "
              f"named otherwise; mean ± sd over seed pairs {pair_text}. MLP data: {results['mlp_data']}.", ""]
