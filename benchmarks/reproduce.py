@@ -42,7 +42,8 @@ SETTINGS = {
     "full": {"mlp_data": "mnist1d", "pairs": 2, "mlp_width": 128, "mlp_epochs": 20, "widths": [16, 32, 64, 128, 256],
              "width_epochs": 20, "epoch_grid": [1, 3, 10, 30], "ste_steps": 100,
              "conv_epochs": 6, "conv_lr": 0.05, "conv_lambdas": 5, "conv_methods": ["weight", "activation"],
-             "vgg_width": 0.25, "resnet_width": 1, "resnet_wide": 4, "vgg_side": 32, "vgg_bn_lr": 0.01, "resnet_side": 8,
+             "vgg_width": 0.25, "resnet_width": 1, "resnet_wide": 4, "vgg_side": 32, "vgg_bn_lr": 0.01, "vgg_augment": 8,
+             "resnet_side": 8,
              "many": [3, 5],
              "many_widths": [128, 256], "many_wide": [512, 1024],
              "lambdas": 11, "disjoint_width": 512, "disjoint_epochs": 5},
@@ -89,14 +90,29 @@ def train(name: str, options: dict, data, seed: int, epochs: int, lr: float = 1e
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_conv(name: str, options: dict, data, seed: int, epochs: int, lr: float) -> dict:
+def shifted_copies(images: torch.Tensor, targets: torch.Tensor, copies: int, seed: int):
+    """CIFAR's training augmentation (zero-pad 4 pixels, crop back at a random offset) as ``copies`` shifted copies
+    of the training split, drawn once from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    side = images.shape[-1]
+    padded = F.pad(images, (4, 4, 4, 4))
+    out = []
+    for _ in range(copies):
+        dx, dy = (torch.randint(0, 9, (len(images),), generator=gen) for _ in range(2))
+        out.append(torch.stack([p[:, y:y + side, x:x + side] for p, x, y in zip(padded, dx.tolist(), dy.tolist())]))
+    return torch.cat(out), targets.repeat(copies)
+
+
+def train_conv(name: str, options: dict, data, seed: int, epochs: int, lr: float, augment: int = 0) -> dict:
     """BN nets: SGD (momentum 0.9), then their running statistics computed exactly on the training split: after a
     high learning rate the EMA ones lag the weights, which made the eval-mode endpoints worse than the nets are and
     their barrier (measured against those endpoints) meaninglessly small. GroupNorm nets: Adam (SGD at these rates
-    leaves VGG11-LN at chance on digits, and Adam 1e-3 one of its two seeds)."""
+    leaves VGG11-LN at chance on digits, and Adam 1e-3 one of its two seeds). ``augment``: an epoch is that many
+    shifted copies of the training split (``shifted_copies``)."""
+    x, y = shifted_copies(data[0], data[1], augment, seed) if augment else data[:2]
     if options["norm"] != "batch":
-        return train(name, options, data, seed, epochs, lr)
-    state = sgd_train(name, options, data[0], data[1], seed, epochs, lr)
+        return train(name, options, (x, y), seed, epochs, lr)
+    state = sgd_train(name, options, x, y, seed, epochs, lr)
     model = matching.build_model(name, **options)
     model.load_state_dict(state)
     reset_batchnorm(model, data[0])
@@ -181,7 +197,9 @@ def conv_models(cfg) -> dict:
     train_conv). Digits are upscaled to the side: VGG11 pools five times, so at 8x8 its last four convs see 1x1 maps
     (the paper's VGG runs are on CIFAR-10, 32x32); ResNet20 pools twice and keeps the cheaper side. VGG11-BN's
     learning rate: at 32x32, SGD 0.05 for 6 epochs leaves its endpoints at 0.34-0.68 training-split accuracy
-    (seeds 0-3), 0.02 at 0.70-1.00, 0.01 at 0.94-1.00 (chosen on the training split, not on any merge)."""
+    (seeds 0-3), 0.02 at 0.70-1.00, 0.01 at 0.94-1.00 (chosen on the training split, not on any merge). Full runs
+    train VGG11 with CIFAR's shifted crops (``vgg_augment`` copies of the training split an epoch), as the papers'
+    CIFAR-10 runs do: without them weight matching + BN reset cut VGG11-BN's barrier 23-34% (docs/merge-quality.md)."""
     vgg, resnet = {"config": "vgg11", "width": cfg["vgg_width"]}, {"width": cfg["resnet_width"]}
     return {"VGG11-BN": ("vgg", {**vgg, "norm": "batch"}, cfg["vgg_bn_lr"], cfg["vgg_side"]),
             "VGG11-LN": ("vgg", {**vgg, "norm": "layer"}, 3e-4, cfg["vgg_side"]),
@@ -213,7 +231,8 @@ def conv_experiment(cfg, image_data, data_file, seeds, title):
     rows.update({f"{m}_{k}": [] for m in cfg["conv_methods"]
                  for k in ("aligned", "corrected", "corrected_train", "midpoint_acc")})
     for a_seed, b_seed in seeds:
-        states = [train_conv(name, options, image_data, s, cfg["conv_epochs"], lr) for s in (a_seed, b_seed)]
+        augment = cfg.get("vgg_augment", 0) if name == "vgg" else 0
+        states = [train_conv(name, options, image_data, s, cfg["conv_epochs"], lr, augment) for s in (a_seed, b_seed)]
         model = matching.build_model(name, **options)
         # Without any statistics correction (a BN job's own naive/aligned curves include the reset).
         plain = lambda b: barrier(interpolation_curves(model, states[0], b, lambdas,
@@ -457,7 +476,9 @@ def report_markdown(results: dict, cfg: dict, mode: str, seconds: float) -> str:
     methods = cfg["conv_methods"]
     lines += ["", "![epochs](epochs.png)", "", f"## VGG11 and ResNet20 on digits (VGG11 {cfg['vgg_side']}x{cfg['vgg_side']}, ResNet20 "
               f"{cfg['resnet_side']}x{cfg['resnet_side']})", "",
-              f"VGG11 width {cfg['vgg_width']} on the 8x8 digits upscaled (bilinear) to {cfg['vgg_side']}x{cfg['vgg_side']}, "
+              f"VGG11 width {cfg['vgg_width']} on the 8x8 digits upscaled (bilinear) to {cfg['vgg_side']}x{cfg['vgg_side']}"
+              + (f" with CIFAR's augmentation (an epoch: {cfg['vgg_augment']} copies of the training split, each image "
+                 "shifted by up to 4 pixels)" if cfg.get("vgg_augment") else "") + ", "
               f"ResNet20 width {cfg['resnet_width']}"
               + (f" (and {cfg['resnet_wide']}: x{cfg['resnet_wide']})" if "resnet_wide" in cfg else "")
               + f" at {cfg['resnet_side']}x{cfg['resnet_side']} (VGG11 pools five times: at "
