@@ -11,8 +11,9 @@ Cases (trained here from fixed seeds, as ``benchmarks/reproduce.py`` trains them
   ``resnet20-ln-x4`` (GroupNorm, Adam): digits 8x8, 6 epochs;
 - ``gpt``: the built-in decoder (2 blocks, width 32, 4 heads) on the generated copy task (``cli.demo.copy_tokens``;
   accuracies over next-token positions, the first half of each sequence is unpredictable), Adam 3e-3, 10 epochs.
-  As ``tests/test_transformers_trained.py`` trains it. (Its small timm ViT is not a case: built with
-  ``img_size=8``, a job cannot merge it, since the spec is inferred from timm's default 224x224 example input.)
+  As ``tests/test_transformers_trained.py`` trains it;
+- ``vit-tiny``: timm's ViT (``timm/vit_tiny_patch16_224`` built with ``img_size=8``, patches 4x4, 2 blocks of width
+  32, 4 heads) on digits 8x8, SGD 0.05, 30 epochs, as that test trains it.
 
 Every merge is ``matching.merge_checkpoints`` (what a job runs) with the job's default correction: BN networks
 "reset" (BN statistics re-estimated at every lambda), others "repair" (REPAIR). Columns (held-out split): loss
@@ -41,6 +42,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: a tree on
 import matching  # noqa: E402
 from benchmarks.reproduce import conv_models, digits, mnist1d, train, train_conv, write_dataset  # noqa: E402
 from cli.demo import copy_tokens, fit  # noqa: E402
+from cli.demo import train as sgd_train  # noqa: E402
 from matching.evaluate import barrier, evaluate, interpolation_curves  # noqa: E402
 
 DEFAULT_CASES = ["mlp-digits-64", "resnet20-bn-x1", "vgg11-bn", "resnet20-ln-x1"]
@@ -48,7 +50,9 @@ MLP_WIDTHS = [64, 128, 256, 512, 1024]
 CONV = {"resnet20-bn-x1": ("ResNet20-BN", 1), "resnet20-bn-x4": ("ResNet20-BN", 4), "vgg11-bn": ("VGG11-BN", None),
         "resnet20-ln-x1": ("ResNet20-LN", 1), "resnet20-ln-x4": ("ResNet20-LN", 4)}
 GPT = {"vocab_size": 16, "block_size": 15, "n_layer": 2, "n_head": 4, "n_embd": 32}
-ALL_CASES = ["mlp-digits-64", *[f"mlp-mnist1d-{w}" for w in MLP_WIDTHS], *CONV, "gpt"]
+VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 2,
+       "num_classes": 10}
+ALL_CASES = ["mlp-digits-64", *[f"mlp-mnist1d-{w}" for w in MLP_WIDTHS], *CONV, "gpt", "vit-tiny"]
 CONV_EPOCHS, MLP_EPOCHS = 6, 20
 
 
@@ -68,6 +72,9 @@ def case_setup(case: str):
             fit(model, data[0], data[1], torch.optim.Adam(model.parameters(), lr=3e-3), 10, seed)
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
         return "gpt", GPT, data, fit_gpt
+    if case == "vit-tiny":
+        data, name = digits(8), "timm/vit_tiny_patch16_224"
+        return name, VIT, data, lambda seed: sgd_train(name, VIT, data[0], data[1], seed, 30, 0.05)
     title, width = CONV[case]
     name, options, lr, side = conv_models({"vgg_width": 0.25, "resnet_width": width, "conv_lr": 0.05,
                                            "vgg_side": 8, "vgg_bn_lr": 0.05, "resnet_side": 8})[title]

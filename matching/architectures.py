@@ -583,6 +583,10 @@ def _library_example(name: str, model: nn.Module, batch: int) -> torch.Tensor:
     inference sees and permutes them."""
     x = _default_example(model, batch)
     sides = [32, 64, 96, 128]
+    # A patch-embedded model built for another image size (timm's img_size=8) runs at that size only.
+    built_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(built_size, (tuple, list)) and built_size and isinstance(built_size[-1], int):
+        sides.append(built_size[-1])
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     for key in ("min_input_size", "input_size", "test_input_size"):
         if cfg.get(key):

@@ -250,3 +250,15 @@ def test_spec_command_exports_a_verified_spec(tmp_path):
     assert spec.perms[spec.axes_to_perm["grouped.weight"][0]]["groups"] == 4
     bad = subprocess.run(rebasin_command("spec", "--module", "acme_models:GatedNet"), env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--input-shape" in bad.stderr
+
+
+def test_timm_vit_built_for_small_images_merges_as_a_job_does():
+    """timm's ViT built with img_size=8 runs at 8x8 only: the job's example input is the size it was built for
+    (a 224x224 or 32x32 example would not run), and a planted permutation is recovered through merge_checkpoints."""
+    name, options = "timm/vit_tiny_patch16_224", dict(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                                                       num_heads=4, num_classes=10)
+    model, spec, a, b, planted = _planted_pair(name, **options)
+    assert tuple(example_input(name, model).shape[-2:]) == (8, 8)
+    outcome = matching.merge_checkpoints([a, b], architecture={"name": name, "options": options})
+    for perm, p in planted.items():
+        assert outcome.permutation["permutations"][perm] == invert(p).tolist(), perm
