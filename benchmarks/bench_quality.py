@@ -8,7 +8,8 @@ Cases (trained here from fixed seeds, as ``benchmarks/reproduce.py`` trains them
 
 - ``mlp-digits-64``, ``mlp-mnist1d-W`` (W in 64, 128, 256, 512, 1024): 3 hidden layers, Adam 1e-3, 20 epochs;
 - ``resnet20-bn-x1``, ``resnet20-bn-x4``, ``vgg11-bn`` (SGD, then exact BN statistics), ``resnet20-ln-x1``,
-  ``resnet20-ln-x4`` (GroupNorm, Adam): digits 8x8, 6 epochs;
+  ``resnet20-ln-x4`` (GroupNorm, Adam): digits 8x8, 6 epochs; ``vgg11-bn-32``: VGG11-BN as the reproduction
+  suite's full run trains it (32x32, SGD 0.01, CIFAR's shifted crops);
 - ``gpt``: the built-in decoder (2 blocks, width 32, 4 heads) on the generated copy task (``cli.demo.copy_tokens``;
   accuracies over next-token positions, the first half of each sequence is unpredictable), Adam 3e-3, 10 epochs.
   As ``tests/test_transformers_trained.py`` trains it;
@@ -40,7 +41,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: a tree on PYTHONPATH comes first
 
 import matching  # noqa: E402
-from benchmarks.reproduce import conv_models, digits, mnist1d, train, train_conv, write_dataset  # noqa: E402
+from benchmarks.reproduce import SETTINGS, conv_models, digits, mnist1d, train, train_conv, write_dataset  # noqa: E402
 from cli.demo import copy_tokens, fit  # noqa: E402
 from cli.demo import train as sgd_train  # noqa: E402
 from matching.evaluate import barrier, evaluate, interpolation_curves  # noqa: E402
@@ -52,7 +53,7 @@ CONV = {"resnet20-bn-x1": ("ResNet20-BN", 1), "resnet20-bn-x4": ("ResNet20-BN", 
 GPT = {"vocab_size": 16, "block_size": 15, "n_layer": 2, "n_head": 4, "n_embd": 32}
 VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_ratio": 2,
        "num_classes": 10}
-ALL_CASES = ["mlp-digits-64", *[f"mlp-mnist1d-{w}" for w in MLP_WIDTHS], *CONV, "gpt", "vit-tiny"]
+ALL_CASES = ["mlp-digits-64", *[f"mlp-mnist1d-{w}" for w in MLP_WIDTHS], *CONV, "vgg11-bn-32", "gpt", "vit-tiny"]
 CONV_EPOCHS, MLP_EPOCHS = 6, 20
 
 
@@ -75,6 +76,11 @@ def case_setup(case: str):
     if case == "vit-tiny":
         data, name = digits(8), "timm/vit_tiny_patch16_224"
         return name, VIT, data, lambda seed: sgd_train(name, VIT, data[0], data[1], seed, 30, 0.05)
+    if case == "vgg11-bn-32":  # the reproduction suite's VGG11-BN: 32x32, CIFAR's shifted crops
+        name, options, lr, side = conv_models(SETTINGS["full"])["VGG11-BN"]
+        options, data = {**options, "num_classes": 10, "in_channels": 1}, digits(side)
+        augment = SETTINGS["full"]["vgg_augment"]
+        return name, options, data, lambda seed: train_conv(name, options, data, seed, CONV_EPOCHS, lr, augment)
     title, width = CONV[case]
     name, options, lr, side = conv_models({"vgg_width": 0.25, "resnet_width": width, "conv_lr": 0.05,
                                            "vgg_side": 8, "vgg_bn_lr": 0.05, "resnet_side": 8})[title]
