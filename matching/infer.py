@@ -116,7 +116,8 @@ def activation_points(model: nn.Module, example_input: Example, spec: Permutatio
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     """Tensors a model creates without a dtype take ``dtype`` (XGLM fills its mask with ``torch.full((),
-    finfo(scores.dtype).min)``, which overflows the default float32 once the scores are float64)."""
+    finfo(scores.dtype).min)``, which overflows the default float32 once the scores are float64). Process-wide:
+    a fallback for the models whose float64 copy does not run or gives non-finite outputs without it."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -159,18 +160,29 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, example_input: Example,
     # float inputs in float64; token ids and attention masks stay integers
     args, kwargs = call_inputs(model, tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
                                                else t, example_input))
+    def run_both(float64_default: bool):
+        # The default dtype is process-wide: set only for models that need it, so that other threads' tensors
+        # (an example input being made while this one verifies) stay float32.
+        with TRACE_LOCK, torch.no_grad(), _default_dtype(torch.float64) if float64_default else contextlib.nullcontext():
+            with _LowPrecision() as seen:
+                expected_out = reference(*args, **kwargs)
+            return list(zip(tree_leaves(expected_out), tree_leaves(permuted(*args, **kwargs)))), seen.found
+
     err, scale, rounded = 0.0, 0.0, False
     for top_training in (False, True) if auxiliary else (False,):
         reference.training = permuted.training = top_training
         try:
-            with TRACE_LOCK, torch.no_grad(), _default_dtype(torch.float64):
-                with _LowPrecision() as seen:
-                    expected_out = reference(*args, **kwargs)
-                outputs = list(zip(tree_leaves(expected_out), tree_leaves(permuted(*args, **kwargs))))
+            try:
+                outputs, found = run_both(False)
+                finite = all(e.isfinite().all() for e, _ in outputs if isinstance(e, torch.Tensor) and e.is_floating_point())
+            except Exception:  # noqa: BLE001 - retried below with float64 as the default dtype
+                finite = False
+            if not finite:
+                outputs, found = run_both(True)
         except Exception as exc:  # noqa: BLE001 - kernels without float64 (grouped_mm of mixture-of-experts layers)
             raise MatchingError(f"the inferred permutation spec of {type(model).__name__} cannot be verified: its "
                                 f"float64 copy does not run ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-        rounded |= seen.found
+        rounded |= found
         for expected, got in ((e, g) for e, g in outputs if isinstance(e, torch.Tensor)):
             err, scale = max(err, (expected - got).abs().max().item()), max(scale, expected.abs().max().item())
     # a model that computes in float32 inside (LLaMA's RMSNorm) rounds differently once its units are reordered

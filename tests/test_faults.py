@@ -233,3 +233,27 @@ def test_concurrent_spec_inference_in_one_process():
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+def test_verification_leaves_the_default_dtype_alone():
+    """The default dtype is process-wide: verification set it to float64 for every model, so that an example input
+    made meanwhile in another thread of the API process came out float64 and its trace failed ('mat1 and mat2 must
+    have the same dtype', seen in CI). Only a model that needs it (XGLM's mask fill) gets it now."""
+    import torch
+
+    import matching
+    from matching.infer import infer_spec
+
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = matching.build_model("mlp", sizes=[8, 16, 4])
+
+        def forward(self, x):
+            seen.append(torch.get_default_dtype())
+            return self.inner(x)
+
+    infer_spec(Recording(), torch.randn(2, 8))  # traces, then verifies on a float64 copy
+    assert seen and set(seen) == {torch.float32}
